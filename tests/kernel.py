@@ -1,0 +1,264 @@
+"""Real Jupyter kernels for the tests.
+
+In a pytest process ``__main__`` is pytest itself, so the bug mpnb fixes cannot
+be reproduced there.  These helpers start a real ipykernel, either to run a
+notebook from ``notebooks/`` through nbclient or to execute cells one by one
+(for interrupts and timing).
+
+Every kernel started here carries a unique ``MPNB_TEST_TAG`` in its
+environment.  Every process it starts inherits it, so :func:`leftovers` finds
+them even after they were re-parented to init.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import psutil
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+TAG_VAR = "MPNB_TEST_TAG"
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex
+
+
+def kernel_env(tag: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env[TAG_VAR] = tag
+    # a kernel must never reuse the caller's cell-module directory
+    env.pop("MPNB_CELL_DIR", None)
+    env.update(extra or {})
+    return env
+
+
+def leftovers(tag: str) -> list[psutil.Process]:
+    """Processes alive (not zombies) that inherited ``tag``."""
+    found = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(TAG_VAR) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def assert_no_leftovers(tag: str, within: float = 10.0) -> None:
+    """Fail if any process tagged ``tag`` is still alive after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = leftovers(tag)
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            described = []
+            for p in alive:
+                try:
+                    described.append(f"{p.pid} {' '.join(p.cmdline())[:200]}")
+                except psutil.Error:
+                    described.append(str(p.pid))
+            for p in alive:  # do not let one failure poison the next tests
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            raise AssertionError("processes left behind:\n" + "\n".join(described))
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def parameter_cell(parameters: dict[str, Any]) -> nbformat.NotebookNode:
+    source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["injected-parameters"]
+    return cell
+
+
+def load_notebook(name_or_cells: str | Path | list[str]) -> nbformat.NotebookNode:
+    if isinstance(name_or_cells, list):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(src) for src in name_or_cells]
+        return nb
+    path = Path(name_or_cells)
+    if not path.is_absolute():
+        path = NOTEBOOKS / path
+    return nbformat.read(path, as_version=4)
+
+
+def run_notebook(
+    name_or_cells: str | Path | list[str],
+    parameters: dict[str, Any] | None = None,
+    *,
+    tag: str | None = None,
+    timeout: int = 120,
+    allow_errors: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> nbformat.NotebookNode:
+    """Execute a notebook in a fresh real kernel and return it with outputs.
+
+    ``parameters`` become a first cell (as papermill does).  The kernel is
+    shut down afterwards; the caller checks :func:`leftovers` with ``tag``.
+    """
+    nb = load_notebook(name_or_cells)
+    if parameters:
+        nb.cells.insert(0, parameter_cell(parameters))
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(cwd or ROOT)}},
+    )
+    client.execute(env=kernel_env(tag or new_tag(), env))
+    return nb
+
+
+def cell_text(cell: nbformat.NotebookNode) -> str:
+    """Everything a code cell showed, as text: streams, results, errors."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            parts.append(out.data.get("text/plain", ""))
+        elif out.output_type == "error":
+            parts.append(f"{out.ename}: {out.evalue}")
+    return "".join(p if p.endswith("\n") else p + "\n" for p in parts if p)
+
+
+def notebook_errors(nb: nbformat.NotebookNode) -> list[str]:
+    return [
+        f"cell {i}: {out.ename}: {out.evalue}"
+        for i, cell in enumerate(nb.cells)
+        for out in cell.get("outputs", [])
+        if out.output_type == "error"
+    ]
+
+
+# ------------------------------------------------------ cell-by-cell kernel
+
+
+@dataclass
+class Reply:
+    """What one execute request produced."""
+
+    status: str
+    stdout: str = ""
+    stderr: str = ""
+    results: list[str] = field(default_factory=list)
+    displays: list[dict[str, Any]] = field(default_factory=list)
+    ename: str = ""
+    evalue: str = ""
+    traceback: str = ""
+    seconds: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return self.stdout + self.stderr + "".join(self.results)
+
+    def ok(self) -> "Reply":
+        assert self.status == "ok", f"{self.ename}: {self.evalue}\n{self.traceback}"
+        return self
+
+
+class Kernel:
+    """A real ipykernel driven one cell at a time."""
+
+    def __init__(self, tag: str | None = None, env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
+        self.tag = tag or new_tag()
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=kernel_env(self.tag, env), cwd=str(cwd or ROOT))
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    @property
+    def pid(self) -> int:
+        return self.km.provisioner.process.pid  # type: ignore[union-attr]
+
+    def submit(self, code: str) -> str:
+        """Send a cell without waiting; returns the message id."""
+        return self.kc.execute(code, store_history=True)
+
+    def collect(self, msg_id: str, timeout: float = 120) -> Reply:
+        """Gather the outputs of ``msg_id`` until the kernel is idle again."""
+        start = time.monotonic()
+        reply = Reply(status="ok")
+        deadline = start + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"cell did not finish in {timeout} s; so far: {reply}")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=remaining)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    reply.stdout += content["text"]
+                else:
+                    reply.stderr += content["text"]
+            elif kind == "execute_result":
+                reply.results.append(content["data"].get("text/plain", ""))
+            elif kind == "display_data":
+                reply.displays.append(content["data"])
+            elif kind == "error":
+                reply.status = "error"
+                reply.ename, reply.evalue = content["ename"], content["evalue"]
+                reply.traceback = "\n".join(content["traceback"])
+            elif kind == "status" and content["execution_state"] == "idle":
+                reply.seconds = time.monotonic() - start
+                return reply
+
+    def run(self, code: str, timeout: float = 120) -> Reply:
+        return self.collect(self.submit(code), timeout)
+
+    def interrupt(self) -> None:
+        self.km.interrupt_kernel()
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def shutdown(self) -> None:
+        try:
+            self.kc.stop_channels()
+        finally:
+            if self.km.has_kernel:
+                self.km.shutdown_kernel(now=False)
+
+    def kill(self) -> None:
+        """SIGKILL the kernel process, as an OOM killer or a crash would."""
+        os.kill(self.pid, 9)
+        self.kc.stop_channels()
+        self.km.cleanup_resources()
+
+
+def python_version_label() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
