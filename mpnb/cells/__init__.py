@@ -1,0 +1,188 @@
+"""The package that holds the modules ``%%mppool`` makes from notebook cells.
+
+A cell module is imported as ``mpnb.cells.cell_<hash>``.  Its source lives in
+a private directory of the kernel that made it, not in this package's folder;
+the finder below locates it.  Going through a package of mpnb, rather than
+putting the directory on ``sys.path``, is what lets *every* process that can
+import mpnb find a cell module, including workers that were started before
+the cell ran, or even before ``%load_ext mpnb``:
+
+    kernel (pid K) ── MPNB_CELL_DIR=<base>/K-xxxx ──> children started later
+        │
+        └── <base>/K-xxxx/cell_<hash>.py   <── found by an ancestor's pid, for
+                                               children that predate the env var
+
+``<base>`` is a directory of the current user, mode 0700 (see
+:func:`base_dir`).  The module names are content hashes, so whichever
+directory a name is found in, its content is the same.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.abc
+import importlib.util
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "MPNB_CELL_DIR"
+PREFIX = "cell_"
+
+_kernel_dir: Path | None = None
+
+
+def base_dir() -> Path:
+    """The per-user directory (mode 0700) under which kernels keep cell modules.
+
+    ``$XDG_RUNTIME_DIR/mpnb`` when the session has one, else
+    ``<tempdir>/mpnb-<uid>``.  A directory that is not ours, is a link, or is
+    open to others is refused: nobody else may plant code we would import.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        path = Path(runtime) / "mpnb"
+    else:
+        path = Path(tempfile.gettempdir()) / f"mpnb-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not path.is_dir() or path.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"mpnb will not keep cell modules in {path}: it must be a directory "
+            f"owned by you with mode 0700. Remove it, or set XDG_RUNTIME_DIR to "
+            f"a private directory."
+        )
+    return path
+
+
+def kernel_dir() -> Path | None:
+    """This process's cell-module directory, if :func:`create_kernel_dir` ran."""
+    return _kernel_dir
+
+
+def create_kernel_dir() -> Path:
+    """Create this kernel's private directory and announce it to children.
+
+    Idempotent.  The directory is removed by :func:`remove_kernel_dir`, which
+    also runs at interpreter exit; directories left by kernels that died are
+    swept here.
+    """
+    global _kernel_dir
+    if _kernel_dir is not None and _kernel_dir.is_dir():
+        return _kernel_dir
+    base = base_dir()
+    _sweep_dead(base)
+    _kernel_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+    os.environ[ENV_VAR] = str(_kernel_dir)
+    _at_exit(remove_kernel_dir)
+    return _kernel_dir
+
+
+def _at_exit(fn: Any) -> None:
+    """Run ``fn`` when the interpreter exits, and when it is ended by SIGTERM.
+
+    A Jupyter kernel whose children ignore SIGTERM (multiprocessing's resource
+    tracker does) takes longer to shut down than its manager waits, and is
+    then ended with SIGTERM, which skips ``atexit``: so ``fn`` runs from a
+    SIGTERM handler too, which then hands the signal on.
+    """
+    atexit.register(fn)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        fn()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def remove_kernel_dir() -> None:
+    """Delete this kernel's directory; modules already imported stay usable."""
+    global _kernel_dir
+    path, _kernel_dir = _kernel_dir, None
+    if os.environ.get(ENV_VAR) == str(path):
+        del os.environ[ENV_VAR]
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep_dead(base: Path) -> None:
+    import psutil
+
+    for entry in base.iterdir():
+        pid, _, _ = entry.name.partition("-")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _search_dirs():
+    """This kernel's directory first, then those of the process's ancestors."""
+    own = os.environ.get(ENV_VAR)
+    if own:
+        yield Path(own)
+    try:
+        import psutil
+
+        ancestors = [p.pid for p in psutil.Process().parents()]
+        base = base_dir()
+    except Exception:  # no registry to consult: the environment must do
+        return
+    for pid in ancestors:
+        yield from sorted(base.glob(f"{pid}-*"))
+
+
+def locate(name: str) -> Path | None:
+    """The file of cell module ``name`` (its last dotted part), or None."""
+    leaf = name.rpartition(".")[2]
+    if not leaf.startswith(PREFIX):
+        return None
+    for directory in _search_dirs():
+        candidate = directory / f"{leaf}.py"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class _CellFinder(importlib.abc.MetaPathFinder):
+    """Finds ``mpnb.cells.cell_*`` in the kernel's private directory."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
+        if not fullname.startswith(__name__ + "." + PREFIX):
+            return None
+        found = locate(fullname)
+        if found is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, found)
+
+
+def _install_finder() -> None:
+    if not any(isinstance(f, _CellFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CellFinder())
+
+
+def load_captured(module_file: str) -> dict[str, Any]:
+    """The values a cell module captured from the notebook, as of its cell.
+
+    Called by the generated module itself (line 1); they were pickled with
+    cloudpickle beside it when the cell ran.
+    """
+    with open(module_file[: -len(".py")] + ".pkl", "rb") as f:
+        return pickle.load(f)
+
+
+_install_finder()
