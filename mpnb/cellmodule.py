@@ -408,23 +408,24 @@ def _walk_plain(value: Any, depth: int = 0):
 
 def _unpicklable(name: str, value: Any, owner: str, exc: Exception) -> UnpicklableNameError:
     kind = type(value)
-    detail = _diagnosis(value, name)
-    return UnpicklableNameError(
-        f"`{owner}` uses `{name}`, a {kind.__module__}.{kind.__qualname__} defined in an "
-        f"earlier cell, which cannot be sent to worker processes ({type(exc).__name__}: "
-        f"{exc}).{detail} Create it inside the function that uses it (or in a pool "
-        f"initializer), or pass what it is made from as an argument. No process was started."
+    intro = (
+        f"`{owner}` uses `{name}`, a {kind.__module__}.{kind.__qualname__} from an earlier "
+        f"cell, which cannot be sent to worker processes ({type(exc).__name__}: {exc})."
     )
+    detail = _diagnosis(value, name)
+    fix = detail or (
+        "Create it inside the function that uses it (or in a pool initializer), or pass "
+        "what it is made from as an argument."
+    )
+    return UnpicklableNameError(f"{intro}\n{fix}\nNo process was started.")
 
 
 def _diagnosis(value: Any, name: str) -> str:
-    """The pickle doctor's account of the culprit, when it has one."""
-    try:
-        from mpnb.pickling import diagnose
-    except ImportError:
-        return ""
+    """The pickle doctor's account of the culprit and its fix, if it finds one."""
+    from mpnb.pickling import diagnose
+
     found = diagnose(value, by_value=True, name=name)
-    return f"\n{found}\n" if found is not None else ""
+    return str(found) if found is not None else ""
 
 
 # --------------------------------------------------------------- the module

@@ -12,9 +12,13 @@ them even after they were re-parented to init.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import queue
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +33,28 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 TAG_VAR = "MPNB_TEST_TAG"
+
+
+KERNEL_NAME = "mpnb-test"
+
+
+def _install_kernelspec() -> None:
+    """A kernelspec for *this* interpreter, ahead of any user-wide ``python3``."""
+    root = Path(tempfile.mkdtemp(prefix="mpnb-kernelspec-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    spec = root / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python {sys.version_info.major}.{sys.version_info.minor} (mpnb tests)",
+        "language": "python",
+    }))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    )
+
+
+_install_kernelspec()
 
 
 def new_tag() -> str:
@@ -125,7 +151,7 @@ def run_notebook(
     client = NotebookClient(
         nb,
         timeout=timeout,
-        kernel_name="python3",
+        kernel_name=KERNEL_NAME,
         allow_errors=allow_errors,
         resources={"metadata": {"path": str(cwd or ROOT)}},
     )
@@ -187,7 +213,7 @@ class Kernel:
     def __init__(self, tag: str | None = None, env: dict[str, str] | None = None,
                  cwd: Path | None = None):
         self.tag = tag or new_tag()
-        self.km = KernelManager(kernel_name="python3")
+        self.km = KernelManager(kernel_name=KERNEL_NAME)
         self.km.start_kernel(env=kernel_env(self.tag, env), cwd=str(cwd or ROOT))
         self.kc = self.km.client()
         self.kc.start_channels()

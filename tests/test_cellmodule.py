@@ -151,7 +151,7 @@ def test_unpicklable_value_names_variable_type_and_fix(directory):
     message = str(info.value)
     assert "`critical` uses `lock`" in message
     assert "_thread.lock" in message
-    assert "inside the function" in message and "No process was started" in message
+    assert "Fix: create it in the worker function" in message and "No process was started" in message
     assert list(directory.iterdir()) == []  # nothing written
 
 

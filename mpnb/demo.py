@@ -1,0 +1,76 @@
+"""Run a notebook in a real Jupyter kernel and print what its cells show.
+
+    python -m mpnb.demo                 # the quickstart notebook
+    python -m mpnb.demo path/to/nb.ipynb
+
+This is mpnb's main job seen end to end: the cells run in an ipykernel, where
+``__main__`` is the kernel's own, exactly as in Jupyter.  Needs the ``demo``
+extra (nbclient, nbformat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def _require_nbclient():
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError:
+        raise SystemExit(
+            "mpnb.demo runs notebooks with nbclient: pip install 'mpnb[demo]'"
+        ) from None
+    return nbformat, NotebookClient
+
+
+def _shown(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            parts.append(out.data.get("text/plain", ""))
+        elif out.output_type == "error":
+            parts.append(f"{out.ename}: {out.evalue}")
+    return "".join(p if p.endswith("\n") else p + "\n" for p in parts if p)
+
+
+def run(path: Path, kernel_name: str = "python3", timeout: int = 300) -> int:
+    nbformat, NotebookClient = _require_nbclient()
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
+                            allow_errors=True, resources={"metadata": {"path": str(path.parent)}})
+    print(f"Running {path.name} in a real Jupyter kernel ({sys.executable})\n")
+    client.execute()
+    failures = 0
+    for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), start=1):
+        print(f"── In [{number}] " + "─" * 50)
+        print(textwrap.indent(cell.source.rstrip(), "   "))
+        shown = _shown(cell)
+        if shown:
+            print(f"── Out [{number}]")
+            print(textwrap.indent(shown.rstrip(), "   "))
+        failures += any(o.output_type == "error" for o in cell.get("outputs", []))
+        print()
+    print("All cells ran." if not failures else f"{failures} cell(s) raised an error.")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpnb.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("notebook", nargs="?", type=Path, default=QUICKSTART)
+    parser.add_argument("--kernel", default="python3", help="kernel name (default: python3)")
+    args = parser.parse_args(argv)
+    if not args.notebook.is_file():
+        parser.error(f"{args.notebook} not found; pass the path of a notebook")
+    return run(args.notebook, args.kernel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
