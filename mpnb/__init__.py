@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Pool",
+    "diagnose",
+    "doctor",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -26,9 +28,13 @@ __all__ = [
 # public name -> module that defines it; imported on first access (PEP 562)
 _LAZY = {
     "Pool": "mpnb.pool",
+    "diagnose": "mpnb.pickling",
+    "doctor": "mpnb.doctor",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mpnb.doctor import doctor
+    from mpnb.pickling import diagnose
     from mpnb.pool import Pool
 
 

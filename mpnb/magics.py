@@ -11,7 +11,7 @@ import ast
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from mpnb import cellmodule, cells
@@ -61,6 +61,14 @@ class MpnbMagics(Magics):
         return _run(rest, filename, shell.user_ns, quiet=cell.rstrip().endswith(";"))
 
 
+    @line_magic
+    def mpdoctor(self, line: str) -> Any:
+        """Check this kernel's setup for process pools: each finding with a verdict and a fix."""
+        from mpnb.doctor import doctor
+
+        return doctor()
+
+
 def _parse(magic: Any, line: str) -> Any:
     try:
         args = parse_argstring(magic, line)
@@ -105,11 +113,18 @@ def _run(nodes: list[ast.stmt], filename: str, namespace: dict[str, Any], quiet:
 
 def load(shell: Any) -> None:
     """Register the magics and create this kernel's cell-module directory."""
+    from mpnb import diagnostics
+
     cells.create_kernel_dir()
     shell.register_magics(MpnbMagics)
+    diagnostics.install(shell)
 
 
 def unload(shell: Any) -> None:
     """Forget the magics and delete the cell-module directory."""
+    from mpnb import diagnostics
+
     shell.magics_manager.magics["cell"].pop("mppool", None)
+    shell.magics_manager.magics["line"].pop("mpdoctor", None)
+    diagnostics.uninstall(shell)
     cells.remove_kernel_dir()
