@@ -169,7 +169,7 @@ def _descend(obj: Any, path: str, error: BaseException, by_value: bool
              ) -> tuple[str, Any, BaseException]:
     """Follow failing parts down from ``obj``; return the deepest one."""
     deadline = time.monotonic() + WALK_SECONDS
-    while not isinstance(error, RecursionError) and _kind(obj, by_value) is None:
+    while not _too_deep(error) and _kind(obj, by_value) is None:
         for segment, part in _parts(obj, by_value):
             part_error = _failure(part, by_value)
             if part_error is not None:
@@ -374,8 +374,14 @@ def _judge(obj: Any, path: str, error: BaseException, by_value: bool) -> Diagnos
                      error=_one_line(error), by_value=by_value)
 
 
+def _too_deep(error: BaseException) -> bool:
+    # cloudpickle turns RecursionError into PicklingError("... deep recursion ...")
+    return isinstance(error, RecursionError) or (
+        isinstance(error, pickle.PicklingError) and "recursion" in str(error))
+
+
 def _kind_from_error(obj: Any, error: BaseException) -> str:
-    if isinstance(error, RecursionError):
+    if _too_deep(error):
         return "recursion"
     if isinstance(error, RuntimeError) and "through inheritance" in str(error):
         return "inherit"
