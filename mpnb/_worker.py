@@ -1,0 +1,337 @@
+"""What runs inside a worker process.
+
+A worker talks to its pool over one private duplex connection.  It receives
+chunks of tasks and answers with records, one per task, each carrying the
+task's value or failure, what the task printed, and when it started and
+ended.  Records are sent when a chunk ends, or earlier when the chunk has run
+for a while, so a chunk of a thousand tiny tasks costs one message and a
+chunk of slow tasks reports each one as it ends.
+
+Before each task the worker writes ``(chunk, position, start time)`` into a
+small shared-memory slot.  That costs a few hundred nanoseconds and lets the
+parent see, without any message, which task a worker is running: for
+per-task timeouts, and after a crash to name the task that was running.
+
+This module imports nothing heavy: it is the first thing a worker loads.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+# (chunk seq, position in chunk, start time); read by the parent
+SLOT = struct.Struct("<qqd")
+
+# a chunk that has run this long sends what it has so far
+FLUSH_SECONDS = 0.2
+
+# how many shipped functions a worker keeps; the parent mirrors this cache
+FUNCTION_CACHE_SIZE = 8
+
+_HERE = os.path.abspath(__file__)
+
+
+# ------------------------------------------------------------------ output
+
+
+class _Stream(io.TextIOBase):
+    """A text stream that records each write as ``(name, text)``."""
+
+    def __init__(self, capture: "_Capture", name: str):
+        self._capture = capture
+        self.name = name
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if text:
+            self._capture.segments.append((self.name, text))
+        return len(text)
+
+
+class _Capture:
+    """Per-task output: the stdout/stderr writes of the task running now."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[str, str]] = []
+        self.stdout = _Stream(self, "stdout")
+        self.stderr = _Stream(self, "stderr")
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A logging handler that writes to whatever ``sys.stderr`` is now.
+
+    A plain ``StreamHandler`` keeps the stream it was created with; this one
+    follows the per-task capture, so log records land with the task's output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+# ------------------------------------------------------------ serialising
+
+
+def _dumps(obj: Any) -> bytes:
+    # plain pickle is fastest and refuses (rather than mis-pickles) objects
+    # whose class or function is not importable here; cloudpickle ships those
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return pickle.loads(data)
+    except ModuleNotFoundError:
+        # a module written after this worker first listed its directory
+        import importlib
+
+        importlib.invalidate_caches()
+        return pickle.loads(data)
+
+
+class Failure:
+    """A task's exception, made safe to send: the exception if it pickles,
+    its type and message always, and the traceback as plain frames so the
+    parent can show the source lines of notebook cells, which only it has."""
+
+    __slots__ = ("exc_bytes", "type_name", "message", "frames", "chained")
+
+    def __init__(self, exc_bytes, type_name, message, frames, chained):
+        self.exc_bytes = exc_bytes
+        self.type_name = type_name
+        self.message = message
+        self.frames = frames
+        self.chained = chained
+
+    def __reduce__(self):
+        return (Failure, (self.exc_bytes, self.type_name, self.message, self.frames, self.chained))
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> "Failure":
+        frames = [
+            (f.filename, f.lineno, f.name, f.line or "")
+            for f in traceback.extract_tb(exc.__traceback__)
+            if os.path.abspath(f.filename) != _HERE
+        ]
+        chained = ""
+        if exc.__cause__ is not None:
+            chained = "".join(traceback.format_exception(exc.__cause__)) + (
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+            )
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            chained = "".join(traceback.format_exception(exc.__context__)) + (
+                "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
+        tb, exc.__traceback__ = exc.__traceback__, None
+        try:
+            exc_bytes = _dumps(exc)
+        except Exception:
+            exc_bytes = None
+        finally:
+            exc.__traceback__ = tb
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() failed>"
+        kind = type(exc)
+        return cls(exc_bytes, f"{kind.__module__}.{kind.__qualname__}", message, frames, chained)
+
+
+# ------------------------------------------------------------------ worker
+
+
+class _Worker:
+    def __init__(self, conn, slot_path: str, config: dict[str, Any]):
+        self.conn = conn
+        slot_fd = os.open(slot_path, os.O_RDWR)
+        try:
+            self.slot = mmap.mmap(slot_fd, SLOT.size)
+        finally:
+            os.close(slot_fd)
+        self.functions: OrderedDict[int, Any] = OrderedDict()
+        self.capture = _Capture()
+
+    def send(self, message: tuple) -> None:
+        try:
+            data = _dumps(message)
+        except Exception:
+            data = _dumps(self._without_unpicklable(message))
+        self.conn.send_bytes(data)
+
+    @staticmethod
+    def _without_unpicklable(message: tuple) -> tuple:
+        kind, seq, records, final = message
+        kept = []
+        for record in records:
+            try:
+                _dumps(record)
+            except Exception as exc:
+                pos, _, value, segments, t0, t1 = record
+                err = pickle.PicklingError(
+                    f"the task's return value, a {type(value).__name__}, cannot be "
+                    f"sent back to the notebook: {exc}"
+                )
+                record = (pos, False, Failure.from_exception(err), segments, t0, t1)
+            kept.append(record)
+        return (kind, seq, kept, final)
+
+    def function(self, key: int, data: bytes | None):
+        # the parent decides what to send from a mirror of this LRU cache, so
+        # both sides must update it in exactly the same way
+        if data is not None:
+            try:
+                value = _loads(data)
+            except BaseException as exc:
+                value = exc
+            self.functions[key] = value
+            while len(self.functions) > FUNCTION_CACHE_SIZE:
+                self.functions.popitem(last=False)
+        else:
+            value = self.functions[key]
+        self.functions.move_to_end(key)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def run_chunk(self, message: tuple) -> None:
+        _, seq, count, fn_key, fn_data, items_data, flush_each = message
+        try:
+            fn = self.function(fn_key, fn_data)
+            items = _loads(items_data)
+        except BaseException as exc:
+            failure = Failure.from_exception(exc)
+            now = time.monotonic()
+            self.send(("records", seq, [(pos, False, failure, (), now, now) for pos in range(count)], True))
+            return
+        capture, pack, slot = self.capture, SLOT.pack_into, self.slot
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = capture.stdout, capture.stderr
+        records: list[tuple] = []
+        last_sent = time.monotonic()
+        try:
+            for pos, (args, kwargs) in enumerate(items):
+                capture.segments = segments = []
+                started = time.monotonic()
+                pack(slot, 0, seq, pos, started)
+                try:
+                    record = (pos, True, fn(*args, **kwargs), segments, started, time.monotonic())
+                except BaseException as exc:
+                    record = (pos, False, Failure.from_exception(exc), segments, started, time.monotonic())
+                records.append(record)
+                if flush_each or record[5] - last_sent > FLUSH_SECONDS:
+                    self.send(("records", seq, records, False))
+                    records, last_sent = [], time.monotonic()
+                del record
+        finally:
+            sys.stdout, sys.stderr = saved
+        self.send(("records", seq, records, True))
+
+    def serve(self) -> None:
+        self.conn.send_bytes(_dumps(("hello", os.getpid(), time.monotonic())))
+        while True:
+            try:
+                message = _loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # the parent is gone or closed the connection
+            if message is None:
+                return
+            self.run_chunk(message)
+
+
+# ----------------------------------------------------------- process setup
+
+
+def _die_with_parent(parent: int) -> None:
+    """Exit when the parent process dies, even while a task runs."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            # PR_SET_PDEATHSIG: the kernel SIGKILLs us when the thread that
+            # started us (the pool's manager thread) or its process ends
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+        except Exception:
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(70)
+            time.sleep(0.25)
+
+    if os.getppid() != parent:
+        os._exit(70)
+    threading.Thread(target=watch, name="mpnb-parent-watch", daemon=True).start()
+
+
+def _setup(config: dict[str, Any], slot_path: str) -> None:
+    # the kernel's interrupt may reach the whole process group; the pool
+    # decides what happens to tasks, so workers ignore SIGINT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(config["parent"])
+    import faulthandler
+
+    global _fault_file
+    _fault_file = open(slot_path + ".fault", "w")
+    faulthandler.enable(file=_fault_file)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(_CurrentStderrHandler())
+    cell_dir = os.environ.get("MPNB_CELL_DIR")
+    if cell_dir and cell_dir not in sys.path:
+        sys.path.insert(0, cell_dir)
+    if config.get("initializer") is not None:
+        initializer, initargs = _loads(config["initializer"])
+        initializer(*initargs)
+
+
+_fault_file = None
+
+
+def main(conn, slot_path: str, config: dict[str, Any]) -> None:
+    """Entry point of a worker process (started by the local backend)."""
+    try:
+        _setup(config, slot_path)
+    except BaseException as exc:
+        try:
+            conn.send_bytes(_dumps(("init-failed", os.getpid(), Failure.from_exception(exc))))
+        finally:
+            os._exit(3)
+    _Worker(conn, slot_path, config).serve()

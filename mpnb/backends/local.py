@@ -1,0 +1,125 @@
+"""Worker processes on this machine, started by loky's process launcher.
+
+loky's launcher starts a fresh interpreter (fork+exec on POSIX, so nothing of
+the kernel's threads or ZMQ sockets is copied), hands it the parent's
+``sys.path`` and sets environment variables before anything is imported.
+Each worker gets one end of a private duplex pipe and a 24-byte shared-memory
+slot (a file in a private ``0700`` directory) where it writes which task it
+is running.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from multiprocessing import Pipe
+from typing import Any
+
+from mpnb import _worker
+
+
+class WorkerHandle:
+    """The parent's side of one worker process."""
+
+    def __init__(self, worker_id: int, process, conn, slot_path: str):
+        self.worker_id = worker_id
+        self.process = process
+        self.conn = conn
+        self.slot_path = slot_path
+        fd = os.open(slot_path, os.O_RDONLY)
+        try:
+            self._slot = mmap.mmap(fd, _worker.SLOT.size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def current(self) -> tuple[int, int, float]:
+        """``(chunk seq, position, start time)`` of the task running now.
+
+        Written by the worker before each task; ``seq`` is -1 before the
+        first one.
+        """
+        return _worker.SLOT.unpack_from(self._slot, 0)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def join(self, timeout: float | None = None) -> None:
+        self.process.join(timeout)
+
+    def crash_report(self) -> str:
+        """What faulthandler wrote when the worker crashed, if anything."""
+        try:
+            with open(self.slot_path + ".fault", encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        try:
+            self._slot.close()
+        except (BufferError, ValueError):
+            pass
+        for path in (self.slot_path, self.slot_path + ".fault"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+class LocalBackend:
+    """Starts worker processes on this machine.
+
+    ``env`` is set in each worker before it imports anything (thread caps,
+    the nesting depth); ``config`` goes to :func:`mpnb._worker.main`.
+    """
+
+    def __init__(self, env: dict[str, str], config: dict[str, Any]):
+        from loky.backend.context import get_context
+
+        self._context = get_context("loky")
+        self._env = dict(env)
+        self._config = dict(config)
+        self._dir = tempfile.mkdtemp(prefix="mpnb-pool-")  # mode 0700
+        self._lock = threading.Lock()
+
+    def start_worker(self, worker_id: int) -> WorkerHandle:
+        slot_path = os.path.join(self._dir, f"worker-{worker_id}")
+        with open(slot_path, "wb") as f:
+            f.write(_worker.SLOT.pack(-1, -1, 0.0))
+        parent_end, child_end = Pipe(duplex=True)
+        process = self._context.Process(
+            target=_worker.main,
+            args=(child_end, slot_path, self._config),
+            env=self._env,
+            name=f"mpnb-worker-{worker_id}",
+        )
+        with self._lock:
+            process.start()
+        child_end.close()
+        return WorkerHandle(worker_id, process, parent_end, slot_path)
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,1082 @@
+"""mpnb.Pool: a process pool that behaves in a notebook.
+
+Threads, queues and processes::
+
+    caller thread (the cell)        manager thread                 worker processes
+    ------------------------        --------------                 ----------------
+    map / imap / submit / apply     _Manager.run                   _worker.main
+      | _Call (fn pickled once)       |                               |
+      | _Chunk ---- commands -------> | queue --> one chunk per idle  |
+      |             (+ wake-up pipe)  |           worker -- pipe ---> | capture output,
+      |                               |                               | write slot, call fn
+      |                               | <------ records ---- pipe --- | (value/failure,
+      | <--- outcomes (_Call.cond) -- | deliver, feed Monitor         |  output, times)
+      | replay output in task order   |                               |
+      | Ctrl-C: cancel -------------> | SIGKILL the call's workers    |
+                                      | sentinel: crash -> fail the task on the slot,
+                                      |           requeue the rest, start a new worker
+                                      | slot too old: timeout -> SIGKILL, same path
+
+The manager thread owns every worker; the caller only sends commands and
+waits on its call, in short steps so that Ctrl-C (a ``KeyboardInterrupt`` in
+the main thread) is seen at once.  A dead or killed worker affects only the
+chunk it was running: the task on its slot fails with an error that names it,
+the other tasks of that chunk run again elsewhere, and a new worker replaces
+it.  Workers are started by a backend (``mpnb/backends``); this module is the
+policy.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import linecache
+import os
+import pickle
+import reprlib
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import OrderedDict, deque
+from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_for
+from queue import Empty, SimpleQueue
+from typing import Any, Callable, Iterable, Iterator
+
+from mpnb import limits
+from mpnb._worker import FUNCTION_CACHE_SIZE, Failure
+from mpnb.monitor import Monitor
+
+__all__ = [
+    "Pool",
+    "RemoteTaskError",
+    "RemoteTraceback",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+]
+
+ON_ERROR = ("raise", "collect")
+
+# how often a waiting caller wakes to notice Ctrl-C and replay output
+_POLL = 0.05
+# how long an interrupted call waits for its workers to be killed
+_CANCEL_WAIT = 1.5
+# consecutive workers that die before they are ready before the pool gives up
+_MAX_START_FAILURES = 3
+
+
+class WorkerCrashedError(BrokenProcessPool):
+    """A worker process died (segfault, os._exit, SIGKILL, OOM) while running the task."""
+
+
+class TaskTimeoutError(TimeoutError):
+    """The task ran longer than the pool's timeout; its worker was killed and replaced."""
+
+
+class RemoteTaskError(Exception):
+    """A task's exception that could not be sent back as itself (shown by type and message)."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker (set as ``__cause__``)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# ---------------------------------------------------------------- describing
+
+_repr = reprlib.Repr()
+_repr.maxstring = 40
+_repr.maxother = 40
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+_repr.maxlevel = 2
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        return _repr.repr(obj)
+    except Exception:
+        return f"<{type(obj).__name__}>"
+
+
+def _describe(call: "_Call", index: int, item: tuple) -> str:
+    args, kwargs = item
+    if call.style == "map" and len(args) == 1 and not kwargs:
+        shown = f"argument {_short_repr(args[0])}"
+    else:
+        parts = [_short_repr(a) for a in args] + [f"{k}={_short_repr(v)}" for k, v in kwargs.items()]
+        shown = f"arguments ({', '.join(parts)})"
+    return f"task {index} ({shown})"
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _likely_cause(exitcode: int | None, reason: str) -> str:
+    if exitcode == -signal.SIGSEGV or exitcode == -getattr(signal, "SIGBUS", 0):
+        return "a segmentation fault in native code (a C extension, ctypes, or a library bug)"
+    if exitcode == -signal.SIGKILL:
+        return (
+            "the process was killed from outside; most often the out-of-memory killer "
+            "stopping a task that used too much memory (check RSS in pool.monitor.sample())"
+        )
+    if exitcode == -signal.SIGABRT:
+        return "abort() in native code (a failed assertion in a C library)"
+    if exitcode is not None and exitcode >= 0:
+        return "the task or a library ended the process (os._exit or exit() in native code)"
+    return "the process was stopped by a signal"
+
+
+def _remote_exception(failure: Failure, where: str) -> BaseException:
+    exc: Any = None
+    if failure.exc_bytes is not None:
+        try:
+            exc = pickle.loads(failure.exc_bytes)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteTaskError(f"{failure.type_name}: {failure.message}")
+    lines = [failure.chained, "Traceback (most recent call last):\n"]
+    for filename, lineno, name, line in failure.frames:
+        # cell sources live in the notebook's linecache, not in the worker's
+        line = line or linecache.getline(filename, lineno).strip()
+        lines.append(f'  File "{filename}", line {lineno}, in {name}\n')
+        if line:
+            lines.append(f"    {line}\n")
+    lines.append(f"{failure.type_name.removeprefix('builtins.')}: {failure.message}\n")
+    exc.__cause__ = RemoteTraceback("\n" + "".join(lines))
+    exc.add_note(f"mpnb: raised by {where}")
+    return exc
+
+
+def _replay(segments) -> None:
+    """Write a task's captured output to this process's current streams."""
+    if not segments:
+        return
+    streams = {"stdout": sys.stdout, "stderr": sys.stderr}
+    for name, text in segments:
+        stream = streams.get(name)
+        if stream is not None:
+            stream.write(text)
+    for stream in streams.values():
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------- records
+
+
+class _Outcome:
+    __slots__ = ("ok", "value", "output", "pid", "started", "finished")
+
+    def __init__(self, ok, value, output, pid, started, finished):
+        self.ok, self.value, self.output = ok, value, output
+        self.pid, self.started, self.finished = pid, started, finished
+
+
+class _Call:
+    """One map/imap/submit: its function, options and outcomes so far."""
+
+    _ids = itertools.count()
+
+    def __init__(self, fn_bytes: bytes, timeout: float | None, style: str, future: Future | None = None):
+        self.id = next(self._ids)
+        self.fn_bytes = fn_bytes
+        self.timeout = timeout
+        self.style = style  # "map", "star" or "submit": how tasks are described
+        self.future = future
+        self.outcomes: dict[int, _Outcome] = {}
+        self.first_failure: int | None = None
+        self.cancelled = False
+        self.cond = threading.Condition(threading.Lock())
+
+    def deliver(self, pairs: list[tuple[int, _Outcome]]) -> None:
+        with self.cond:
+            for index, outcome in pairs:
+                self.outcomes[index] = outcome
+                if not outcome.ok and (self.first_failure is None or index < self.first_failure):
+                    self.first_failure = index
+            self.cond.notify_all()
+        future = self.future
+        if future is not None:
+            for _, outcome in pairs:
+                future._mpnb_output = outcome.output  # type: ignore[attr-defined]
+                try:
+                    if outcome.ok:
+                        future.set_result(outcome.value)
+                    else:
+                        future.set_exception(outcome.value)
+                except Exception:  # already cancelled by the user
+                    pass
+
+
+class _Chunk:
+    __slots__ = ("seq", "call", "indices", "items", "data")
+    _seqs = itertools.count()
+
+    def __init__(self, call: _Call, indices: list[int], items: list[tuple], data: bytes | None):
+        self.seq = next(self._seqs)
+        self.call, self.indices, self.items, self.data = call, indices, items, data
+
+
+def _dump_items(items: list[tuple]) -> bytes:
+    import cloudpickle
+
+    return cloudpickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+
+
+# ------------------------------------------------------------------- manager
+
+
+class _WorkerState:
+    __slots__ = ("handle", "ready", "chunk", "next_pos", "since", "kill_reason", "functions", "init_failure", "open")
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.ready = False
+        self.chunk: _Chunk | None = None
+        self.next_pos = 0
+        self.since = 0.0
+        self.kill_reason: tuple | None = None
+        self.functions: OrderedDict[int, None] = OrderedDict()
+        self.init_failure: Failure | None = None
+        self.open = True  # the connection has not reached EOF
+
+
+class _Manager(threading.Thread):
+    """Owns the workers: dispatches chunks, collects records, handles deaths."""
+
+    def __init__(self, backend, workers: int, monitor: Monitor):
+        super().__init__(name="mpnb-pool-manager", daemon=True)
+        self.backend = backend
+        self.size = workers
+        self.monitor = monitor
+        self.workers: dict[int, _WorkerState] = {}
+        self.queue: deque[_Chunk] = deque()
+        self.commands: SimpleQueue = SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._worker_ids = itertools.count()
+        self._start_failures = 0
+        self._start_error: BaseException | None = None
+        self._cancels: list[tuple[set[int], threading.Event]] = []
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+
+    # -- commands from other threads
+
+    def command(self, *message) -> None:
+        self.commands.put(message)
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def kill_all_now(self) -> None:
+        """Called at exit and when the pool is collected: no waiting."""
+        for state in list(self.workers.values()):
+            state.handle.kill()
+        self.command("shutdown", True)
+
+    # -- the loop
+
+    def run(self) -> None:
+        try:
+            self._start_missing()
+            while True:
+                self._handle_commands()
+                if self.stopping and not self.queue and not any(w.chunk for w in self.workers.values()):
+                    break
+                self._dispatch()
+                self._wait_and_handle()
+                self._check_timeouts()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            self.error = exc
+            traceback.print_exc(file=sys.__stderr__)
+            self._fail_everything(RuntimeError(f"the mpnb pool stopped working: {exc!r}"))
+        finally:
+            self._stop_workers()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.backend.close()
+            self.stopped.set()
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                message = self.commands.get_nowait()
+            except Empty:
+                return
+            kind = message[0]
+            if kind == "chunks":
+                self.queue.extend(message[1])
+                if self._start_error is not None:  # new work: try starting workers again
+                    self._start_error, self._start_failures = None, 0
+                    self._start_missing()
+            elif kind == "cancel":
+                self._cancel(message[1], message[2])
+            elif kind == "shutdown":
+                self.stopping = True
+                if message[1]:  # cancel what has not started
+                    self._drop_queue()
+
+    def _start_missing(self) -> None:
+        while len(self.workers) < self.size and not self.stopping and self._start_error is None:
+            worker_id = next(self._worker_ids)
+            handle = self.backend.start_worker(worker_id)
+            self.workers[worker_id] = _WorkerState(handle)
+            self.monitor.worker_starting(worker_id, handle.pid, handle.current)
+
+    def _dispatch(self) -> None:
+        idle = [w for w in self.workers.values() if w.ready and w.chunk is None and w.kill_reason is None]
+        for state in idle:
+            chunk = None
+            while self.queue:
+                candidate = self.queue.popleft()
+                if not candidate.call.cancelled:
+                    chunk = candidate
+                    break
+            if chunk is None:
+                return
+            self._send(state, chunk)
+
+    def _send(self, state: _WorkerState, chunk: _Chunk) -> None:
+        call = chunk.call
+        if chunk.data is None:
+            try:
+                chunk.data = _dump_items(chunk.items)
+            except Exception as exc:
+                self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where: _pickling_error(exc, where))
+                return
+        # mirror of the worker's function cache (see _worker._Worker.function)
+        if call.id in state.functions:
+            fn_data = None
+        else:
+            fn_data = call.fn_bytes
+            state.functions[call.id] = None
+            while len(state.functions) > FUNCTION_CACHE_SIZE:
+                state.functions.popitem(last=False)
+        state.functions.move_to_end(call.id)
+        message = ("run", chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None)
+        now = time.monotonic()
+        state.chunk, state.next_pos, state.since = chunk, 0, now
+        try:
+            state.handle.conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            state.open = False  # dead: its sentinel will fire and requeue the chunk
+        self.monitor.chunk_sent(state.handle.worker_id, state.handle.pid, chunk.seq, call.id, chunk.indices, now)
+
+    def _wait_and_handle(self) -> None:
+        by_object: dict[Any, _WorkerState] = {}
+        waitables: list[Any] = [self._wake_r]
+        for state in self.workers.values():
+            if state.open:
+                waitables.append(state.handle.conn)
+                by_object[state.handle.conn] = state
+            waitables.append(state.handle.sentinel)
+            by_object[state.handle.sentinel] = state
+        ready = wait_for(waitables, timeout=self._next_wakeup())
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        dead = []
+        for obj in ready:
+            state = by_object.get(obj)
+            if state is None:
+                continue
+            if obj is state.handle.conn:
+                self._read(state)
+            else:
+                dead.append(state)
+        for state in dead:
+            self._read(state)  # what it sent before it died
+            self._on_death(state)
+
+    def _next_wakeup(self) -> float | None:
+        deadlines = []
+        for state in self.workers.values():
+            if state.chunk is not None and state.chunk.call.timeout is not None and state.kill_reason is None:
+                deadlines.append(state.chunk.call.timeout)
+        if self._cancels or any(w.kill_reason for w in self.workers.values()):
+            return 0.05
+        if not deadlines:
+            return None
+        return max(0.01, min(0.1, min(deadlines) / 10))
+
+    def _read(self, state: _WorkerState) -> None:
+        conn = state.handle.conn
+        while state.open:
+            try:
+                if not conn.poll():
+                    return
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                state.open = False
+                return
+            message = pickle.loads(data)
+            kind = message[0]
+            if kind == "records":
+                self._on_records(state, *message[1:])
+            elif kind == "hello":
+                state.ready = True
+                self._start_failures = 0
+                self.monitor.worker_started(state.handle.worker_id, message[1], message[2])
+            elif kind == "init-failed":
+                state.init_failure = message[2]
+
+    def _on_records(self, state: _WorkerState, seq: int, records: list, final: bool) -> None:
+        chunk = state.chunk
+        if chunk is None or chunk.seq != seq:
+            return
+        call, pid = chunk.call, state.handle.pid
+        delivered, ended = [], []
+        for pos, ok, value, output, started, finished in records:
+            index = chunk.indices[pos]
+            error = ""
+            if not ok:
+                value = _remote_exception(value, f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}")
+                error = f"{type(value).__name__}: {value}"
+            delivered.append((index, _Outcome(ok, value, output, pid, started, finished)))
+            ended.append((index, ok, started, finished, error))
+            state.next_pos = pos + 1
+        state.since = time.monotonic()
+        call.deliver(delivered)
+        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, ended)
+        if final:
+            state.chunk = None
+            self.monitor.chunk_ended(state.handle.worker_id)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for state in self.workers.values():
+            chunk = state.chunk
+            if chunk is None or chunk.call.timeout is None or state.kill_reason is not None:
+                continue
+            seq, pos, started = state.handle.current()
+            if seq != chunk.seq or pos < state.next_pos:
+                pos, started = state.next_pos, state.since
+            if now - started > chunk.call.timeout:
+                state.kill_reason = ("timeout", pos, now - started)
+                state.handle.kill()
+
+    def _cancel(self, call: _Call, done: threading.Event) -> None:
+        call.cancelled = True
+        self.queue = deque(c for c in self.queue if c.call is not call)
+        doomed = set()
+        for worker_id, state in self.workers.items():
+            if state.chunk is not None and state.chunk.call is call:
+                state.kill_reason = ("cancel",)
+                state.handle.kill()
+                doomed.add(worker_id)
+        if doomed:
+            self._cancels.append((doomed, done))
+        else:
+            done.set()
+
+    def _on_death(self, state: _WorkerState) -> None:
+        handle = state.handle
+        handle.join(1.0)
+        exitcode = handle.exitcode
+        worker_id = handle.worker_id
+        self.workers.pop(worker_id, None)
+        chunk, reason = state.chunk, state.kill_reason
+        if chunk is not None:
+            unreported = range(state.next_pos, len(chunk.indices))
+            if reason and reason[0] == "cancel":
+                self._fail_chunk(chunk, unreported, state, lambda where: CancelledError(f"{where} was cancelled"))
+            else:
+                if reason and reason[0] == "timeout":
+                    culprit, seconds = reason[1], reason[2]
+                    timeout = chunk.call.timeout
+
+                    def error(where: str) -> BaseException:
+                        return TaskTimeoutError(
+                            f"{where} ran for {seconds:.1f} s, longer than the timeout of "
+                            f"{timeout:g} s; its worker (pid {handle.pid}) was killed and replaced"
+                        )
+                else:
+                    seq, pos, _ = handle.current()
+                    culprit = pos if seq == chunk.seq and pos >= state.next_pos else state.next_pos
+                    error = _crash_error(handle, exitcode)
+                self._fail_chunk(chunk, [culprit], state, error)
+                rest = [p for p in unreported if p != culprit]
+                if rest:
+                    items = [chunk.items[p] for p in rest]
+                    self.queue.appendleft(_Chunk(chunk.call, [chunk.indices[p] for p in rest], items, None))
+        elif not state.ready and not self.stopping:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                self._start_error = _start_error(state, exitcode)
+                self._drop_queue(self._start_error)
+        why = reason[0] if reason else ("stopped" if self.stopping else _signal_name(exitcode))
+        self.monitor.worker_stopped(worker_id, handle.pid, exitcode, why)
+        handle.close()
+        for doomed, done in list(self._cancels):
+            doomed.discard(worker_id)
+            if not doomed:
+                done.set()
+                self._cancels.remove((doomed, done))
+        self._start_missing()
+
+    def _fail_chunk(self, chunk: _Chunk, positions, state, make_error: Callable[[str], BaseException]) -> None:
+        now = time.monotonic()
+        pid = state.handle.pid if state is not None else None
+        delivered, ended = [], []
+        for pos in positions:
+            index = chunk.indices[pos]
+            where = _describe(chunk.call, index, chunk.items[pos])
+            exc = make_error(where)
+            if not isinstance(exc, CancelledError):
+                exc.add_note(f"mpnb: raised by {where}" + (f" in worker pid {pid}" if pid else ""))
+            delivered.append((index, _Outcome(False, exc, (), pid, now, now)))
+            ended.append((index, False, now, now, f"{type(exc).__name__}: {exc}"))
+        chunk.call.deliver(delivered)
+        if state is not None:
+            self.monitor.tasks_ended(state.handle.worker_id, pid or 0, chunk.call.id, ended)
+
+    def _drop_queue(self, error: BaseException | None = None) -> None:
+        queue, self.queue = self.queue, deque()
+        for chunk in queue:
+            def make(where: str, error=error) -> BaseException:
+                if error is None:
+                    return CancelledError(f"{where} was cancelled: the pool was shut down")
+                exc = type(error)(*error.args)
+                exc.__cause__ = error.__cause__
+                return exc
+
+            self._fail_chunk(chunk, range(len(chunk.indices)), None, make)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        self._drop_queue(error)
+        for state in list(self.workers.values()):
+            if state.chunk is not None:
+                chunk = state.chunk
+                self._fail_chunk(chunk, range(state.next_pos, len(chunk.indices)), None,
+                                 lambda where: RuntimeError(f"{where}: {error}"))
+                state.chunk = None
+        for _, done in self._cancels:
+            done.set()
+
+    def _stop_workers(self) -> None:
+        for state in self.workers.values():
+            try:
+                state.handle.conn.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0
+        for state in self.workers.values():
+            state.handle.join(max(0.0, deadline - time.monotonic()))
+            if state.handle.exitcode is None:
+                state.handle.kill()
+                state.handle.join(1.0)
+            self.monitor.worker_stopped(state.handle.worker_id, state.handle.pid, state.handle.exitcode, "stopped")
+            state.handle.close()
+        self.workers.clear()
+
+
+def _pickling_error(exc: BaseException, where: str) -> BaseException:
+    err = pickle.PicklingError(f"the arguments of {where} cannot be sent to a worker: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _crash_error(handle, exitcode: int | None) -> Callable[[str], BaseException]:
+    report = handle.crash_report()
+
+    def make(where: str) -> BaseException:
+        exc = WorkerCrashedError(
+            f"{where} crashed its worker (pid {handle.pid}, {_signal_name(exitcode)}); "
+            f"likely cause: {_likely_cause(exitcode, '')}. The pool replaced the worker."
+        )
+        if report:
+            exc.__cause__ = RemoteTraceback("\n" + report + "\n")
+        return exc
+
+    return make
+
+
+def _start_error(state: _WorkerState, exitcode: int | None) -> BaseException:
+    exc = WorkerCrashedError(
+        f"the pool's worker processes exit before they are ready ({_signal_name(exitcode)}); "
+        "if you gave an initializer, it is the first suspect"
+    )
+    if state.init_failure is not None:
+        exc.__cause__ = _remote_exception(state.init_failure, "the initializer")
+    return exc
+
+
+# ------------------------------------------------------------- exit handling
+
+_live_managers: "weakref.WeakSet[_Manager]" = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _kill_all_at_exit() -> None:
+    for manager in list(_live_managers):
+        manager.kill_all_now()
+    for manager in list(_live_managers):
+        manager.stopped.wait(2.0)
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        # registered after multiprocessing's own handler, so it runs first and
+        # that handler's join() of our (killed) workers returns at once
+        atexit.register(_kill_all_at_exit)
+        _atexit_registered = True
+
+
+# ---------------------------------------------------------------------- Pool
+
+
+class Pool(Executor):
+    """A process pool that works from notebooks.
+
+    ``Pool(workers=None, *, timeout=None, on_error="raise")`` starts
+    ``workers`` processes (default: the usable CPUs, cgroup-aware) in the
+    background and returns at once.  It is a ``concurrent.futures.Executor``
+    (``submit``, ``map``, ``shutdown``, ``with``) and also has the
+    ``multiprocessing.Pool`` methods ``imap``, ``imap_unordered``,
+    ``starmap`` and ``apply``.
+
+    Functions defined in notebook cells travel by value (cloudpickle);
+    functions from modules travel by reference.  ``timeout`` is per task: a
+    task running longer is stopped by killing its worker and fails alone
+    with :class:`TaskTimeoutError`.  A worker that crashes fails only its
+    task, with :class:`WorkerCrashedError`.  ``on_error="collect"`` returns
+    exceptions in place of results instead of raising.  What tasks print is
+    shown in the cell that runs the call, in task order.
+
+    ``initializer(*initargs)`` runs in each worker as it starts; ``env`` adds
+    environment variables to the workers.
+
+    Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
+    inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        timeout: float | None = None,
+        on_error: str = "raise",
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        env: dict[str, str] | None = None,
+    ):
+        self.workers = limits.resolve_workers(workers)
+        self.timeout = _check_timeout(timeout)
+        self.on_error = _check_on_error(on_error)
+        self.monitor = Monitor()
+        #: results of the last ``map``/``starmap``, in input order, kept even
+        #: when it raised or was interrupted: a value, the exception of a
+        #: failed task, or a ``CancelledError`` for a task that did not finish
+        self.last_results: list[Any] | None = None
+        self._inline = limits.runs_inline()
+        self._closed = False
+        self._manager: _Manager | None = None
+        if self._inline:
+            self._initializer = (initializer, initargs)
+            if initializer is not None:
+                initializer(*initargs)
+            return
+        import cloudpickle
+
+        from mpnb.backends.local import LocalBackend
+
+        worker_env = limits.thread_env(self.workers)
+        worker_env[limits.DEPTH_VAR] = str(limits.current_depth() + 1)
+        worker_env.update(env or {})
+        config = {
+            "parent": os.getpid(),
+            "initializer": cloudpickle.dumps((initializer, initargs)) if initializer is not None else None,
+        }
+        manager = _Manager(LocalBackend(worker_env, config), self.workers, self.monitor)
+        _register_atexit()
+        _live_managers.add(manager)
+        manager.start()
+        self._manager = manager
+        # a pool dropped without shutdown() must not leave workers behind
+        self._finalizer = weakref.finalize(self, manager.command, "shutdown", True)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("inline" if self._inline else "running")
+        return f"<mpnb.Pool workers={self.workers} timeout={self.timeout} on_error={self.on_error!r} {state}>"
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return [row.pid for row in self.monitor.snapshot() if row.pid is not None]
+
+    # ---------------------------------------------------------- plumbing
+
+    def _check_open(self) -> _Manager | None:
+        if self._closed:
+            raise RuntimeError("this mpnb.Pool was shut down; create a new Pool to run more tasks")
+        manager = self._manager
+        if manager is not None and manager.stopped.is_set():
+            raise RuntimeError(f"this mpnb.Pool stopped working ({manager.error!r}); create a new Pool")
+        return manager
+
+    def _new_call(self, fn: Callable, timeout: float | None, style: str, future: Future | None = None) -> _Call:
+        if not callable(fn):
+            raise TypeError(f"the pool needs a callable, not a {type(fn).__name__}")
+        import cloudpickle
+
+        try:
+            fn_bytes = cloudpickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise pickle.PicklingError(
+                f"the function {getattr(fn, '__qualname__', fn)!r} cannot be sent to a worker: {exc}"
+            ) from exc
+        timeout = self.timeout if timeout is None else _check_timeout(timeout)
+        call = _Call(fn_bytes, timeout, style, future)
+        return call
+
+    def _chunks(self, call: _Call, items: Iterable[tuple], chunksize: int) -> Iterator[tuple[int, _Chunk]]:
+        """``(tasks so far, chunk)`` pairs; a chunk may be empty when its
+        only task failed to pickle (that task's outcome is then delivered)."""
+        iterator = iter(items)
+        index = 0
+        while True:
+            batch = list(itertools.islice(iterator, chunksize))
+            if not batch:
+                return
+            indices = list(range(index, index + len(batch)))
+            index += len(batch)
+            try:
+                data = _dump_items(batch)
+            except Exception:
+                # find out which argument does not pickle, fail that task alone
+                for i, item in zip(indices, batch):
+                    yield i + 1, self._single_chunk(call, i, item)
+                continue
+            yield index, _Chunk(call, indices, batch, data)
+
+    def _single_chunk(self, call: _Call, index: int, item: tuple) -> _Chunk:
+        try:
+            return _Chunk(call, [index], [item], _dump_items([item]))
+        except Exception as exc:
+            error = _pickling_error(exc, _describe(call, index, item))
+            error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
+            call.deliver([(index, _Outcome(False, error, (), None, 0.0, 0.0))])
+            return _Chunk(call, [], [], b"")  # nothing to run
+
+    def _send_chunks(self, manager: _Manager, chunks: list[_Chunk]) -> None:
+        chunks = [c for c in chunks if c.indices]
+        if chunks:
+            manager.command("chunks", chunks)
+
+    def _cancel(self, call: _Call) -> None:
+        done = threading.Event()
+        assert self._manager is not None
+        self._manager.command("cancel", call, done)
+        done.wait(_CANCEL_WAIT)
+
+    def _auto_chunksize(self, n: int) -> int:
+        chunksize, extra = divmod(n, self.workers * 4)
+        return max(1, chunksize + bool(extra))
+
+    # ---------------------------------------------------------- Executor
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` in a worker; returns a ``Future``.
+
+        What the task prints is shown when its result is fetched with
+        ``future.result()`` or ``future.exception()``.
+        """
+        manager = self._check_open()
+        future = _TaskFuture()
+        if manager is None:
+            _run_inline_into(future, fn, args, kwargs)
+            return future
+        call = self._new_call(fn, None, "submit", future)
+        self.monitor.call_started(call.id, 1)
+        self._send_chunks(manager, [self._single_chunk(call, 0, (args, kwargs))])
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        on_error: str | None = None,
+    ) -> list[Any]:
+        """``[fn(x) for x in iterable]`` on the workers; a list in input order.
+
+        With several iterables, ``fn`` gets one item of each (like ``zip``).
+        ``chunksize`` tasks travel together (automatic when ``None``);
+        ``timeout`` (seconds, per task) and ``on_error`` override the pool's.
+        The outcome stays in ``pool.last_results`` even when the call raises
+        or is interrupted.
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        items = [(args, {}) for args in zip(*iterables)]
+        return self._map(fn, items, "map", chunksize, timeout, on_error)
+
+    def starmap(
+        self,
+        fn: Callable,
+        iterable: Iterable[Iterable],
+        *,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        on_error: str | None = None,
+    ) -> list[Any]:
+        """``[fn(*args) for args in iterable]`` on the workers, in input order."""
+        items = [(tuple(args), {}) for args in iterable]
+        return self._map(fn, items, "star", chunksize, timeout, on_error)
+
+    def apply(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in a worker and wait for its value."""
+        results = self._map(fn, [(args, kwargs)], "submit", 1, None, "raise")
+        return results[0]
+
+    def _map(self, fn, items, style, chunksize, timeout, on_error) -> list[Any]:
+        on_error = self.on_error if on_error is None else _check_on_error(on_error)
+        manager = self._check_open()
+        if manager is None:
+            return _map_inline(self, fn, items, on_error)
+        call = self._new_call(fn, timeout, style)
+        n = len(items)
+        chunksize = self._auto_chunksize(n) if chunksize is None else _check_chunksize(chunksize)
+        self.last_results = None
+        self.monitor.call_started(call.id, n)
+        self._send_chunks(manager, [chunk for _, chunk in self._chunks(call, items, chunksize)])
+        shown = 0
+        try:
+            while True:
+                with call.cond:
+                    if shown not in call.outcomes and len(call.outcomes) < n:
+                        call.cond.wait(_POLL)
+                    failed = call.first_failure
+                while shown < n and shown in call.outcomes:
+                    _replay(call.outcomes[shown].output)
+                    shown += 1
+                if failed is not None and on_error == "raise":
+                    self._cancel_pending(call)
+                    raise call.outcomes[failed].value
+                if shown == n:
+                    break
+        except KeyboardInterrupt as interrupt:
+            self._cancel(call)
+            finished = sum(1 for o in call.outcomes.values() if o.ok)
+            interrupt.add_note(
+                f"mpnb: interrupted; {finished} of {n} results finished and are kept in "
+                "pool.last_results (unfinished tasks hold a CancelledError)"
+            )
+            raise
+        finally:
+            self.last_results = _snapshot(call, n)
+            for index in sorted(i for i in call.outcomes if i >= shown):
+                _replay(call.outcomes[index].output)
+            self.monitor.call_finished(call.id)
+        return [o.value for o in (call.outcomes[i] for i in range(n))]
+
+    def _cancel_pending(self, call: _Call) -> None:
+        """Stop queued tasks of ``call``; running ones finish unobserved."""
+        call.cancelled = True
+
+    def imap(
+        self,
+        fn: Callable,
+        iterable: Iterable,
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
+        on_error: str | None = None,
+    ) -> Iterator[Any]:
+        """Lazy ``map``: yields results in input order as they are ready.
+
+        Reads the input only a few chunks ahead of the results, so it suits
+        long or endless iterables.  A failed task raises when its turn comes
+        (or is yielded, with ``on_error="collect"``).
+        """
+        return self._imap(fn, iterable, chunksize, timeout, on_error, ordered=True)
+
+    def imap_unordered(
+        self,
+        fn: Callable,
+        iterable: Iterable,
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
+        on_error: str | None = None,
+    ) -> Iterator[Any]:
+        """Like :meth:`imap`, but yields each result as soon as it is ready."""
+        return self._imap(fn, iterable, chunksize, timeout, on_error, ordered=False)
+
+    def _imap(self, fn, iterable, chunksize, timeout, on_error, ordered) -> Iterator[Any]:
+        on_error = self.on_error if on_error is None else _check_on_error(on_error)
+        manager = self._check_open()
+        chunksize = _check_chunksize(chunksize)
+        if manager is None:
+            return iter(_map_inline(self, fn, [((x,), {}) for x in iterable], on_error))
+        call = self._new_call(fn, timeout, "map")
+        return self._imap_results(manager, call, iterable, chunksize, on_error, ordered)
+
+    def _imap_results(self, manager, call, iterable, chunksize, on_error, ordered) -> Iterator[Any]:
+        self.monitor.call_started(call.id, None)
+        chunks = self._chunks(call, (((x,), {}) for x in iterable), chunksize)
+        ahead = 2 * self.workers * chunksize  # tasks submitted beyond those yielded
+        submitted = yielded = 0
+        exhausted = False
+        seen: set[int] = set()
+        try:
+            while True:
+                while not exhausted and submitted - yielded < ahead:
+                    pair = next(chunks, None)
+                    if pair is None:
+                        exhausted = True
+                        self.monitor.call_total(call.id, submitted)
+                        break
+                    submitted, chunk = pair
+                    self._send_chunks(manager, [chunk])
+                if exhausted and yielded >= submitted:
+                    return
+                with call.cond:
+                    if ordered:
+                        ready = [yielded] if yielded in call.outcomes else []
+                    else:
+                        ready = [i for i in call.outcomes if i not in seen]
+                    if not ready:
+                        call.cond.wait(_POLL)
+                        continue
+                for index in ready:
+                    outcome = call.outcomes.pop(index)
+                    seen.add(index)
+                    yielded += 1
+                    _replay(outcome.output)
+                    if not outcome.ok and on_error == "raise":
+                        raise outcome.value
+                    yield outcome.value
+        except BaseException:
+            self._cancel(call)
+            raise
+        finally:
+            call.cancelled = True
+            self.monitor.call_finished(call.id)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers once queued tasks are done (or dropped, with
+        ``cancel_futures=True``).  With ``wait=True``, return when they have
+        exited.  A pool cannot be used after this."""
+        if self._closed:
+            return
+        self._closed = True
+        manager = self._manager
+        if manager is None:
+            return
+        self._finalizer.detach()
+        manager.command("shutdown", cancel_futures)
+        if wait:
+            try:
+                while not manager.stopped.wait(_POLL):
+                    pass
+            except KeyboardInterrupt:
+                manager.kill_all_now()
+                raise
+
+    def __exit__(self, exc_type, exc, tb):
+        # leaving a with-block by an error or Ctrl-C must not wait for the queue
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+
+class _TaskFuture(Future):
+    """A Future that shows its task's output where its result is fetched."""
+
+    _mpnb_output: Any = ()
+
+    def _show_output(self) -> None:
+        output, self._mpnb_output = self._mpnb_output, ()
+        _replay(output)
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            if self.done():
+                self._show_output()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        finally:
+            if self.done():
+                self._show_output()
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _snapshot(call: _Call, n: int) -> list[Any]:
+    results = []
+    for index in range(n):
+        outcome = call.outcomes.get(index)
+        results.append(CancelledError(f"task {index} did not finish") if outcome is None else outcome.value)
+    return results
+
+
+def _check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}: use 'raise' or 'collect'")
+    return on_error
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout={timeout!r}: give a number of seconds above 0, or None")
+    return timeout
+
+
+def _check_chunksize(chunksize: int) -> int:
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+        raise ValueError(f"chunksize={chunksize!r}: give a whole number of 1 or more, or None")
+    return chunksize
+
+
+def _run_inline_into(future: Future, fn, args, kwargs) -> None:
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+def _map_inline(pool: Pool, fn, items, on_error) -> list[Any]:
+    """A pool inside a worker: run the tasks here, one after the other."""
+    results = []
+    for args, kwargs in items:
+        try:
+            results.append(fn(*args, **kwargs))
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            results.append(exc)
+    pool.last_results = results
+    return results
