@@ -400,11 +400,15 @@ def _cell_definitions(result: Any) -> list[str]:
         value = shell.user_ns.get(name)
         if value is None or isinstance(value, types.ModuleType):
             continue
-        if isinstance(value, (types.FunctionType, type)):
-            if getattr(value, "__module__", None) == "__main__":
-                found.append(name)
-        elif type(value).__module__ == "__main__":
-            found.append(f"{name} (a {type(value).__qualname__})")
+        culprit = main_definition(value)
+        if culprit is None:
+            continue
+        if culprit is value:
+            found.append(name)
+        elif type(value) is culprit:
+            found.append(f"{name} (a {culprit.__qualname__})")
+        else:
+            found.append(f"{name} (holding {culprit.__qualname__})")
     return found
 
 
