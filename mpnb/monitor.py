@@ -11,8 +11,9 @@ pool (the status widget, a text report, a test) reads it:
   cursor, so a reader polling a few times a second sees every event once.
 - :meth:`Monitor.calls` returns progress per call (total, done, failed).
 
-Feeding the monitor is cheap: per task it stores a small tuple; event objects
-are built only when someone reads them.
+Feeding the monitor is cheap: it stores one entry per batch of tasks, and
+event objects are built only when someone reads them.  A task's ``finished``
+time is when the worker moved on to the next task (or ended the batch).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
-from mpnb.events import TaskFailed, TaskFinished, TaskStarted, WorkerStarted, WorkerStopped
+from mpnb.events import Event, TaskFailed, TaskFinished, TaskStarted, WorkerStarted, WorkerStopped
 
 __all__ = ["CallStatus", "Monitor", "WorkerStatus"]
 
@@ -65,38 +66,38 @@ class Monitor:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._workers: dict[int, WorkerStatus] = {}
-        self._current: dict[int, Callable[[], tuple[int, int, float]]] = {}
-        self._chunks: dict[int, tuple[int, int, list[int]]] = {}  # worker -> (seq, call, indices)
+        self._rows: dict[int, Any] = {}
         self._calls: dict[int, CallStatus] = {}
-        self._log: deque[tuple] = deque(maxlen=EVENT_HISTORY)
+        # (first event number, count, kind, payload); expanded when read
+        self._log: deque[tuple[int, int, str, tuple]] = deque()
         self._logged = 0
-        self._psutil: dict[int, object] = {}
+        self._psutil: dict[int, Any] = {}
 
     # ------------------------------------------------------------- writers
 
-    def _emit(self, kind: type, *fields) -> None:
-        self._log.append((kind, fields))
-        self._logged += 1
+    def _emit(self, count: int, kind: str, payload: tuple) -> None:
+        self._log.append((self._logged, count, kind, payload))
+        self._logged += count
+        while self._log and self._logged - self._log[0][0] > EVENT_HISTORY:
+            self._log.popleft()
 
     def worker_starting(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]]) -> None:
         with self._lock:
-            self._workers[worker] = WorkerStatus(worker, pid, "starting")
-            self._current[worker] = current
+            self._rows[worker] = _MutableRow(worker, pid, current)
 
     def worker_started(self, worker: int, pid: int, when: float) -> None:
         with self._lock:
-            old = self._workers.get(worker) or WorkerStatus(worker, pid, "idle")
-            self._workers[worker] = replace(old, pid=pid, state="idle")
-            self._emit(WorkerStarted, worker, pid, when)
+            row = self._rows.get(worker)
+            if row is not None:
+                row.state = "idle"
+            self._emit(1, "one", (WorkerStarted, (worker, pid, when)))
 
     def worker_stopped(self, worker: int, pid: int, exitcode: int | None, reason: str) -> None:
         with self._lock:
-            self._workers.pop(worker, None)
-            self._current.pop(worker, None)
-            self._chunks.pop(worker, None)
+            if self._rows.pop(worker, None) is None:
+                return
             self._psutil.pop(pid, None)
-            self._emit(WorkerStopped, worker, pid, time.monotonic(), exitcode, reason)
+            self._emit(1, "one", (WorkerStopped, (worker, pid, time.monotonic(), exitcode, reason)))
 
     def call_started(self, call: int, total: int | None) -> None:
         with self._lock:
@@ -114,39 +115,38 @@ class Monitor:
             if call in self._calls:
                 self._calls[call] = replace(self._calls[call], finished=time.monotonic())
 
-    def chunk_sent(self, worker: int, pid: int, seq: int, call: int, indices: list[int], when: float) -> None:
+    def chunk_sent(self, worker: int, seq: int, call: int, indices: list[int], when: float) -> None:
         with self._lock:
-            self._chunks[worker] = (seq, call, indices)
-            old = self._workers.get(worker) or WorkerStatus(worker, pid, "busy")
-            self._workers[worker] = replace(old, state="busy", call=call, index=indices[0], since=when)
-            self._emit(TaskStarted, worker, pid, call, indices[0], when)
+            row = self._rows.get(worker)
+            if row is not None:
+                row.chunks.append((seq, call, indices, when))
+                row.state = "busy"
 
-    def tasks_ended(self, worker: int, pid: int, call: int, ended: list[tuple[int, bool, float, float, str]]) -> None:
-        """``ended``: ``(index, ok, started, finished, error)`` per task."""
+    def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int], starts: list[float],
+                    end: float, errors: dict[int, str]) -> None:
+        """Tasks ``indices`` (started at ``starts``; the last ended at ``end``)
+        ended; ``errors`` maps the failed ones to a one-line description."""
+        if not indices:
+            return
         with self._lock:
-            done = failed = 0
-            for index, ok, started, finished, error in ended:
-                if ok:
-                    done += 1
-                    self._emit(TaskFinished, worker, pid, call, index, started, finished)
-                else:
-                    failed += 1
-                    self._emit(TaskFailed, worker, pid, call, index, started, finished, error)
-            old = self._workers.get(worker)
-            if old is not None:
-                self._workers[worker] = replace(
-                    old, tasks_done=old.tasks_done + done, tasks_failed=old.tasks_failed + failed
-                )
+            self._emit(2 * len(indices), "tasks", (worker, pid, call, indices, starts, end, errors))
+            row = self._rows.get(worker)
+            if row is not None:
+                row.failed += len(errors)
+                row.done += len(indices) - len(errors)
             status = self._calls.get(call)
             if status is not None:
-                self._calls[call] = replace(status, done=status.done + done, failed=status.failed + failed)
+                self._calls[call] = replace(
+                    status, done=status.done + len(indices) - len(errors), failed=status.failed + len(errors)
+                )
 
-    def chunk_ended(self, worker: int) -> None:
+    def chunk_ended(self, worker: int, seq: int) -> None:
         with self._lock:
-            self._chunks.pop(worker, None)
-            old = self._workers.get(worker)
-            if old is not None:
-                self._workers[worker] = replace(old, state="idle", call=None, index=None, since=None, elapsed=None)
+            row = self._rows.get(worker)
+            if row is not None:
+                row.chunks = [c for c in row.chunks if c[0] != seq]
+                if not row.chunks:
+                    row.state = "idle"
 
     # ------------------------------------------------------------- readers
 
@@ -155,14 +155,16 @@ class Monitor:
         now = time.monotonic()
         with self._lock:
             rows = []
-            for worker, status in sorted(self._workers.items()):
-                chunk = self._chunks.get(worker)
-                if chunk is not None and status.state == "busy":
-                    seq, call, indices = chunk
-                    slot_seq, pos, started = self._current[worker]()
+            for worker, row in sorted(self._rows.items()):
+                status = WorkerStatus(worker, row.pid, row.state, tasks_done=row.done, tasks_failed=row.failed)
+                if row.chunks:
+                    seq, call, indices, sent = row.chunks[0]
+                    slot_seq, pos, started = row.current()
                     if slot_seq == seq and 0 <= pos < len(indices):
-                        status = replace(status, index=indices[pos], since=started)
-                    status = replace(status, elapsed=now - (status.since or now))
+                        index, since = indices[pos], started
+                    else:
+                        index, since = indices[0], sent
+                    status = replace(status, call=call, index=index, since=since, elapsed=now - since)
                 rows.append(status)
             return rows
 
@@ -176,8 +178,8 @@ class Monitor:
 
         rows = []
         for status in self.snapshot():
-            proc = self._psutil.get(status.pid)
             try:
+                proc = self._psutil.get(status.pid)
                 if proc is None:
                     proc = self._psutil[status.pid] = psutil.Process(status.pid)
                 with proc.oneshot():
@@ -187,19 +189,48 @@ class Monitor:
             rows.append(status)
         return rows
 
-    def events(self, since: int = 0) -> tuple[list, int]:
+    def events(self, since: int = 0) -> tuple[list[Event], int]:
         """Events recorded after cursor ``since``, and the next cursor.
 
-        Start with ``since=0``; pass the returned cursor next time.  Events
-        older than the last :data:`EVENT_HISTORY` are gone.
+        Start with ``since=0``; pass the returned cursor next time.  Only the
+        last :data:`EVENT_HISTORY` events are kept.
         """
         with self._lock:
+            entries = [e for e in self._log if e[0] + e[1] > since]
             logged = self._logged
-            wanted = min(max(0, logged - since), len(self._log))
-            raw = list(self._log)[len(self._log) - wanted :] if wanted else []
-        return [kind(*fields) for kind, fields in raw], logged
+        events: list[Event] = []
+        for first, count, kind, payload in entries:
+            expanded = _expand(kind, payload)
+            events.extend(expanded[max(0, since - first):])
+        return events, logged
 
     def calls(self) -> list[CallStatus]:
         """Progress of recent calls, oldest first."""
         with self._lock:
             return list(self._calls.values())
+
+
+class _MutableRow:
+    __slots__ = ("worker", "pid", "state", "chunks", "done", "failed", "current")
+
+    def __init__(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]]):
+        self.worker, self.pid, self.state, self.current = worker, pid, "starting", current
+        self.chunks: list[tuple[int, int, list[int], float]] = []  # (seq, call, indices, sent)
+        self.done = self.failed = 0
+
+
+def _expand(kind: str, payload: tuple) -> list[Event]:
+    if kind == "one":
+        cls, fields = payload
+        return [cls(*fields)]
+    worker, pid, call, indices, starts, end, errors = payload
+    events: list[Event] = []
+    for i, index in enumerate(indices):
+        started = starts[i]
+        finished = starts[i + 1] if i + 1 < len(starts) else end
+        events.append(TaskStarted(worker, pid, call, index, started))
+        if index in errors:
+            events.append(TaskFailed(worker, pid, call, index, started, finished, errors[index]))
+        else:
+            events.append(TaskFinished(worker, pid, call, index, started, finished))
+    return events

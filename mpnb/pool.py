@@ -109,7 +109,9 @@ def _short_repr(obj: Any) -> str:
 
 
 def _describe(call: "_Call", index: int, item: tuple) -> str:
-    args, kwargs = item
+    if call.bare:
+        item = (item,)
+    args, kwargs = item if call.with_kwargs else (item, {})
     if call.style == "map" and len(args) == 1 and not kwargs:
         shown = f"argument {_short_repr(args[0])}"
     else:
@@ -185,16 +187,13 @@ def _replay(segments) -> None:
 # ------------------------------------------------------------------- records
 
 
-class _Outcome:
-    __slots__ = ("ok", "value", "output", "pid", "started", "finished")
-
-    def __init__(self, ok, value, output, pid, started, finished):
-        self.ok, self.value, self.output = ok, value, output
-        self.pid, self.started, self.finished = pid, started, finished
-
-
 class _Call:
-    """One map/imap/submit: its function, options and outcomes so far."""
+    """One map/imap/submit: its function, options and outcomes so far.
+
+    The manager thread delivers; the caller reads under ``cond``.  ``results``
+    maps a task index to its value, or to its exception when the index is in
+    ``failed``; ``output`` holds what tasks printed, for those that did.
+    """
 
     _ids = itertools.count()
 
@@ -203,30 +202,43 @@ class _Call:
         self.fn_bytes = fn_bytes
         self.timeout = timeout
         self.style = style  # "map", "star" or "submit": how tasks are described
+        self.with_kwargs = style == "submit"
+        self.bare = False  # items are single arguments, not argument tuples
         self.future = future
-        self.outcomes: dict[int, _Outcome] = {}
-        self.first_failure: int | None = None
+        self.results: dict[int, Any] = {}
+        self.failed: set[int] = set()
+        self.output: dict[int, list] = {}
+        self.contiguous = 0  # tasks 0 .. contiguous-1 have all ended
+        # a map's caller polls for progress and needs waking only at the end
+        # or on a failure; waking it per delivery would cost throughput
+        self.total: int | None = None
         self.cancelled = False
         self.cond = threading.Condition(threading.Lock())
 
-    def deliver(self, pairs: list[tuple[int, _Outcome]]) -> None:
+    def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
         with self.cond:
-            for index, outcome in pairs:
-                self.outcomes[index] = outcome
-                if not outcome.ok and (self.first_failure is None or index < self.first_failure):
-                    self.first_failure = index
-            self.cond.notify_all()
+            self.results.update(zip(indices, values))
+            self.failed.update(failed)
+            self.output.update(output)
+            results, contiguous = self.results, self.contiguous
+            while contiguous in results:
+                contiguous += 1
+            self.contiguous = contiguous
+            if self.total is None or len(results) >= self.total or failed:
+                self.cond.notify_all()
         future = self.future
         if future is not None:
-            for _, outcome in pairs:
-                future._mpnb_output = outcome.output  # type: ignore[attr-defined]
-                try:
-                    if outcome.ok:
-                        future.set_result(outcome.value)
-                    else:
-                        future.set_exception(outcome.value)
-                except Exception:  # already cancelled by the user
-                    pass
+            future._mpnb_output = output.get(0, ())  # type: ignore[attr-defined]
+            try:
+                if self.failed:
+                    future.set_exception(values[0])
+                else:
+                    future.set_result(values[0])
+            except Exception:  # already cancelled by the user
+                pass
+
+    def first_failure(self) -> int | None:
+        return min(self.failed) if self.failed else None
 
 
 class _Chunk:
@@ -238,7 +250,25 @@ class _Chunk:
         self.call, self.indices, self.items, self.data = call, indices, items, data
 
 
-def _dump_items(items: list[tuple]) -> bytes:
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+def _is_plain(items: list) -> bool:
+    """True when plain pickle is safe: builtin scalars, at most in tuples."""
+    for item in items:
+        if type(item) in _PLAIN:
+            continue
+        if type(item) is tuple and all(type(x) in _PLAIN for x in item):
+            continue
+        return False
+    return True
+
+
+def _dump_items(items: list) -> bytes:
+    # cloudpickle is needed for anything that may be or hold a __main__
+    # object; for plain data the C pickler is several times faster
+    if _is_plain(items):
+        return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
     import cloudpickle
 
     return cloudpickle.dumps(items, pickle.HIGHEST_PROTOCOL)
@@ -248,14 +278,16 @@ def _dump_items(items: list[tuple]) -> bytes:
 
 
 class _WorkerState:
-    __slots__ = ("handle", "ready", "chunk", "next_pos", "since", "kill_reason", "functions", "init_failure", "open")
+    __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure", "open")
 
     def __init__(self, handle):
         self.handle = handle
         self.ready = False
-        self.chunk: _Chunk | None = None
-        self.next_pos = 0
-        self.since = 0.0
+        # chunks sent, oldest first; the first is running, one more may wait
+        # in the pipe so the worker never idles for a round trip
+        self.chunks: deque[_Chunk] = deque()
+        self.next_pos = 0  # first position of chunks[0] not yet reported
+        self.since = 0.0  # when chunks[0] was sent or last reported
         self.kill_reason: tuple | None = None
         self.functions: OrderedDict[int, None] = OrderedDict()
         self.init_failure: Failure | None = None
@@ -289,11 +321,11 @@ class _Manager(threading.Thread):
         self.commands.put(message)
         try:
             os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
+        except OSError:  # full (it will wake anyway) or already closed
             pass
 
     def kill_all_now(self) -> None:
-        """Called at exit and when the pool is collected: no waiting."""
+        """Called at exit: kill every worker without waiting for anything."""
         for state in list(self.workers.values()):
             state.handle.kill()
         self.command("shutdown", True)
@@ -305,7 +337,7 @@ class _Manager(threading.Thread):
             self._start_missing()
             while True:
                 self._handle_commands()
-                if self.stopping and not self.queue and not any(w.chunk for w in self.workers.values()):
+                if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
                     break
                 self._dispatch()
                 self._wait_and_handle()
@@ -316,10 +348,9 @@ class _Manager(threading.Thread):
             self._fail_everything(RuntimeError(f"the mpnb pool stopped working: {exc!r}"))
         finally:
             self._stop_workers()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self.backend.close()
             self.stopped.set()
+            os.close(self._wake_r)
+            self.backend.close()
 
     def _handle_commands(self) -> None:
         while True:
@@ -347,18 +378,31 @@ class _Manager(threading.Thread):
             self.workers[worker_id] = _WorkerState(handle)
             self.monitor.worker_starting(worker_id, handle.pid, handle.current)
 
+    def _next_chunk(self) -> _Chunk | None:
+        while self.queue:
+            chunk = self.queue.popleft()
+            if not chunk.call.cancelled:
+                return chunk
+        return None
+
     def _dispatch(self) -> None:
-        idle = [w for w in self.workers.values() if w.ready and w.chunk is None and w.kill_reason is None]
-        for state in idle:
-            chunk = None
-            while self.queue:
-                candidate = self.queue.popleft()
-                if not candidate.call.cancelled:
-                    chunk = candidate
-                    break
-            if chunk is None:
-                return
-            self._send(state, chunk)
+        if not self.queue:
+            return
+        usable = [w for w in self.workers.values() if w.ready and w.open and w.kill_reason is None]
+        # first every idle worker gets a chunk, then busy ones one in reserve;
+        # no reserve for calls with a timeout, whose tasks are timed from start
+        for depth in (0, 1):
+            for state in usable:
+                if len(state.chunks) != depth:
+                    continue
+                if not self.queue:
+                    return
+                if depth and (self.queue[0].call.timeout is not None or state.chunks[0].call.timeout is not None):
+                    continue
+                chunk = self._next_chunk()
+                if chunk is None:
+                    return
+                self._send(state, chunk)
 
     def _send(self, state: _WorkerState, chunk: _Chunk) -> None:
         call = chunk.call
@@ -377,14 +421,19 @@ class _Manager(threading.Thread):
             while len(state.functions) > FUNCTION_CACHE_SIZE:
                 state.functions.popitem(last=False)
         state.functions.move_to_end(call.id)
-        message = ("run", chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None)
+        message = (
+            "run", chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data,
+            call.timeout is not None, 2 if call.with_kwargs else (0 if call.bare else 1),
+        )
         now = time.monotonic()
-        state.chunk, state.next_pos, state.since = chunk, 0, now
+        if not state.chunks:
+            state.next_pos, state.since = 0, now
+        state.chunks.append(chunk)
+        self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
         try:
             state.handle.conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
         except OSError:
-            state.open = False  # dead: its sentinel will fire and requeue the chunk
-        self.monitor.chunk_sent(state.handle.worker_id, state.handle.pid, chunk.seq, call.id, chunk.indices, now)
+            state.open = False  # dead: its sentinel fires and the chunk is requeued
 
     def _wait_and_handle(self) -> None:
         by_object: dict[Any, _WorkerState] = {}
@@ -397,10 +446,7 @@ class _Manager(threading.Thread):
             by_object[state.handle.sentinel] = state
         ready = wait_for(waitables, timeout=self._next_wakeup())
         if self._wake_r in ready:
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+            os.read(self._wake_r, 4096)
         dead = []
         for obj in ready:
             state = by_object.get(obj)
@@ -415,15 +461,13 @@ class _Manager(threading.Thread):
             self._on_death(state)
 
     def _next_wakeup(self) -> float | None:
-        deadlines = []
-        for state in self.workers.values():
-            if state.chunk is not None and state.chunk.call.timeout is not None and state.kill_reason is None:
-                deadlines.append(state.chunk.call.timeout)
         if self._cancels or any(w.kill_reason for w in self.workers.values()):
             return 0.05
-        if not deadlines:
+        timeouts = [w.chunks[0].call.timeout for w in self.workers.values()
+                    if w.chunks and w.chunks[0].call.timeout is not None]
+        if not timeouts:
             return None
-        return max(0.01, min(0.1, min(deadlines) / 10))
+        return max(0.01, min(0.1, min(timeouts) / 10))
 
     def _read(self, state: _WorkerState) -> None:
         conn = state.handle.conn
@@ -446,33 +490,38 @@ class _Manager(threading.Thread):
             elif kind == "init-failed":
                 state.init_failure = message[2]
 
-    def _on_records(self, state: _WorkerState, seq: int, records: list, final: bool) -> None:
-        chunk = state.chunk
-        if chunk is None or chunk.seq != seq:
+    def _on_records(self, state, seq, first, values, failures, output, starts, end, final) -> None:
+        if not state.chunks or state.chunks[0].seq != seq:
             return
+        chunk = state.chunks[0]
         call, pid = chunk.call, state.handle.pid
-        delivered, ended = [], []
-        for pos, ok, value, output, started, finished in records:
+        indices = chunk.indices[first : first + len(values)]
+        errors: dict[int, str] = {}
+        failed = []
+        for pos, failure in failures.items():
             index = chunk.indices[pos]
-            error = ""
-            if not ok:
-                value = _remote_exception(value, f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}")
-                error = f"{type(value).__name__}: {value}"
-            delivered.append((index, _Outcome(ok, value, output, pid, started, finished)))
-            ended.append((index, ok, started, finished, error))
-            state.next_pos = pos + 1
+            exc = _remote_exception(failure, f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}")
+            values[pos - first] = exc
+            failed.append(index)
+            errors[index] = f"{type(exc).__name__}: {exc}"
+        if output:
+            output = {chunk.indices[pos]: segments for pos, segments in output.items()}
+        state.next_pos = first + len(values)
         state.since = time.monotonic()
-        call.deliver(delivered)
-        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, ended)
+        call.deliver(indices, values, failed, output)
+        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, end, errors)
         if final:
-            state.chunk = None
-            self.monitor.chunk_ended(state.handle.worker_id)
+            state.chunks.popleft()
+            state.next_pos, state.since = 0, state.since
+            self.monitor.chunk_ended(state.handle.worker_id, seq)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for state in self.workers.values():
-            chunk = state.chunk
-            if chunk is None or chunk.call.timeout is None or state.kill_reason is not None:
+            if not state.chunks or state.kill_reason is not None:
+                continue
+            chunk = state.chunks[0]
+            if chunk.call.timeout is None:
                 continue
             seq, pos, started = state.handle.current()
             if seq != chunk.seq or pos < state.next_pos:
@@ -486,7 +535,7 @@ class _Manager(threading.Thread):
         self.queue = deque(c for c in self.queue if c.call is not call)
         doomed = set()
         for worker_id, state in self.workers.items():
-            if state.chunk is not None and state.chunk.call is call:
+            if any(c.call is call for c in state.chunks) and state.kill_reason is None:
                 state.kill_reason = ("cancel",)
                 state.handle.kill()
                 doomed.add(worker_id)
@@ -501,31 +550,34 @@ class _Manager(threading.Thread):
         exitcode = handle.exitcode
         worker_id = handle.worker_id
         self.workers.pop(worker_id, None)
-        chunk, reason = state.chunk, state.kill_reason
-        if chunk is not None:
-            unreported = range(state.next_pos, len(chunk.indices))
-            if reason and reason[0] == "cancel":
+        reason = state.kill_reason
+        requeue = []
+        for n, chunk in enumerate(state.chunks):
+            start = state.next_pos if n == 0 else 0
+            unreported = range(start, len(chunk.indices))
+            if chunk.call.cancelled:
                 self._fail_chunk(chunk, unreported, state, lambda where: CancelledError(f"{where} was cancelled"))
-            else:
-                if reason and reason[0] == "timeout":
-                    culprit, seconds = reason[1], reason[2]
-                    timeout = chunk.call.timeout
+                continue
+            culprit = None
+            if n == 0 and reason and reason[0] == "timeout":
+                culprit, seconds, timeout = reason[1], reason[2], chunk.call.timeout
 
-                    def error(where: str) -> BaseException:
-                        return TaskTimeoutError(
-                            f"{where} ran for {seconds:.1f} s, longer than the timeout of "
-                            f"{timeout:g} s; its worker (pid {handle.pid}) was killed and replaced"
-                        )
-                else:
-                    seq, pos, _ = handle.current()
-                    culprit = pos if seq == chunk.seq and pos >= state.next_pos else state.next_pos
-                    error = _crash_error(handle, exitcode)
+                def error(where: str, seconds=seconds, timeout=timeout) -> BaseException:
+                    return TaskTimeoutError(
+                        f"{where} ran for {seconds:.1f} s, longer than the timeout of "
+                        f"{timeout:g} s; its worker (pid {handle.pid}) was killed and replaced"
+                    )
+            elif n == 0 and not reason:
+                seq, pos, _ = handle.current()
+                culprit = pos if seq == chunk.seq and pos >= start else start
+                error = _crash_error(handle, exitcode)
+            if culprit is not None:
                 self._fail_chunk(chunk, [culprit], state, error)
-                rest = [p for p in unreported if p != culprit]
-                if rest:
-                    items = [chunk.items[p] for p in rest]
-                    self.queue.appendleft(_Chunk(chunk.call, [chunk.indices[p] for p in rest], items, None))
-        elif not state.ready and not self.stopping:
+            rest = [p for p in unreported if p != culprit]
+            if rest:
+                requeue.append(_Chunk(chunk.call, [chunk.indices[p] for p in rest], [chunk.items[p] for p in rest], None))
+        self.queue.extendleft(reversed(requeue))
+        if not state.ready and not state.chunks and not self.stopping:
             self._start_failures += 1
             if self._start_failures >= _MAX_START_FAILURES:
                 self._start_error = _start_error(state, exitcode)
@@ -541,20 +593,25 @@ class _Manager(threading.Thread):
         self._start_missing()
 
     def _fail_chunk(self, chunk: _Chunk, positions, state, make_error: Callable[[str], BaseException]) -> None:
+        positions = list(positions)
+        if not positions:
+            return
         now = time.monotonic()
         pid = state.handle.pid if state is not None else None
-        delivered, ended = [], []
+        indices, values, errors = [], [], {}
         for pos in positions:
             index = chunk.indices[pos]
             where = _describe(chunk.call, index, chunk.items[pos])
             exc = make_error(where)
             if not isinstance(exc, CancelledError):
                 exc.add_note(f"mpnb: raised by {where}" + (f" in worker pid {pid}" if pid else ""))
-            delivered.append((index, _Outcome(False, exc, (), pid, now, now)))
-            ended.append((index, False, now, now, f"{type(exc).__name__}: {exc}"))
-        chunk.call.deliver(delivered)
+            indices.append(index)
+            values.append(exc)
+            errors[index] = f"{type(exc).__name__}: {exc}"
+        chunk.call.deliver(indices, values, indices, {})
         if state is not None:
-            self.monitor.tasks_ended(state.handle.worker_id, pid or 0, chunk.call.id, ended)
+            self.monitor.tasks_ended(state.handle.worker_id, pid or 0, chunk.call.id, indices,
+                                     [now] * len(indices), now, errors)
 
     def _drop_queue(self, error: BaseException | None = None) -> None:
         queue, self.queue = self.queue, deque()
@@ -571,11 +628,11 @@ class _Manager(threading.Thread):
     def _fail_everything(self, error: BaseException) -> None:
         self._drop_queue(error)
         for state in list(self.workers.values()):
-            if state.chunk is not None:
-                chunk = state.chunk
-                self._fail_chunk(chunk, range(state.next_pos, len(chunk.indices)), None,
+            for n, chunk in enumerate(state.chunks):
+                start = state.next_pos if n == 0 else 0
+                self._fail_chunk(chunk, range(start, len(chunk.indices)), None,
                                  lambda where: RuntimeError(f"{where}: {error}"))
-                state.chunk = None
+            state.chunks.clear()
         for _, done in self._cancels:
             done.set()
 
@@ -782,7 +839,7 @@ class Pool(Executor):
         except Exception as exc:
             error = _pickling_error(exc, _describe(call, index, item))
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
-            call.deliver([(index, _Outcome(False, error, (), None, 0.0, 0.0))])
+            call.deliver([index], [error], [index], {})
             return _Chunk(call, [], [], b"")  # nothing to run
 
     def _send_chunks(self, manager: _Manager, chunks: list[_Chunk]) -> None:
@@ -836,8 +893,9 @@ class Pool(Executor):
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        items = [(args, {}) for args in zip(*iterables)]
-        return self._map(fn, items, "map", chunksize, timeout, on_error)
+        if len(iterables) == 1:
+            return self._map(fn, list(iterables[0]), "bare", chunksize, timeout, on_error)
+        return self._map(fn, list(zip(*iterables)), "map", chunksize, timeout, on_error)
 
     def starmap(
         self,
@@ -849,8 +907,7 @@ class Pool(Executor):
         on_error: str | None = None,
     ) -> list[Any]:
         """``[fn(*args) for args in iterable]`` on the workers, in input order."""
-        items = [(tuple(args), {}) for args in iterable]
-        return self._map(fn, items, "star", chunksize, timeout, on_error)
+        return self._map(fn, [tuple(args) for args in iterable], "star", chunksize, timeout, on_error)
 
     def apply(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in a worker and wait for its value."""
@@ -861,31 +918,35 @@ class Pool(Executor):
         on_error = self.on_error if on_error is None else _check_on_error(on_error)
         manager = self._check_open()
         if manager is None:
-            return _map_inline(self, fn, items, on_error)
-        call = self._new_call(fn, timeout, style)
+            return _map_inline(self, fn, [(x,) for x in items] if style == "bare" else items, on_error)
+        call = self._new_call(fn, timeout, "map" if style == "bare" else style)
+        call.bare = style == "bare"
         n = len(items)
         chunksize = self._auto_chunksize(n) if chunksize is None else _check_chunksize(chunksize)
         self.last_results = None
+        call.total = n
         self.monitor.call_started(call.id, n)
         self._send_chunks(manager, [chunk for _, chunk in self._chunks(call, items, chunksize)])
         shown = 0
         try:
             while True:
                 with call.cond:
-                    if shown not in call.outcomes and len(call.outcomes) < n:
+                    if call.contiguous < n and not (call.failed and on_error == "raise"):
                         call.cond.wait(_POLL)
-                    failed = call.first_failure
-                while shown < n and shown in call.outcomes:
-                    _replay(call.outcomes[shown].output)
-                    shown += 1
+                    upto = call.contiguous
+                    failed = call.first_failure()
+                if call.output:
+                    for index in range(shown, upto):
+                        _replay(call.output.pop(index, None))
+                shown = upto
                 if failed is not None and on_error == "raise":
-                    self._cancel_pending(call)
-                    raise call.outcomes[failed].value
+                    call.cancelled = True  # queued tasks are dropped; running ones end unobserved
+                    raise call.results[failed]
                 if shown == n:
                     break
         except KeyboardInterrupt as interrupt:
             self._cancel(call)
-            finished = sum(1 for o in call.outcomes.values() if o.ok)
+            finished = len(call.results) - len(call.failed)
             interrupt.add_note(
                 f"mpnb: interrupted; {finished} of {n} results finished and are kept in "
                 "pool.last_results (unfinished tasks hold a CancelledError)"
@@ -893,14 +954,10 @@ class Pool(Executor):
             raise
         finally:
             self.last_results = _snapshot(call, n)
-            for index in sorted(i for i in call.outcomes if i >= shown):
-                _replay(call.outcomes[index].output)
+            for index in sorted(call.output):
+                _replay(call.output.pop(index, None))
             self.monitor.call_finished(call.id)
-        return [o.value for o in (call.outcomes[i] for i in range(n))]
-
-    def _cancel_pending(self, call: _Call) -> None:
-        """Stop queued tasks of ``call``; running ones finish unobserved."""
-        call.cancelled = True
+        return self.last_results
 
     def imap(
         self,
@@ -936,17 +993,17 @@ class Pool(Executor):
         manager = self._check_open()
         chunksize = _check_chunksize(chunksize)
         if manager is None:
-            return iter(_map_inline(self, fn, [((x,), {}) for x in iterable], on_error))
+            return iter(_map_inline(self, fn, [(x,) for x in iterable], on_error))
         call = self._new_call(fn, timeout, "map")
+        call.bare = True
         return self._imap_results(manager, call, iterable, chunksize, on_error, ordered)
 
     def _imap_results(self, manager, call, iterable, chunksize, on_error, ordered) -> Iterator[Any]:
         self.monitor.call_started(call.id, None)
-        chunks = self._chunks(call, (((x,), {}) for x in iterable), chunksize)
+        chunks = self._chunks(call, iterable, chunksize)
         ahead = 2 * self.workers * chunksize  # tasks submitted beyond those yielded
         submitted = yielded = 0
         exhausted = False
-        seen: set[int] = set()
         try:
             while True:
                 while not exhausted and submitted - yielded < ahead:
@@ -961,20 +1018,19 @@ class Pool(Executor):
                     return
                 with call.cond:
                     if ordered:
-                        ready = [yielded] if yielded in call.outcomes else []
+                        ready = [yielded] if yielded in call.results else []
                     else:
-                        ready = [i for i in call.outcomes if i not in seen]
+                        ready = list(call.results)
                     if not ready:
                         call.cond.wait(_POLL)
                         continue
-                for index in ready:
-                    outcome = call.outcomes.pop(index)
-                    seen.add(index)
+                    taken = [(i, call.results.pop(i), i in call.failed, call.output.pop(i, None)) for i in ready]
+                for index, value, failed, output in taken:
                     yielded += 1
-                    _replay(outcome.output)
-                    if not outcome.ok and on_error == "raise":
-                        raise outcome.value
-                    yield outcome.value
+                    _replay(output)
+                    if failed and on_error == "raise":
+                        raise value
+                    yield value
         except BaseException:
             self._cancel(call)
             raise
@@ -1036,11 +1092,11 @@ class _TaskFuture(Future):
 
 
 def _snapshot(call: _Call, n: int) -> list[Any]:
-    results = []
-    for index in range(n):
-        outcome = call.outcomes.get(index)
-        results.append(CancelledError(f"task {index} did not finish") if outcome is None else outcome.value)
-    return results
+    with call.cond:
+        results = call.results
+        if len(results) == n:
+            return [results[i] for i in range(n)]
+        return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]
 
 
 def _check_on_error(on_error: str) -> str:
@@ -1071,9 +1127,9 @@ def _run_inline_into(future: Future, fn, args, kwargs) -> None:
 def _map_inline(pool: Pool, fn, items, on_error) -> list[Any]:
     """A pool inside a worker: run the tasks here, one after the other."""
     results = []
-    for args, kwargs in items:
+    for args in items:
         try:
-            results.append(fn(*args, **kwargs))
+            results.append(fn(*args))
         except Exception as exc:
             if on_error == "raise":
                 raise
