@@ -161,7 +161,9 @@ def _patch_stdlib_pools() -> list[Callable[[], None]]:
     restore: list[Callable[[], None]] = []
 
     def patch(owner: type, name: str, make: Callable[[Any], Any]) -> None:
-        original = owner.__dict__[name]
+        original = owner.__dict__.get(name)
+        if original is None:  # a Python whose pool differs: leave it alone
+            return
         setattr(owner, name, make(original))
         restore.append(lambda: setattr(owner, name, original))
 

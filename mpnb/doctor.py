@@ -12,15 +12,18 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Check", "Report", "doctor"]
+__all__ = ["Check", "Report", "doctor", "remove_leaked_shm"]
 
 SHM = Path("/dev/shm")
 # Below this, PyTorch DataLoader workers and shared-memory arrays fail (Docker's default is 64 MB).
 SMALL_SHM = 256 * 2**20
+# A pool's segment younger than this may be in the middle of being set up or torn down.
+LEAK_AGE = 60.0
 # More than this counts as "no limit" in cgroup files.
 UNLIMITED = 2**60
 
@@ -208,28 +211,41 @@ def _shm() -> Check:
         size = sum(p.stat().st_size for p in leaked if p.exists())
         names = ", ".join(p.name for p in leaked[:3]) + (", ..." if len(leaked) > 3 else "")
         found += f"; {len(leaked)} leaked segment(s) ({_size(size)}) that no process uses: {names}"
-        advice.append("remove them with: rm " + " ".join(
-            f"/dev/shm/{p}" for p in sorted({_leak_pattern(p.name) for p in leaked})))
+        advice.append("processes that died without cleaning up left them; free the memory "
+                      "with mpnb.doctor.remove_leaked_shm()")
     return Check("shm", "Shared memory (/dev/shm)", verdict, found, "; ".join(advice))
 
 
 _SHM_PREFIXES = ("sem.mp-", "sem.loky-", "psm_", "joblib_memmapping_folder_")
 
 
-def _leak_pattern(name: str) -> str:
-    for prefix in _SHM_PREFIXES:
-        if name.startswith(prefix):
-            return prefix + "*"
-    return name
+def remove_leaked_shm() -> list[str]:
+    """Delete the /dev/shm entries :func:`doctor` reports as leaked; return their names."""
+    import shutil
+
+    removed = []
+    for entry in _leaked_shm():
+        try:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry.name)
+        except OSError:
+            continue
+    return removed
 
 
 def _leaked_shm() -> list[Path]:
     """Our pool-made /dev/shm entries that no live process has mapped or names."""
     uid = os.getuid()
+    settled = time.time() - LEAK_AGE
     mine = []
     for entry in SHM.iterdir():
         try:
-            if entry.name.startswith(_SHM_PREFIXES) and entry.stat().st_uid == uid:
+            info = entry.stat()
+            if (entry.name.startswith(_SHM_PREFIXES) and info.st_uid == uid
+                    and info.st_mtime < settled):
                 mine.append(entry)
         except OSError:
             continue

@@ -6,13 +6,14 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from loky import cpu_count
 
-from mpnb.doctor import Report, doctor
+from mpnb.doctor import LEAK_AGE, Report, doctor, remove_leaked_shm
 
 KEYS = ["python", "threads", "cpus", "memory", "shm", "blas", "proc_limits", "output"]
 
@@ -62,13 +63,17 @@ def test_leaked_shared_memory_is_found():
     leak = Path("/dev/shm") / f"psm_{uuid.uuid4().hex[:8]}"
     leak.write_bytes(b"\0" * 4096)
     try:
+        assert leak.name not in doctor()["shm"].found  # just made: may be in use
+        old = time.time() - 2 * LEAK_AGE
+        os.utime(leak, (old, old))
         check = doctor()["shm"]
         assert check.verdict == "warn"
         assert leak.name in check.found or "..." in check.found
-        assert "rm /dev/shm/psm_*" in check.advice
+        assert "remove_leaked_shm()" in check.advice
+        assert leak.name in remove_leaked_shm()
+        assert not leak.exists()
     finally:
-        leak.unlink()
-    assert leak.name not in doctor()["shm"].found
+        leak.unlink(missing_ok=True)
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
