@@ -306,13 +306,25 @@ def _die_with_parent(parent: int) -> None:
         except Exception:
             pass
 
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                os._exit(70)
-            time.sleep(0.25)
+    direct = os.getppid() == parent  # not so under forkserver
 
-    if os.getppid() != parent:
+    def parent_gone() -> bool:
+        if direct:
+            return os.getppid() != parent
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    def watch() -> None:
+        while not parent_gone():
+            time.sleep(0.25)
+        os._exit(70)
+
+    if parent_gone():
         os._exit(70)
     threading.Thread(target=watch, name="mpnb-parent-watch", daemon=True).start()
 
@@ -321,6 +333,7 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     # the kernel's interrupt may reach the whole process group; the pool
     # decides what happens to tasks, so workers ignore SIGINT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(config.get("env", {}))  # loky set them already; spawn did not
     _die_with_parent(config["parent"])
     import faulthandler
 

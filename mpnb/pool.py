@@ -728,7 +728,8 @@ class Pool(Executor):
     shown in the cell that runs the call, in task order.
 
     ``initializer(*initargs)`` runs in each worker as it starts; ``env`` adds
-    environment variables to the workers.
+    environment variables to the workers.  ``context`` is the start method:
+    ``"loky"`` (default), ``"spawn"`` or ``"forkserver"``; never ``fork``.
 
     Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
     inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
@@ -743,6 +744,7 @@ class Pool(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         env: dict[str, str] | None = None,
+        context: str = "loky",
     ):
         self.workers = limits.resolve_workers(workers)
         self.timeout = _check_timeout(timeout)
@@ -771,7 +773,7 @@ class Pool(Executor):
             "parent": os.getpid(),
             "initializer": cloudpickle.dumps((initializer, initargs)) if initializer is not None else None,
         }
-        manager = _Manager(LocalBackend(worker_env, config), self.workers, self.monitor)
+        manager = _Manager(LocalBackend(worker_env, config, context), self.workers, self.monitor)
         _register_atexit()
         _live_managers.add(manager)
         manager.start()

@@ -89,19 +89,35 @@ class WorkerHandle:
                 pass
 
 
+START_METHODS = ("loky", "spawn", "forkserver")
+
+
 class LocalBackend:
     """Starts worker processes on this machine.
 
-    ``env`` is set in each worker before it imports anything (thread caps,
-    the nesting depth); ``config`` goes to :func:`mpnb._worker.main`.
+    ``method`` is how: ``"loky"`` (the default: fork+exec of a fresh
+    interpreter), or the standard library's ``"spawn"`` or ``"forkserver"``.
+    Never ``fork``: a kernel's threads and sockets must not be copied.
+
+    ``env`` is set in each worker before it imports anything but mpnb's
+    worker module (thread caps, the nesting depth); ``config`` goes to
+    :func:`mpnb._worker.main`.
     """
 
-    def __init__(self, env: dict[str, str], config: dict[str, Any]):
-        from loky.backend.context import get_context
+    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = "loky"):
+        if method not in START_METHODS:
+            raise ValueError(f"start method {method!r}: use one of {', '.join(START_METHODS)}")
+        if method == "loky":
+            from loky.backend.context import get_context
 
-        self._context = get_context("loky")
+            self._context = get_context("loky")
+        else:
+            import multiprocessing
+
+            self._context = multiprocessing.get_context(method)
+        self.method = method
         self._env = dict(env)
-        self._config = dict(config)
+        self._config = dict(config, env=dict(env))
         self._dir = tempfile.mkdtemp(prefix="mpnb-pool-")  # mode 0700
         self._lock = threading.Lock()
 
@@ -110,11 +126,12 @@ class LocalBackend:
         with open(slot_path, "wb") as f:
             f.write(_worker.SLOT.pack(-1, -1, 0.0))
         parent_end, child_end = Pipe(duplex=True)
+        extra = {"env": self._env} if self.method == "loky" else {}
         process = self._context.Process(
             target=_worker.main,
             args=(child_end, slot_path, self._config),
-            env=self._env,
             name=f"mpnb-worker-{worker_id}",
+            **extra,
         )
         with self._lock:
             process.start()
