@@ -187,10 +187,10 @@ def _patch_stdlib_pools() -> list[Callable[[], None]]:
         def run(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
             if _spawns(self._mp_context):
                 if getattr(fn, "func", None) is cf_process._process_chunk:  # from map()
-                    fn = fn.args[0]
+                    _refuse_main(fn.args[0], _label(fn.args[0]))
                 else:
                     _refuse_main(args, "args")
-                _refuse_main(fn, _label(fn))
+                    _refuse_main(fn, _label(fn))
             return submit(self, fn, *args, **kwargs)
 
         return run

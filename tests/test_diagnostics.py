@@ -88,6 +88,12 @@ def test_process_pool_executor_names_the_function(kernel):
         "    list(ex.map(work, range(4)))", timeout=NO_HANG)
     assert reply.ename == "PicklingProblem"
     assert reply.evalue.startswith("work (function)")
+    # the check leaves what it lets through unchanged
+    reply = kernel.run(
+        "with cf.ProcessPoolExecutor(2, mp_context=mp.get_context('spawn')) as ex:\n"
+        "    print(list(ex.map(abs, [-1, -2, -3], chunksize=2)),\n"
+        "          ex.submit(divmod, 7, 2).result())", timeout=60).ok()
+    assert "[1, 2, 3] (3, 1)" in reply.stdout
     # an argument of a notebook class passes the parent and breaks the pool;
     # the note after the traceback names it
     reply = kernel.run(
