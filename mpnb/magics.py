@@ -93,9 +93,13 @@ def _bind_pool(shell: Any, args: Any) -> None:
     from mpnb.pool import Pool
 
     current = shell.user_ns.get(args.name)
-    if isinstance(current, Pool) and current.reusable_for(workers=args.workers):
-        return
-    shell.user_ns[args.name] = Pool(args.workers, name=args.name)
+    if (
+        isinstance(current, Pool)
+        and not current._closed
+        and (args.workers is None or current.workers == args.workers)
+    ):
+        return  # same pool, same warm workers
+    shell.user_ns[args.name] = Pool(args.workers)
 
 
 def _run(nodes: list[ast.stmt], filename: str, namespace: dict[str, Any], quiet: bool) -> Any:
