@@ -17,9 +17,8 @@ from mpnb.diagnostics import explain, fork_message
 pytestmark = pytest.mark.kernel
 
 SETUP = """
+%load_ext mpnb
 import multiprocessing as mp, concurrent.futures as cf
-import mpnb.diagnostics
-mpnb.diagnostics.install(get_ipython())
 
 def work(x):
     return x * 2
@@ -118,7 +117,7 @@ def test_fork_in_threaded_kernel_warns_once_and_uninstall_removes_all(kernel):
     assert "ForkInThreadedKernelWarning" not in second.stderr
 
     reply = kernel.run(
-        "mpnb.diagnostics.uninstall(get_ipython())\n"
+        "%unload_ext mpnb\n"
         "import multiprocessing.pool as mpp, concurrent.futures.process as cfp\n"
         "print(mpp.Pool._join_exited_workers.__module__, mpp.Pool.apply_async.__module__,\n"
         "      cfp.ProcessPoolExecutor.submit.__module__)").ok()
