@@ -66,6 +66,9 @@ def kernel_env(tag: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     env[TAG_VAR] = tag
     # a kernel must never reuse the caller's cell-module directory
     env.pop("MPNB_CELL_DIR", None)
+    # ipykernel stops capturing its children's output when it thinks it runs
+    # under pytest; these kernels must behave as they do for users
+    env.pop("PYTEST_CURRENT_TEST", None)
     env.update(extra or {})
     return env
 
