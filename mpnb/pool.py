@@ -65,6 +65,10 @@ ON_ERROR = ("raise", "collect")
 _POLL = 0.05
 # how long an interrupted call waits for its workers to be killed
 _CANCEL_WAIT = 1.5
+# a call whose chunks take less than this may queue one more chunk on a busy
+# worker, so it never idles for a round trip; slower ones must not, or a
+# chunk could wait behind a long task while another worker idles
+_FAST = 0.05
 # consecutive workers that die before they are ready before the pool gives up
 _MAX_START_FAILURES = 3
 
@@ -213,6 +217,8 @@ class _Call:
         # or on a failure; waking it per delivery would cost throughput
         self.total: int | None = None
         self.cancelled = False
+        # chunks end within _FAST seconds: a worker may hold one in reserve
+        self.fast = False
         self.cond = threading.Condition(threading.Lock())
 
     def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
@@ -242,12 +248,13 @@ class _Call:
 
 
 class _Chunk:
-    __slots__ = ("seq", "call", "indices", "items", "data")
+    __slots__ = ("seq", "call", "indices", "items", "data", "sent")
     _seqs = itertools.count()
 
     def __init__(self, call: _Call, indices: list[int], items: list[tuple], data: bytes | None):
         self.seq = next(self._seqs)
         self.call, self.indices, self.items, self.data = call, indices, items, data
+        self.sent = 0.0
 
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
@@ -389,15 +396,19 @@ class _Manager(threading.Thread):
         if not self.queue:
             return
         usable = [w for w in self.workers.values() if w.ready and w.open and w.kill_reason is None]
-        # first every idle worker gets a chunk, then busy ones one in reserve;
-        # no reserve for calls with a timeout, whose tasks are timed from start
+        # first every idle worker gets a chunk, then busy ones one in reserve
+        # when both calls are fast (see _FAST) and have no timeout
+        now = time.monotonic()
         for depth in (0, 1):
             for state in usable:
                 if len(state.chunks) != depth:
                     continue
                 if not self.queue:
                     return
-                if depth and (self.queue[0].call.timeout is not None or state.chunks[0].call.timeout is not None):
+                if depth and not (
+                    _reserve_ok(state.chunks[0].call) and _reserve_ok(self.queue[0].call)
+                    and now - state.since < _FAST
+                ):
                     continue
                 chunk = self._next_chunk()
                 if chunk is None:
@@ -428,6 +439,7 @@ class _Manager(threading.Thread):
         now = time.monotonic()
         if not state.chunks:
             state.next_pos, state.since = 0, now
+        chunk.sent = now
         state.chunks.append(chunk)
         self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
         try:
@@ -511,6 +523,8 @@ class _Manager(threading.Thread):
         call.deliver(indices, values, failed, output)
         self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, end, errors)
         if final:
+            if state.since - chunk.sent < _FAST:
+                call.fast = True
             state.chunks.popleft()
             state.next_pos, state.since = 0, state.since
             self.monitor.chunk_ended(state.handle.worker_id, seq)
@@ -651,6 +665,10 @@ class _Manager(threading.Thread):
             self.monitor.worker_stopped(state.handle.worker_id, state.handle.pid, state.handle.exitcode, "stopped")
             state.handle.close()
         self.workers.clear()
+
+
+def _reserve_ok(call: _Call) -> bool:
+    return call.fast and call.timeout is None and not call.cancelled
 
 
 def _pickling_error(exc: BaseException, where: str) -> BaseException:
