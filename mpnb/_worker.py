@@ -116,14 +116,9 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _loads(data: bytes) -> Any:
-    try:
-        return pickle.loads(data)
-    except ModuleNotFoundError:
-        # a module written after this worker first listed its directory
-        import importlib
-
-        importlib.invalidate_caches()
-        return pickle.loads(data)
+    # cell modules (mpnb.cells.cell_*) are found by mpnb.cells' own finder,
+    # which looks afresh each time: no sys.path entry, no import caches
+    return pickle.loads(data)
 
 
 class Failure:
@@ -343,9 +338,6 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(_CurrentStderrHandler())
-    cell_dir = os.environ.get("MPNB_CELL_DIR")
-    if cell_dir and cell_dir not in sys.path:
-        sys.path.insert(0, cell_dir)
     if config.get("initializer") is not None:
         initializer, initargs = _loads(config["initializer"])
         initializer(*initargs)

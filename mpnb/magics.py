@@ -93,12 +93,10 @@ def _bind_pool(shell: Any, args: Any) -> None:
     from mpnb.pool import Pool
 
     current = shell.user_ns.get(args.name)
-    if (
-        isinstance(current, Pool)
-        and not current._closed
-        and (args.workers is None or current.workers == args.workers)
-    ):
-        return  # same pool, same warm workers
+    if isinstance(current, Pool) and not current._closed:
+        if args.workers is None or current.workers == args.workers:
+            return  # same pool, same warm workers
+        current.shutdown(wait=False, cancel_futures=True)
     shell.user_ns[args.name] = Pool(args.workers)
 
 
