@@ -29,7 +29,8 @@ def _require_nbclient():
     return nbformat, NotebookClient
 
 
-def _shown(cell) -> str:
+def shown(cell) -> str:
+    """Everything a code cell showed, as text: streams, results, errors."""
     parts = []
     for out in cell.get("outputs", []):
         if out.output_type == "stream":
@@ -52,10 +53,10 @@ def run(path: Path, kernel_name: str = "python3", timeout: int = 300) -> int:
     for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), start=1):
         print(f"── In [{number}] " + "─" * 50)
         print(textwrap.indent(cell.source.rstrip(), "   "))
-        shown = _shown(cell)
-        if shown:
+        text = shown(cell)
+        if text:
             print(f"── Out [{number}]")
-            print(textwrap.indent(shown.rstrip(), "   "))
+            print(textwrap.indent(text.rstrip(), "   "))
         failures += any(o.output_type == "error" for o in cell.get("outputs", []))
         print()
     print("All cells ran." if not failures else f"{failures} cell(s) raised an error.")

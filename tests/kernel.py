@@ -30,6 +30,8 @@ import psutil
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from mpnb.demo import shown
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 TAG_VAR = "MPNB_TEST_TAG"
@@ -162,17 +164,7 @@ def run_notebook(
     return nb
 
 
-def cell_text(cell: nbformat.NotebookNode) -> str:
-    """Everything a code cell showed, as text: streams, results, errors."""
-    parts = []
-    for out in cell.get("outputs", []):
-        if out.output_type == "stream":
-            parts.append(out.text)
-        elif out.output_type in ("execute_result", "display_data"):
-            parts.append(out.data.get("text/plain", ""))
-        elif out.output_type == "error":
-            parts.append(f"{out.ename}: {out.evalue}")
-    return "".join(p if p.endswith("\n") else p + "\n" for p in parts if p)
+cell_text = shown  # everything a code cell showed, as text
 
 
 def notebook_errors(nb: nbformat.NotebookNode) -> list[str]:
