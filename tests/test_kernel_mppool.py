@@ -149,3 +149,13 @@ def test_by_value_keeps_definitions_in_main(kernel):
     kernel.run("lk = threading.Lock()").ok()
     reply = kernel.run("%%mppool --by-value\ndef g():\n    return lk\npool.map(g, [])")
     assert reply.ename == "UnpicklableNameError" and "`g` uses `lk`" in reply.evalue
+
+
+def test_quickstart_notebook(tag):
+    nb = run_notebook("quickstart.ipynb", tag=tag)
+    assert notebook_errors(nb) == []
+    shown = [cell_text(c) for c in nb.cells if c.cell_type == "code"]
+    assert "an ordinary cell + a spawn pool: BrokenProcessPool" in shown[0]
+    expected = "[0.5, 3.5, 4.743, 5.696, 6.5, 7.208, 7.848, 8.437]"
+    assert shown[3].strip() == expected
+    assert f"multiprocessing spawn Pool: {expected}" in shown[4]
