@@ -93,7 +93,7 @@ def _bind_pool(shell: Any, args: Any) -> None:
     from mpnb.pool import Pool
 
     current = shell.user_ns.get(args.name)
-    if isinstance(current, Pool) and not current._closed:
+    if isinstance(current, Pool) and not current.closed:
         if args.workers is None or current.workers == args.workers:
             return  # same pool, same warm workers
         current.shutdown(wait=False, cancel_futures=True)

@@ -879,6 +879,11 @@ class Pool(Executor):
 
     # ---------------------------------------------------------- Executor
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` was called; a closed pool takes no work."""
+        return self._closed
+
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` in a worker; returns a ``Future``.
 

@@ -159,3 +159,9 @@ def test_quickstart_notebook(tag):
     expected = "[0.5, 3.5, 4.743, 5.696, 6.5, 7.208, 7.848, 8.437]"
     assert shown[3].strip() == expected
     assert f"multiprocessing spawn Pool: {expected}" in shown[4]
+
+
+def test_reload_registers_cleanup_once(kernel):
+    kernel.run("%load_ext mpnb\nimport signal\nfirst = signal.getsignal(signal.SIGTERM)").ok()
+    kernel.run("%unload_ext mpnb\n%load_ext mpnb").ok()
+    assert kernel.run("signal.getsignal(signal.SIGTERM) is first").ok().results == ["True"]

@@ -36,6 +36,7 @@ ENV_VAR = "MPNB_CELL_DIR"
 PREFIX = "cell_"
 
 _kernel_dir: Path | None = None
+_cleanup_registered = False
 
 
 def base_dir() -> Path:
@@ -83,7 +84,10 @@ def create_kernel_dir() -> Path:
     _sweep_dead(base)
     _kernel_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     os.environ[ENV_VAR] = str(_kernel_dir)
-    _at_exit(remove_kernel_dir)
+    global _cleanup_registered
+    if not _cleanup_registered:  # a reload must not chain another handler
+        _at_exit(remove_kernel_dir)
+        _cleanup_registered = True
     return _kernel_dir
 
 
