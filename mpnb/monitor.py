@@ -47,6 +47,7 @@ class WorkerStatus:
     tasks_failed: int = 0
     cpu_percent: float | None = None
     rss: int | None = None  # bytes
+    address: str | None = None  # a dask worker's address; None for local workers
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 ON_ERROR = ("raise", "collect")
+BACKENDS = ("local", "dask")
 
 # how often a waiting caller wakes to notice Ctrl-C and replay output
 _POLL = 0.05
@@ -763,8 +764,13 @@ class Pool(Executor):
         initargs: tuple = (),
         env: dict[str, str] | None = None,
         context: str = "loky",
+        backend: str = "local",
+        address: Any = None,
     ):
-        self.workers = limits.resolve_workers(workers)
+        self.backend = _check_backend(backend, address)
+        #: the dask scheduler's address (``backend="dask"``), else None
+        self.address: str | None = None
+        self.workers = limits.resolve_workers(workers) if backend == "local" else 0
         self.timeout = _check_timeout(timeout)
         self.on_error = _check_on_error(on_error)
         self.monitor = Monitor()
@@ -775,6 +781,9 @@ class Pool(Executor):
         self._inline = limits.runs_inline()
         self._closed = False
         self._manager: _Manager | None = None
+        if backend == "dask":
+            self._start_dask(address, workers, initializer, env, context)
+            return
         if self._inline:
             self._initializer = (initializer, initargs)
             if initializer is not None:
@@ -799,9 +808,20 @@ class Pool(Executor):
         # a pool dropped without shutdown() must not leave workers behind
         self._finalizer = weakref.finalize(self, manager.command, "shutdown", True)
 
+    def _start_dask(self, address: Any, workers: int | None, initializer: Any, env: Any, context: str) -> None:
+        from mpnb.backends.dask import connect
+
+        engine = connect(address, workers=workers, initializer=initializer, env=env, context=context)
+        self.workers, self.monitor, self.address = engine.size, engine.monitor, engine.address
+        _register_atexit()
+        _live_managers.add(engine)  # type: ignore[arg-type]
+        self._manager = engine  # type: ignore[assignment]
+        self._finalizer = weakref.finalize(self, engine.command, "shutdown", True)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("inline" if self._inline else "running")
-        return f"<mpnb.Pool workers={self.workers} timeout={self.timeout} on_error={self.on_error!r} {state}>"
+        where = f"backend='dask' address={self.address!r} " if self.backend == "dask" else ""
+        return f"<mpnb.Pool {where}workers={self.workers} timeout={self.timeout} on_error={self.on_error!r} {state}>"
 
     @property
     def pids(self) -> list[int]:
@@ -1122,6 +1142,14 @@ def _snapshot(call: _Call, n: int) -> list[Any]:
         if len(results) == n:
             return [results[i] for i in range(n)]
         return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]
+
+
+def _check_backend(backend: str, address: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: use 'local' (processes on this machine) or 'dask'")
+    if backend == "local" and address is not None:
+        raise ValueError(f"address={address!r} is for a dask cluster: pass backend='dask' with it")
+    return backend
 
 
 def _check_on_error(on_error: str) -> str:

@@ -1,0 +1,801 @@
+"""The dask backend: the same :class:`mpnb.Pool` calls on a dask.distributed cluster.
+
+``Pool(backend="dask", address="tcp://host:8786")`` swaps the local manager
+thread for :class:`DaskEngine`, which takes the same commands (``chunks``,
+``cancel``, ``shutdown``), so ``map``, ``imap``, ``submit`` and the rest of
+the pool's policy are unchanged::
+
+    caller thread (the cell)       engine thread (DaskEngine.run)          dask workers
+    ------------------------       ------------------------------          ------------
+    map / imap / submit              |                                      |
+      | _Chunk ---- commands ------> | inbox: ship new cell modules ------> | _CellModules plugin
+      |                              |        (a worker plugin per module)  |  writes them to its
+      |                              | client.map(_run_chunk, chunk bytes)  |  local directory
+      |                              |   ---------------------------------> | _run_chunk: log a
+      |                              | <-- "start" (event topic) ---------- |  start event, run the
+      |                              | <-- records (done callback) -------- |  tasks, capture output
+      | <--- outcomes (_Call) ------ | deliver, feed the ClusterMonitor     |
+      | Ctrl-C: cancel ------------> | cancel the call's dask futures       |
+                                     | timeout: fail the task here; the worker thread runs on
+
+Functions are pickled once per call on the notebook side (as for local
+workers) and travel as bytes inside the task, so the scheduler never needs a
+notebook's cell modules; it and the workers need mpnb itself, which the
+engine checks when it connects.  ``%%mppool`` cell modules (source and
+captured values) are shipped to every worker, present and future, by a
+worker plugin named after the module's content hash, and found there by
+:class:`_ShippedCellFinder`: a re-run, changed cell is a new module, so no
+worker can run the old code.
+
+Dask runs tasks on threads of long-lived worker processes that other clients
+may share, so a running task cannot be stopped: a timed-out or cancelled
+task fails at once in the notebook, and its thread finishes on its own.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import itertools
+import os
+import pickle
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import CancelledError
+from dataclasses import replace
+from pathlib import Path
+from queue import Empty, SimpleQueue
+from typing import Any, Callable
+
+from mpnb import cells
+from mpnb.monitor import Monitor, WorkerStatus
+
+__all__ = ["DaskEngine", "connect"]
+
+INSTALL_HINT = 'the dask backend needs dask.distributed: pip install "mpnb[dask]"'
+
+# how long Pool(backend="dask") waits for the scheduler, and for a first worker
+CONNECT_TIMEOUT = float(os.environ.get("MPNB_DASK_CONNECT_TIMEOUT", 10))
+# how often the engine looks at timeouts and calls the caller gave up on
+_TICK = 0.05
+_CELL_PLUGIN = "mpnb-"
+
+
+class DaskBackendError(RuntimeError):
+    """The dask cluster cannot run mpnb tasks (no workers, or workers without mpnb)."""
+
+
+# ------------------------------------------------------------ worker side
+
+
+class _ShippedCellFinder(importlib.abc.MetaPathFinder):
+    """Finds ``mpnb.cells.cell_*`` among the modules shipped to this worker."""
+
+    def __init__(self) -> None:
+        self.directories: list[Path] = []
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
+        prefix = f"{cells.__name__}.{cells.PREFIX}"
+        if not fullname.startswith(prefix):
+            return None
+        leaf = fullname.rpartition(".")[2]
+        for directory in self.directories:
+            candidate = directory / f"{leaf}.py"
+            if candidate.is_file():
+                return importlib.util.spec_from_file_location(fullname, candidate)
+        return None
+
+
+def _shipped_finder() -> _ShippedCellFinder:
+    for finder in sys.meta_path:
+        if isinstance(finder, _ShippedCellFinder):
+            return finder
+    finder = _ShippedCellFinder()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+class _CellModules:
+    """A dask worker plugin that writes cell modules into the worker's directory.
+
+    Dask runs ``setup`` on every worker now connected and on every worker
+    that joins later.  The files are named by content hash, so writing a
+    module that is already there changes nothing.
+    """
+
+    idempotent = True
+
+    def __init__(self, name: str, files: dict[str, bytes]):
+        self.name = name
+        self.files = files
+
+    def setup(self, worker: Any) -> None:
+        directory = Path(worker.local_directory) / "mpnb-cells"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for filename, data in self.files.items():
+            path = directory / filename
+            if not path.exists():
+                partial = path.with_name(f".{filename}.{os.getpid()}")
+                partial.write_bytes(data)
+                partial.replace(path)
+        finder = _shipped_finder()
+        if directory not in finder.directories:
+            finder.directories.append(directory)
+
+    def teardown(self, worker: Any) -> None:
+        pass
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        pass
+
+
+class _ThreadStream:
+    """``sys.stdout``/``sys.stderr`` of a dask worker while mpnb tasks run.
+
+    Dask runs several tasks at once on threads of one process, so output is
+    captured per thread: writes from a thread running an mpnb task go to its
+    list, everything else to the stream the worker had.
+    """
+
+    _local = threading.local()
+
+    def __init__(self, original: Any, name: str):
+        self.original = original
+        self.name = name
+
+    def write(self, text: str) -> int:
+        segments = getattr(self._local, "segments", None)
+        if segments is None:
+            return self.original.write(text)
+        if text:
+            segments.append((self.name, text))
+        return len(text)
+
+    def flush(self) -> None:
+        if getattr(self._local, "segments", None) is None:
+            self.original.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.original, name)
+
+
+_capture_lock = threading.Lock()
+
+
+def _install_capture() -> type[_ThreadStream]:
+    with _capture_lock:
+        if not isinstance(sys.stdout, _ThreadStream):
+            sys.stdout = _ThreadStream(sys.stdout, "stdout")
+        if not isinstance(sys.stderr, _ThreadStream):
+            sys.stderr = _ThreadStream(sys.stderr, "stderr")
+    return _ThreadStream
+
+
+def _run_chunk(topic: str, seq: int, count: int, fn_bytes: bytes, items_bytes: bytes, mode: int) -> bytes:
+    """Run one chunk of ``count`` tasks on a dask worker; return its records, pickled.
+
+    ``mode`` is 0 for ``fn(item)``, 1 for ``fn(*item)``, 2 for
+    ``fn(*item[0], **item[1])``.  The records are ``(pid, address, values,
+    failures by position, output by position, start times, end time)``.
+    """
+    from distributed import get_worker
+
+    from mpnb._worker import Failure
+
+    worker = get_worker()
+    worker.log_event(topic, ("start", seq, os.getpid(), worker.address))
+    local = _install_capture()._local
+    values: list[Any] = []
+    failures: dict[int, Failure] = {}
+    outputs: dict[int, list] = {}
+    starts: list[float] = []
+    try:
+        fn = pickle.loads(fn_bytes)
+        items = pickle.loads(items_bytes)
+    except BaseException as exc:  # most often a module the worker lacks
+        now = time.monotonic()
+        failure = _failure(exc)
+        return _dump_record((os.getpid(), worker.address, [None] * count,
+                             dict.fromkeys(range(count), failure), {}, [now] * count, now))
+    for pos, item in enumerate(items):
+        starts.append(time.monotonic())
+        local.segments = segments = []
+        try:
+            if mode == 0:
+                values.append(fn(item))
+            elif mode == 1:
+                values.append(fn(*item))
+            else:
+                values.append(fn(*item[0], **item[1]))
+        except BaseException as exc:
+            values.append(None)
+            failures[pos] = _failure(exc)
+        finally:
+            local.segments = None
+        if segments:
+            outputs[pos] = segments
+    return _dump_record((os.getpid(), worker.address, values, failures, outputs, starts, time.monotonic()))
+
+
+def _failure(exc: BaseException) -> Any:
+    """The task's exception for the notebook, without this module's frames."""
+    from mpnb._worker import Failure
+
+    failure = Failure.from_exception(exc)
+    failure.frames = [frame for frame in failure.frames if os.path.abspath(frame[0]) != _HERE]
+    return failure
+
+
+_HERE = os.path.abspath(__file__)
+
+
+def _dump_record(record: tuple) -> bytes:
+    try:
+        return pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    import cloudpickle
+
+    pid, address, values, failures, outputs, starts, end = record
+    for pos, value in enumerate(values):
+        try:
+            cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            from mpnb._worker import Failure
+
+            err = pickle.PicklingError(
+                f"the task's return value, a {type(value).__name__}, cannot be sent back to the notebook: {exc}"
+            )
+            values[pos] = None
+            failures[pos] = Failure.from_exception(err)
+    return cloudpickle.dumps((pid, address, values, failures, outputs, starts, end), pickle.HIGHEST_PROTOCOL)
+
+
+def _mpnb_version() -> str:
+    """Run on each worker when the engine connects: proves mpnb imports there."""
+    import mpnb
+
+    return mpnb.__version__
+
+
+def _worker_identity() -> tuple[str, int]:
+    """Run on each worker and on the scheduler when the engine connects:
+    proves that mpnb imports there, and says which version and process."""
+    import mpnb
+
+    return mpnb.__version__, os.getpid()
+
+
+# ------------------------------------------------------------ notebook side
+
+
+class _Node:
+    """What the monitor knows of one dask worker."""
+
+    __slots__ = ("id", "address", "pid", "running", "done", "failed", "metrics")
+
+    def __init__(self, worker_id: int, address: str, pid: int | None):
+        self.id, self.address, self.pid = worker_id, address, pid
+        self.running: dict[int, tuple[int, int, float]] = {}  # seq -> (call, index, since)
+        self.done = self.failed = 0
+        self.metrics: dict[str, Any] = {}
+
+
+class ClusterMonitor(Monitor):
+    """The status table of a pool on a dask cluster: one row per dask worker.
+
+    Rows come from the scheduler (``Client.scheduler_info()``, read again by
+    every :meth:`sample`), with this pool's own tasks on top: which task each
+    worker runs now (from the start event each chunk sends) and how many it
+    finished or failed.  ``cpu_percent`` and ``rss`` are the worker process's
+    as the scheduler last heard them (every heartbeat, about a second).
+    """
+
+    def __init__(self, client: Any, pids: dict[str, int]):
+        super().__init__()
+        self._client = client
+        self._ids = itertools.count()
+        self._nodes: dict[str, _Node] = {}
+        self._pids = dict(pids)
+        self.refresh()
+
+    # -- writers (the engine thread)
+
+    def refresh(self) -> None:
+        """Read the scheduler's list of workers: new ones get a row, gone ones lose it."""
+        workers = self._client.scheduler_info(n_workers=-1)["workers"]
+        now = time.monotonic()
+        with self._lock:
+            for address, info in workers.items():
+                node = self._nodes.get(address)
+                if node is None:
+                    node = self._nodes[address] = _Node(next(self._ids), address, self._pids.get(address))
+                    self._emit(1, "one", (_events().WorkerStarted, (node.id, node.pid or 0, now)))
+                node.metrics = info.get("metrics", {})
+            for address in [a for a in self._nodes if a not in workers]:
+                node = self._nodes.pop(address)
+                self._emit(1, "one", (_events().WorkerStopped, (node.id, node.pid or 0, now, None, "left the cluster")))
+
+    def threads(self) -> int:
+        """The cluster's worker threads, as the scheduler counts them."""
+        return sum(info["nthreads"] for info in self._client.scheduler_info(n_workers=-1)["workers"].values())
+
+    def chunk_started(self, address: str, pid: int, seq: int, call: int, index: int) -> None:
+        with self._lock:
+            node = self._node(address, pid)
+            node.running[seq] = (call, index, time.monotonic())
+
+    def chunk_done(self, address: str, pid: int, seq: int, call: int, indices: list[int],
+                   starts: list[float], end: float, errors: dict[int, str]) -> None:
+        """A chunk's tasks ended on ``address`` (times on this machine's clock)."""
+        with self._lock:
+            node = self._node(address, pid)
+            node.running.pop(seq, None)
+            node.failed += len(errors)
+            node.done += len(indices) - len(errors)
+            worker = node.id
+        self.tasks_ended(worker, pid, call, indices, starts, end, errors)
+
+    def _node(self, address: str, pid: int | None) -> _Node:
+        node = self._nodes.get(address)
+        if node is None:
+            node = self._nodes[address] = _Node(next(self._ids), address, pid)
+        if node.pid is None:
+            node.pid = pid
+        return node
+
+    # -- readers
+
+    def snapshot(self) -> list[WorkerStatus]:
+        """One row per dask worker: address, pid, this pool's task running there."""
+        now = time.monotonic()
+        with self._lock:
+            rows = []
+            for node in sorted(self._nodes.values(), key=lambda n: n.id):
+                executing = node.metrics.get("task_counts", {}).get("executing", 0)
+                state = "busy" if node.running or executing else "idle"
+                status = WorkerStatus(node.id, node.pid, state, tasks_done=node.done,
+                                      tasks_failed=node.failed, address=node.address)
+                if node.running:
+                    call, index, since = min(node.running.values(), key=lambda r: r[2])
+                    status = replace(status, call=call, index=index, since=since, elapsed=now - since)
+                rows.append(status)
+            return rows
+
+    def sample(self) -> list[WorkerStatus]:
+        """:meth:`snapshot` with each worker's CPU percent and memory, from the scheduler."""
+        try:
+            self.refresh()
+        except Exception:  # the client is closed or the scheduler is gone: last known rows
+            pass
+        with self._lock:
+            metrics = {node.id: node.metrics for node in self._nodes.values()}
+        return [
+            replace(row, cpu_percent=metrics.get(row.worker, {}).get("cpu"),
+                    rss=metrics.get(row.worker, {}).get("memory"))
+            for row in self.snapshot()
+        ]
+
+
+def _events():
+    from mpnb import events
+
+    return events
+
+
+class _Running:
+    """A chunk submitted to dask and not yet ended."""
+
+    __slots__ = ("chunk", "future", "address", "started")
+
+    def __init__(self, chunk: Any, future: Any):
+        self.chunk, self.future = chunk, future
+        self.address: str | None = None
+        self.started: float | None = None  # when its start event arrived
+
+
+class DaskEngine(threading.Thread):
+    """Runs a pool's chunks as dask tasks; the dask counterpart of the local manager.
+
+    It takes the same commands as the local manager (``command("chunks",
+    chunks)``, ``command("cancel", call, done)``, ``command("shutdown",
+    cancel)``) and sets ``stopped`` when it has ended.  Dask's done callbacks
+    and events only post messages to its inbox: one thread decides.
+    """
+
+    def __init__(self, client: Any, owns_client: bool, pids: dict[str, int]):
+        super().__init__(name="mpnb-dask-engine", daemon=True)
+        self.client = client
+        self.owns_client = owns_client
+        self.address: str = client.scheduler.address
+        self.monitor = ClusterMonitor(client, pids)
+        self.size = max(1, self.monitor.threads())
+        self.inbox: SimpleQueue = SimpleQueue()
+        self.topic = f"mpnb-{uuid.uuid4().hex}"
+        self.running: dict[int, _Running] = {}
+        self.keys: dict[str, int] = {}  # dask key -> chunk seq
+        self.shipped: set[str] = set()
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+        client.subscribe_topic(self.topic, self._on_event)
+
+    # -- commands from other threads
+
+    def command(self, *message: Any) -> None:
+        self.inbox.put(message)
+
+    def kill_all_now(self) -> None:
+        """Called at exit: drop everything; running tasks end on their own."""
+        self.command("shutdown", True)
+
+    def _on_event(self, event: tuple) -> None:
+        _, message = event
+        self.inbox.put((*message, time.monotonic()))
+
+    def _on_done(self, future: Any) -> None:
+        self.inbox.put(("done", future))
+
+    # -- the loop
+
+    def run(self) -> None:
+        try:
+            while not (self.stopping and not self.running):
+                self._handle(self._next_messages())
+                self._check_running()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            self.error = exc
+            self._fail_everything(RuntimeError(f"the mpnb dask engine stopped working: {exc!r}"))
+        finally:
+            self._close()
+            self.stopped.set()
+
+    def _next_messages(self) -> list[tuple]:
+        try:
+            messages = [self.inbox.get(timeout=_TICK if self.running else None)]
+        except Empty:
+            return []
+        while True:
+            try:
+                messages.append(self.inbox.get_nowait())
+            except Empty:
+                return messages
+
+    def _handle(self, messages: list[tuple]) -> None:
+        finished = []
+        for message in messages:
+            kind = message[0]
+            if kind == "chunks":
+                self._submit(message[1])
+            elif kind == "done":
+                finished.append(message[1])
+            elif kind == "start":
+                self._on_start(*message[1:])
+            elif kind == "cancel":
+                message[1].cancelled = True
+                self._cancel([r for r in self.running.values() if r.chunk.call is message[1]])
+                message[2].set()
+            elif kind == "shutdown":
+                self.stopping = True
+                if message[1]:
+                    self._cancel(list(self.running.values()))
+        if finished:
+            self._finish(finished)
+
+    # -- submitting
+
+    def _submit(self, chunks: list[Any]) -> None:
+        from mpnb.pool import _Chunk, _dump_items
+
+        try:
+            self._ship_cell_modules()
+        except Exception as exc:
+            for chunk in chunks:
+                self._fail(chunk, None, range(len(chunk.indices)), lambda where, exc=exc: _shipping_error(exc))
+            return
+        ready = []
+        for chunk in chunks:
+            if chunk.call.cancelled:
+                continue
+            if chunk.call.timeout is not None and len(chunk.indices) > 1:
+                # a timeout is per task: each runs alone, so its start is known
+                ready.extend(_Chunk(chunk.call, [i], [item], _dump_items([item]))
+                             for i, item in zip(chunk.indices, chunk.items))
+            else:
+                ready.append(chunk)
+        if not ready:
+            return
+        keys = [f"mpnb-{chunk.call.id}-{chunk.seq}-{uuid.uuid4().hex[:8]}" for chunk in ready]
+        futures = self.client.map(
+            _run_chunk,
+            [self.topic] * len(ready),
+            [c.seq for c in ready],
+            [len(c.indices) for c in ready],
+            [c.call.fn_bytes for c in ready],
+            [c.data for c in ready],
+            [_mode(c.call) for c in ready],
+            key=keys,
+            pure=False,
+        )
+        for key, chunk, future in zip(keys, ready, futures):
+            self.running[chunk.seq] = _Running(chunk, future)
+            self.keys[key] = chunk.seq
+            future.add_done_callback(self._on_done)
+
+    def _ship_cell_modules(self) -> None:
+        """Send every cell module this kernel imported that the cluster lacks."""
+        prefix = f"{cells.__name__}.{cells.PREFIX}"
+        for name in [n for n in list(sys.modules) if n.startswith(prefix) and n not in self.shipped]:
+            module_file = getattr(sys.modules[name], "__file__", None)
+            if not module_file:
+                continue
+            path = Path(module_file)
+            files = {path.name: path.read_bytes()}
+            captured = path.with_suffix(".pkl")
+            if captured.exists():
+                files[captured.name] = captured.read_bytes()
+            self.client.register_plugin(_CellModules(_CELL_PLUGIN + name, files), name=_CELL_PLUGIN + name)
+            self.shipped.add(name)
+
+    # -- results
+
+    def _on_start(self, seq: int, pid: int, address: str, when: float) -> None:
+        entry = self.running.get(seq)
+        if entry is None:
+            return
+        entry.address, entry.started = address, when
+        self.monitor.chunk_started(address, pid, seq, entry.chunk.call.id, entry.chunk.indices[0])
+
+    def _finish(self, futures: list[Any]) -> None:
+        entries = []
+        for future in futures:
+            seq = self.keys.pop(future.key, None)
+            entry = self.running.pop(seq, None) if seq is not None else None
+            if entry is not None:
+                entries.append(entry)
+        ok = [e for e in entries if e.future.status == "finished"]
+        if ok:
+            for entry, data in zip(ok, self.client.gather([e.future for e in ok], errors="skip")):
+                self._deliver(entry, data)
+        for entry in entries:
+            if entry.future.status != "finished":
+                self._lost(entry)
+
+    def _deliver(self, entry: _Running, data: bytes) -> None:
+        from mpnb.pool import _describe, _remote_exception
+
+        pid, address, values, failures, outputs, starts, end = pickle.loads(data)
+        offset = time.monotonic() - end  # the worker's clock to this machine's
+        chunk, call = entry.chunk, entry.chunk.call
+        failed, errors = [], {}
+        for pos, failure in failures.items():
+            index = chunk.indices[pos]
+            where = f"{_describe(call, index, chunk.items[pos])} on dask worker {address} (pid {pid})"
+            exc = _remote_exception(failure, where)
+            values[pos] = exc
+            failed.append(index)
+            errors[index] = f"{type(exc).__name__}: {exc}"
+        output = {chunk.indices[pos]: segments for pos, segments in outputs.items()}
+        call.deliver(chunk.indices, values, failed, output)
+        self.monitor.chunk_done(address, pid, chunk.seq, call.id, chunk.indices,
+                                [s + offset for s in starts], end + offset, errors)
+
+    def _lost(self, entry: _Running) -> None:
+        """A chunk whose dask task failed as a whole (not one of its tasks)."""
+        future = entry.future
+        if future.status == "cancelled" or entry.chunk.call.cancelled:
+            self._fail(entry.chunk, entry, range(len(entry.chunk.indices)),
+                       lambda where: CancelledError(f"{where} was cancelled"))
+            return
+        try:
+            error = future.exception(timeout=5)
+        except Exception as exc:
+            error = exc
+        self._fail(entry.chunk, entry, range(len(entry.chunk.indices)), lambda where: _task_lost(where, error))
+
+    # -- timeouts and cancels
+
+    def _check_running(self) -> None:
+        now = time.monotonic()
+        given_up = [e for e in self.running.values() if e.chunk.call.cancelled]
+        if given_up:
+            self._cancel(given_up)
+        for entry in list(self.running.values()):
+            timeout = entry.chunk.call.timeout
+            if timeout is None or entry.started is None or now - entry.started <= timeout:
+                continue
+            del self.running[entry.chunk.seq]
+            self.client.cancel([entry.future])
+            seconds = now - entry.started
+            self._fail(entry.chunk, entry, [0], lambda where: _timeout_error(where, seconds, timeout, entry.address))
+
+    def _cancel(self, entries: list[_Running]) -> None:
+        if not entries:
+            return
+        for entry in entries:
+            self.running.pop(entry.chunk.seq, None)
+        self.client.cancel([e.future for e in entries])
+        for entry in entries:
+            self._fail(entry.chunk, entry, range(len(entry.chunk.indices)),
+                       lambda where: CancelledError(f"{where} was cancelled"))
+
+    def _fail(self, chunk: Any, entry: _Running | None, positions: Any,
+              make_error: Callable[[str], BaseException]) -> None:
+        from mpnb.pool import _describe
+
+        address = entry.address if entry is not None else None
+        indices, values, errors = [], [], {}
+        for pos in positions:
+            index = chunk.indices[pos]
+            where = _describe(chunk.call, index, chunk.items[pos])
+            exc = make_error(where)
+            if not isinstance(exc, CancelledError):
+                exc.add_note(f"mpnb: raised by {where}" + (f" on dask worker {address}" if address else ""))
+            indices.append(index)
+            values.append(exc)
+            errors[index] = f"{type(exc).__name__}: {exc}"
+        if not indices:
+            return
+        chunk.call.deliver(indices, values, indices, {})
+        now = time.monotonic()
+        if address is not None:
+            self.monitor.chunk_done(address, 0, chunk.seq, chunk.call.id, indices, [now] * len(indices), now, errors)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        for entry in list(self.running.values()):
+            self._fail(entry.chunk, entry, range(len(entry.chunk.indices)),
+                       lambda where: RuntimeError(f"{where}: {error}"))
+        self.running.clear()
+
+    def _close(self) -> None:
+        try:
+            self.client.unsubscribe_topic(self.topic)
+        except Exception:
+            pass
+        if self.owns_client:
+            try:
+                self.client.close(timeout=5)
+            except Exception:
+                pass
+
+
+def _mode(call: Any) -> int:
+    # as in the local worker: 0 fn(item), 1 fn(*item), 2 fn(*args, **kwargs)
+    return 2 if call.with_kwargs else (0 if call.bare else 1)
+
+
+def _timeout_error(where: str, seconds: float, timeout: float, address: str | None) -> BaseException:
+    from mpnb.pool import TaskTimeoutError
+
+    return TaskTimeoutError(
+        f"{where} ran for {seconds:.1f} s, longer than the timeout of {timeout:g} s; dask cannot "
+        f"stop a running task, so it goes on in its thread on {address} until it returns, "
+        "and its result is dropped"
+    )
+
+
+def _task_lost(where: str, error: BaseException | None) -> BaseException:
+    from mpnb.pool import WorkerCrashedError
+
+    name = type(error).__name__
+    if name == "KilledWorker":
+        exc: BaseException = WorkerCrashedError(
+            f"{where} was running each time a dask worker died, so dask gave up on it "
+            f"({error}); likely cause: a crash in native code or the worker running out of "
+            "memory (the workers' logs say which)"
+        )
+    else:
+        exc = RuntimeError(f"{where} could not run on the dask cluster: {name}: {error}")
+    exc.__cause__ = error
+    return exc
+
+
+def _shipping_error(error: BaseException) -> BaseException:
+    exc = DaskBackendError(
+        f"the notebook's %%mppool modules could not be sent to the dask workers: "
+        f"{type(error).__name__}: {error}"
+    )
+    exc.__cause__ = error
+    return exc
+
+
+# ---------------------------------------------------------------- connect
+
+
+def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, context: str) -> DaskEngine:
+    """Connect to the dask scheduler at ``address`` and start an engine for a Pool.
+
+    ``address`` is a scheduler address (``"tcp://host:8786"``), a
+    ``distributed.Client`` (used as it is and left open), or ``None`` for the
+    default client of this process.  Raises a clear error, after at most
+    :data:`CONNECT_TIMEOUT` seconds, when the scheduler cannot be reached,
+    has no workers, or a worker or the scheduler cannot import mpnb.
+    """
+    _refuse_local_options(workers, initializer, env, context)
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ImportError(f"mpnb.Pool(backend='dask'): {INSTALL_HINT}") from exc
+    client, owns = _client(distributed, address)
+    try:
+        pids = _check_cluster(client)
+        engine = DaskEngine(client, owns, pids)
+    except BaseException:
+        if owns:
+            client.close()
+        raise
+    engine.start()
+    return engine
+
+
+def _refuse_local_options(workers: int | None, initializer: Any, env: Any, context: str) -> None:
+    given = [
+        (workers is not None, f"workers={workers!r}", "the cluster's workers decide how many tasks run at once"),
+        (initializer is not None, "initializer=", "dask workers are shared and already running; use "
+         "Client.register_plugin with a distributed.WorkerPlugin to prepare them"),
+        (bool(env), "env=", "set environment variables where the dask workers are started"),
+        (context != "loky", f"context={context!r}", "dask starts its own worker processes"),
+    ]
+    for wrong, option, why in given:
+        if wrong:
+            raise ValueError(f"mpnb.Pool(backend='dask') does not take {option}: {why}. Leave it out.")
+
+
+def _client(distributed: Any, address: Any) -> tuple[Any, bool]:
+    if isinstance(address, distributed.Client):
+        return address, False
+    if address is None:
+        try:
+            return distributed.default_client(), False
+        except ValueError:
+            raise ValueError(
+                "mpnb.Pool(backend='dask') needs the scheduler's address: "
+                "Pool(backend='dask', address='tcp://host:8786'), or a distributed.Client as address"
+            ) from None
+    if not isinstance(address, str):
+        raise TypeError(
+            f"mpnb.Pool(address=...) takes a scheduler address such as 'tcp://host:8786' or a "
+            f"distributed.Client, not a {type(address).__name__}"
+        )
+    try:
+        client = distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConnectionError(
+            f"mpnb could not connect to the dask scheduler at {address!r} within {CONNECT_TIMEOUT:g} s "
+            f"({type(exc).__name__}: {exc}). Check the address (the scheduler prints it as "
+            "'Scheduler at: tcp://host:port') and that the scheduler runs; "
+            "MPNB_DASK_CONNECT_TIMEOUT sets how long to wait."
+        ) from exc
+    return client, True
+
+
+def _check_cluster(client: Any) -> dict[str, int]:
+    """Wait for a worker; make sure the scheduler and every worker import mpnb."""
+    import mpnb
+
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+    except TimeoutError:
+        raise DaskBackendError(
+            f"the dask cluster at {client.scheduler.address} has no workers (waited "
+            f"{CONNECT_TIMEOUT:g} s); start some with `dask worker {client.scheduler.address}`"
+        ) from None
+    answers = dict(client.run(_worker_identity, on_error="return"))
+    try:
+        answers["the scheduler"] = client.run_on_scheduler(_worker_identity)
+    except Exception as exc:
+        answers["the scheduler"] = exc
+    wrong = {where: answer for where, answer in answers.items()
+             if isinstance(answer, BaseException) or answer[0] != mpnb.__version__}
+    if wrong:
+        where, answer = next(iter(wrong.items()))
+        problem = (f"cannot import mpnb ({answer})" if isinstance(answer, BaseException)
+                   else f"has mpnb {answer[0]}")
+        raise DaskBackendError(
+            f"{len(wrong)} of the dask cluster's processes cannot run mpnb tasks: {where} {problem}. "
+            f"The scheduler and every worker need mpnb {mpnb.__version__}, as in this notebook: "
+            f"pip install mpnb=={mpnb.__version__} in their environment, then restart them."
+        )
+    return {where: answer[1] for where, answer in answers.items() if where != "the scheduler"}
