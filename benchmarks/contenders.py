@@ -1,0 +1,157 @@
+"""One small adapter per pool library, all with the same three methods.
+
+``start()`` creates the pool (its workers may start lazily, as most do);
+``map(fn, items, chunksize)`` returns ``[fn(x) for x in items]`` as a list,
+with ``chunksize=None`` meaning the library's own default (automatic
+chunking where it has one: mpnb, multiprocessing, joblib, mpire; one task
+per message for ProcessPoolExecutor, loky and pebble, which have none);
+``close()`` stops the workers and waits for them.
+
+Start methods: the stdlib pools run under each of spawn, forkserver and
+fork; ProcessPoolExecutor, mpire and pebble under spawn, which is what
+works from a notebook on every platform; loky and joblib use loky's own
+launcher, and mpnb its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from abc import ABC, abstractmethod
+from typing import Callable
+
+WORKERS = 2
+
+
+class Contender(ABC):
+    """A pool library under test."""
+
+    name = ""
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def map(self, fn: Callable, items: list, chunksize: int | None) -> list: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Mpnb(Contender):
+    name = "mpnb.Pool"
+
+    def start(self) -> None:
+        import mpnb
+
+        self.pool = mpnb.Pool(WORKERS)
+
+    def map(self, fn, items, chunksize):
+        return self.pool.map(fn, items, chunksize=chunksize)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class Stdlib(Contender):
+    def __init__(self, method: str):
+        self.method = method
+        self.name = f"multiprocessing.Pool ({method})"
+
+    def start(self) -> None:
+        self.pool = multiprocessing.get_context(self.method).Pool(WORKERS)
+
+    def map(self, fn, items, chunksize):
+        return self.pool.map(fn, items, chunksize=chunksize)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+class Executor(Contender):
+    name = "ProcessPoolExecutor (spawn)"
+
+    def start(self) -> None:
+        self.pool = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, fn, items, chunksize):
+        return list(self.pool.map(fn, items, chunksize=chunksize or 1))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class Loky(Contender):
+    name = "loky"
+
+    def start(self) -> None:
+        import loky
+
+        self.pool = loky.ProcessPoolExecutor(WORKERS)
+
+    def map(self, fn, items, chunksize):
+        return list(self.pool.map(fn, items, chunksize=chunksize or 1))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class Joblib(Contender):
+    name = "joblib"
+
+    def start(self) -> None:
+        pass  # joblib starts loky's reusable executor on its first call
+
+    def map(self, fn, items, chunksize):
+        from joblib import Parallel, delayed
+
+        return Parallel(n_jobs=WORKERS, batch_size=chunksize or "auto")(delayed(fn)(x) for x in items)
+
+    def close(self) -> None:
+        from joblib.externals.loky import reusable_executor
+
+        executor = reusable_executor._executor
+        if executor is not None:
+            executor.shutdown(wait=True)
+            reusable_executor._executor = None
+
+
+class Mpire(Contender):
+    name = "mpire (spawn)"
+
+    def start(self) -> None:
+        from mpire import WorkerPool
+
+        # keep_alive: without it mpire starts new workers for every call
+        self.pool = WorkerPool(n_jobs=WORKERS, start_method="spawn", keep_alive=True)
+
+    def map(self, fn, items, chunksize):
+        # mpire unpacks tuple items into arguments; a 1-tuple passes the item whole
+        return self.pool.map(fn, [(x,) for x in items], chunk_size=chunksize)
+
+    def close(self) -> None:
+        self.pool.stop_and_join()
+        self.pool.terminate()
+
+
+class Pebble(Contender):
+    name = "pebble (spawn)"
+
+    def start(self) -> None:
+        from pebble import ProcessPool
+
+        self.pool = ProcessPool(max_workers=WORKERS, context=multiprocessing.get_context("spawn"))
+
+    def map(self, fn, items, chunksize):
+        return list(self.pool.map(fn, items, chunksize=chunksize or 1).result())
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+def all_contenders() -> list[Contender]:
+    """Every contender, mpnb first; fork only where the platform has it."""
+    methods = [m for m in ("spawn", "forkserver", "fork") if m in multiprocessing.get_all_start_methods()]
+    return [Mpnb(), *(Stdlib(m) for m in methods), Executor(), Loky(), Joblib(), Mpire(), Pebble()]

@@ -1,0 +1,325 @@
+"""The benchmark: rounds of every workload for every contender, then a table.
+
+Workloads, per contender and round (2 workers each):
+
+- **cold start**: create the pool and run one trivial task, to its result;
+- **warm call**: a second call (2 trivial tasks) on that pool;
+- **chunksize 1**: 2,000 trivial tasks, one per message (tasks/s);
+- **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
+- **CPU-bound**: 16 tasks of 0.25 s of CPU each; speed-up = 4 s / wall time;
+- **large array**: 8 tasks that each read the same 200 MB numpy array (time,
+  and extra memory: peak PSS of the process tree minus the value before).
+
+In a real kernel, mpnb alone: the same pool workloads with and without the
+live widget, and the overhead of a ``%%mppool`` cell over a plain one.
+
+Rounds interleave the contenders (A B C ... A B C ...).  At the end every
+pool is shut down, the stdlib's and loky's helper processes are stopped, and
+the run fails if any child process or new file in ``/dev/shm`` or the temp
+directory is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import queue
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from benchmarks.contenders import WORKERS, Contender, all_contenders
+from benchmarks.measure import Figure, PeakMemory, table
+from benchmarks.tasks import array_sum, burn, identity
+
+ROOT = Path(__file__).resolve().parents[1]
+_T0 = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int
+    tasks: int  # chunksize-1 workload
+    auto: int  # auto-chunked workload
+    cpu_tasks: int
+    cpu_seconds: float
+    array_mb: int
+    array_tasks: int = 8
+
+
+FULL = Sizes(rounds=5, tasks=2000, auto=20_000, cpu_tasks=16, cpu_seconds=0.25, array_mb=200)
+QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, array_mb=20)
+
+
+def columns(sizes: Sizes) -> dict[str, str]:
+    """Column key -> heading."""
+    return {
+        "cold": "cold start",
+        "warm": "warm call",
+        "cs1": f"{sizes.tasks:,} tasks, chunksize 1",
+        "auto": f"{sizes.auto:,} tasks, auto-chunked",
+        "cpu": f"CPU {sizes.cpu_tasks} × {sizes.cpu_seconds} s: speed-up",
+        "array": f"{sizes.array_tasks} tasks × {sizes.array_mb} MB array",
+        "array_mem": "… extra memory",
+    }
+
+
+UNITS = {"cold": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s", "array_mem": "MB"}
+
+
+def _timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def one_round(contender: Contender, sizes: Sizes, array: np.ndarray, expected: list[float],
+              figures: dict[str, Figure]) -> None:
+    """Every workload once on one fresh pool of ``contender``."""
+
+    def check(got, want, what: str) -> None:
+        if list(got) != list(want):
+            raise AssertionError(f"{contender.name} returned wrong results for {what}")
+
+    def cold() -> list:
+        contender.start()
+        return contender.map(identity, [0], None)
+
+    seconds, got = _timed(cold)
+    check(got, [0], "cold start")
+    figures["cold"].values.append(seconds * 1e3)
+    try:
+        seconds, got = _timed(contender.map, identity, [1, 2], None)
+        check(got, [1, 2], "the warm call")
+        figures["warm"].values.append(seconds * 1e3)
+        seconds, got = _timed(contender.map, identity, list(range(sizes.tasks)), 1)
+        check(got, range(sizes.tasks), "chunksize 1")
+        figures["cs1"].values.append(sizes.tasks / seconds)
+        seconds, got = _timed(contender.map, identity, list(range(sizes.auto)), None)
+        check(got, range(sizes.auto), "auto-chunked")
+        figures["auto"].values.append(sizes.auto / seconds)
+        seconds, _ = _timed(contender.map, burn, [sizes.cpu_seconds] * sizes.cpu_tasks, 1)
+        figures["cpu"].values.append(sizes.cpu_tasks * sizes.cpu_seconds / seconds)
+        items = [(array, i) for i in range(sizes.array_tasks)]
+        with PeakMemory() as memory:
+            seconds, got = _timed(contender.map, array_sum, items, 1)
+        check(got, expected, "the large array")
+        figures["array"].values.append(seconds)
+        figures["array_mem"].values.append(memory.extra / 2**20)
+    finally:
+        contender.close()
+
+
+# ------------------------------------------------------------------ kernel
+
+
+class BenchKernel:
+    """A real ipykernel of this interpreter, run from the repository root."""
+
+    def __init__(self) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self._spec_dir = Path(tempfile.mkdtemp(prefix="mpnb-bench-kernelspec-"))
+        spec = self._spec_dir / "kernels" / "mpnb-bench"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "mpnb benchmark", "language": "python",
+        }))
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(self._spec_dir), os.environ.get("JUPYTER_PATH")]))
+        self.km = KernelManager(kernel_name="mpnb-bench")
+        self.km.start_kernel(cwd=str(ROOT))
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def run(self, code: str, timeout: float = 600) -> tuple[float, str]:
+        """Execute a cell; return (seconds from request to idle, its stdout)."""
+        start = time.perf_counter()
+        msg_id = self.kc.execute(code)
+        out, deadline = [], time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"the kernel did not finish {code!r} in {timeout} s") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content["name"] == "stdout":
+                out.append(content["text"])
+            elif kind == "error":
+                raise RuntimeError(f"the kernel failed on {code!r}: {content['ename']}: {content['evalue']}")
+            elif kind == "status" and content["execution_state"] == "idle":
+                return time.perf_counter() - start, "".join(out)
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+        shutil.rmtree(self._spec_dir, ignore_errors=True)
+
+
+def kernel_rounds(sizes: Sizes) -> tuple[dict[str, dict[str, Figure]], dict[str, Figure], bool]:
+    """mpnb in a kernel with and without the live widget; ``%%mppool`` cells."""
+    pools = {name: {key: Figure(UNITS[key]) for key in ("cold", "warm", "cs1", "auto")}
+             for name in ("mpnb.Pool in a kernel", "mpnb.Pool in a kernel, live widget")}
+    cells = {name: Figure("ms") for name in ("plain cell: def", "%%mppool cell: def",
+                                             "%%mppool -n 2 cell: def + map of 2 tasks (warm pool)")}
+    kernel = BenchKernel()
+    try:
+        kernel.run("%load_ext mpnb\nimport benchmarks.kernel_side as _bench")
+        _, out = kernel.run("print(_bench.has_live_widget())")
+        live = out.strip() == "True"
+        kernel.run("%%mppool -n 2\nwarm = pool.map(abs, [1, 2])")  # start the cell pool once
+        for n in range(sizes.rounds):
+            for name, flag in zip(pools, (False, True)):
+                _, out = kernel.run(f"_bench.pool_round({flag}, {sizes.tasks}, {sizes.auto})")
+                for key, value in json.loads(out.strip().splitlines()[-1]).items():
+                    pools[name][key].values.append(value * 1e3 if UNITS[key] == "ms" else value)
+            body = f"def f_{n}(x):\n    return x + {n}\n"
+            cells["plain cell: def"].values.append(kernel.run(body)[0] * 1e3)
+            cells["%%mppool cell: def"].values.append(kernel.run(f"%%mppool\n{body.replace('f_', 'g_')}")[0] * 1e3)
+            seconds, _ = kernel.run(f"%%mppool -n 2\n{body.replace('f_', 'h_')}r = pool.map(h_{n}, range(2))")
+            cells["%%mppool -n 2 cell: def + map of 2 tasks (warm pool)"].values.append(seconds * 1e3)
+        kernel.run("pool.shutdown()")
+    finally:
+        kernel.close()
+    if not live:
+        del pools["mpnb.Pool in a kernel, live widget"]
+    return pools, cells, live
+
+
+# ----------------------------------------------------------------- cleanup
+
+
+def _stop_helpers() -> None:
+    """Stop the helper processes the stdlib and loky keep for the whole run."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    from joblib.externals.loky.backend import resource_tracker as joblib_tracker
+    from loky.backend import resource_tracker as loky_tracker
+
+    multiprocessing.forkserver._forkserver._stop()
+    for tracker in (multiprocessing.resource_tracker, loky_tracker, joblib_tracker):
+        tracker._resource_tracker._stop()
+
+
+def _private_tempdir() -> str:
+    """A temp directory for this run and its children, so what is left there is ours."""
+    path = tempfile.mkdtemp(prefix="mpnb-bench-")
+    os.environ["TMPDIR"] = tempfile.tempdir = path
+    return path
+
+
+def _leftovers(tmp: str, shm_before: set[str], within: float = 15.0) -> list[str]:
+    """Child processes still alive; files left in ``tmp``; new ``/dev/shm``
+    entries named after this process (mpnb's and joblib's carry its pid).
+    multiprocessing's own ``pymp-*`` directory goes at exit and is not counted."""
+    deadline = time.monotonic() + within
+    while True:
+        found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in psutil.Process().children(recursive=True)
+                 if p.status() != psutil.STATUS_ZOMBIE]
+        found += [f"file {tmp}/{name}" for name in sorted(os.listdir(tmp)) if not name.startswith("pymp-")]
+        found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before) if str(os.getpid()) in name]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine() -> str:
+    cores = psutil.cpu_count(logical=False)
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cores} cores), "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+            f"{WORKERS} workers per pool")
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    names = ("mpnb", "loky", "joblib", "mpire", "pebble", "cloudpickle", "numpy")
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one round, small sizes")
+    parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    parser.add_argument("--no-kernel", action="store_true", help="skip the workloads in a Jupyter kernel")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
+    tmp, shm_before = _private_tempdir(), _shm()
+    started = datetime.datetime.now()
+
+    array = np.random.default_rng(0).random((sizes.array_mb * 2**20 // (8 * 1024), 1024))
+    expected = [float(array[i::8].sum()) for i in range(sizes.array_tasks)]
+    contenders = all_contenders()
+    keys = list(columns(sizes))
+    figures = {c.name: {key: Figure(UNITS[key]) for key in keys} for c in contenders}
+    for n in range(sizes.rounds):
+        for contender in contenders:
+            print(f"round {n + 1}/{sizes.rounds}: {contender.name}", file=sys.stderr, flush=True)
+            one_round(contender, sizes, array, expected, figures[contender.name])
+    del array
+    cells: dict[str, Figure] = {}
+    live = False
+    if not args.no_kernel:
+        print("kernel rounds", file=sys.stderr, flush=True)
+        pools, cells, live = kernel_rounds(sizes)
+        for name, row in pools.items():
+            figures[name] = row
+    _stop_helpers()
+    left = _leftovers(tmp, shm_before)
+
+    report = render(sizes, figures, cells, live, left, started, args)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+    return 1 if left else 0
+
+
+def render(sizes, figures, cells, live, left, started, args) -> str:
+    heads = columns(sizes)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
+        f" --rounds {args.rounds}" if args.rounds else "")
+    lines = [
+        f"# Benchmark {started:%Y-%m-%d %H:%M}",
+        "",
+        f"`{command}`: {sizes.rounds} interleaved rounds; median (min–max); **×r** = the figure ÷ mpnb.Pool's.",
+        f"Machine: {machine()}.",
+        f"Versions: {versions()}.",
+        "",
+        table([heads[k] for k in heads], {name: {heads[k]: f for k, f in row.items()} for name, row in figures.items()},
+              "mpnb.Pool"),
+        "",
+    ]
+    if not args.no_kernel:
+        if not live:
+            lines += ["The live widget is not in this mpnb (Pool has no `live=`): measured without it only.", ""]
+        lines += ["In a kernel (round trip of an execute request, client side):", "",
+                  table(["time"], {name: {"time": f} for name, f in cells.items()}, "plain cell: def"), ""]
+    lines.append("Left behind: " + ("; ".join(left) if left else "no process, no file in /dev/shm or the temp directory."))
+    lines.append("")
+    lines.append(f"Run took {time.perf_counter() - _T0:.0f} s.")
+    return "\n".join(lines)

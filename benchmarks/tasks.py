@@ -1,0 +1,31 @@
+"""The functions the benchmark's workers run.
+
+They live in an importable module because the spawn and forkserver start
+methods send functions by name.  Each is small on purpose: the workloads
+measure the pools, not the tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def identity(x: Any) -> Any:
+    """A trivial task: the cost measured is the pool's own."""
+    return x
+
+
+def burn(seconds: float) -> float:
+    """Use ``seconds`` of this process's CPU time, spinning in Python."""
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return seconds
+
+
+def array_sum(args: tuple) -> float:
+    """Read a large array (every 8th row from row ``i``): it must reach the worker."""
+    array, i = args
+    return float(array[i::8].sum())
