@@ -14,7 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from mpnb import cellmodule, cells
+from mpnb import cellmodule, cells, processes
 
 
 @magics_class
@@ -29,6 +29,10 @@ class MpnbMagics(Magics):
     @argument("--by-value", action="store_true",
               help="Keep the definitions in the notebook and ship them with cloudpickle "
                    "(mpnb.Pool and loky only) instead of writing a module.")
+    @argument("--backend", choices=("local", "dask"), default=None,
+              help="Where the pool's tasks run: 'local' processes (default) or a 'dask' cluster.")
+    @argument("--address", default=None,
+              help="The dask scheduler's address, such as tcp://host:8786 (implies --backend dask).")
     @cell_magic
     def mppool(self, line: str, cell: str) -> Any:
         """Move the cell's definitions into an importable module, then run the rest.
@@ -68,6 +72,29 @@ class MpnbMagics(Magics):
 
         return doctor()
 
+    @magic_arguments()
+    @argument("--kill-leftovers", action="store_true",
+              help="Stop the leftover processes first, each with its subprocesses.")
+    @argument("--limit", type=int, default=None,
+              help="Warn when the kernel has more processes below it than this "
+                   "(default: MPNB_MAX_PROCESSES, else max(64, 8 x CPUs)).")
+    @argument("--on-runaway", choices=("warn", "kill", "off"), default=None,
+              help="What the runaway guard does past the limit: warn, also kill the "
+                   "newest processes, or nothing (default: MPNB_RUNAWAY, else warn).")
+    @line_magic
+    def mpstatus(self, line: str) -> Any:
+        """Every process below this kernel, and the leftovers no live pool accounts for."""
+        try:
+            args = parse_argstring(self.mpstatus, line)
+        except UsageError:
+            raise
+        except Exception as exc:  # argparse reports some errors as SystemExit
+            raise UsageError(f"%mpstatus {line}: {exc}") from None
+        try:
+            return processes.magic(self.shell, args.kill_leftovers, args.limit, args.on_runaway)
+        except ValueError as exc:
+            raise UsageError(f"%mpstatus {line}: {exc}") from None
+
 
 def _parse(magic: Any, line: str) -> Any:
     try:
@@ -80,6 +107,13 @@ def _parse(magic: Any, line: str) -> Any:
         raise UsageError(f"%%mppool -n {args.workers}: the number of workers must be at least 1.")
     if not args.name.isidentifier():
         raise UsageError(f"%%mppool --name {args.name!r}: the pool's name must be a Python identifier.")
+    if args.backend is None:
+        args.backend = "dask" if args.address else "local"
+    if args.backend == "local" and args.address:
+        raise UsageError(f"%%mppool --address {args.address}: an address is for --backend dask.")
+    if args.backend == "dask" and args.workers is not None:
+        raise UsageError(f"%%mppool -n {args.workers} --backend dask: the dask cluster's workers "
+                         "decide how many tasks run at once; leave out -n.")
     return args
 
 
@@ -94,10 +128,16 @@ def _bind_pool(shell: Any, args: Any) -> None:
 
     current = shell.user_ns.get(args.name)
     if isinstance(current, Pool) and not current.closed:
-        if args.workers is None or current.workers == args.workers:
+        if args.backend == "dask":
+            if current.backend == "dask" and args.address in (None, current.address):
+                return  # same cluster, same connection
+        elif current.backend == "local" and (args.workers is None or current.workers == args.workers):
             return  # same pool, same warm workers
         current.shutdown(wait=False, cancel_futures=True)
-    shell.user_ns[args.name] = Pool(args.workers)
+    if args.backend == "dask":
+        shell.user_ns[args.name] = Pool(backend="dask", address=args.address)
+    else:
+        shell.user_ns[args.name] = Pool(args.workers)
 
 
 def _run(nodes: list[ast.stmt], filename: str, namespace: dict[str, Any], quiet: bool) -> Any:
@@ -118,6 +158,8 @@ def load(shell: Any) -> None:
     from mpnb import diagnostics
 
     cells.create_kernel_dir()
+    processes.mark_lineage()
+    processes.start_guard(shell)
     shell.register_magics(MpnbMagics)
     diagnostics.install(shell)
 
@@ -128,5 +170,7 @@ def unload(shell: Any) -> None:
 
     shell.magics_manager.magics["cell"].pop("mppool", None)
     shell.magics_manager.magics["line"].pop("mpdoctor", None)
+    shell.magics_manager.magics["line"].pop("mpstatus", None)
+    processes.stop_guard()
     diagnostics.uninstall(shell)
     cells.remove_kernel_dir()

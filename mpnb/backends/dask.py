@@ -52,9 +52,14 @@ from typing import Any, Callable
 from mpnb import cells
 from mpnb.monitor import Monitor, WorkerStatus
 
-__all__ = ["DaskEngine", "connect"]
-
 INSTALL_HINT = 'the dask backend needs dask.distributed: pip install "mpnb[dask]"'
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError as _missing:
+    raise ImportError(f"mpnb.Pool(backend='dask'): {INSTALL_HINT}") from _missing
+
+__all__ = ["ClusterMonitor", "DaskBackendError", "DaskEngine", "connect"]
 
 # how long Pool(backend="dask") waits for the scheduler, and for a first worker
 CONNECT_TIMEOUT = float(os.environ.get("MPNB_DASK_CONNECT_TIMEOUT", 10))
@@ -97,7 +102,7 @@ def _shipped_finder() -> _ShippedCellFinder:
     return finder
 
 
-class _CellModules:
+class _CellModules(WorkerPlugin):
     """A dask worker plugin that writes cell modules into the worker's directory.
 
     Dask runs ``setup`` on every worker now connected and on every worker
@@ -123,12 +128,6 @@ class _CellModules:
         finder = _shipped_finder()
         if directory not in finder.directories:
             finder.directories.append(directory)
-
-    def teardown(self, worker: Any) -> None:
-        pass
-
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        pass
 
 
 class _ThreadStream:
@@ -251,13 +250,6 @@ def _dump_record(record: tuple) -> bytes:
             values[pos] = None
             failures[pos] = Failure.from_exception(err)
     return cloudpickle.dumps((pid, address, values, failures, outputs, starts, end), pickle.HIGHEST_PROTOCOL)
-
-
-def _mpnb_version() -> str:
-    """Run on each worker when the engine connects: proves mpnb imports there."""
-    import mpnb
-
-    return mpnb.__version__
 
 
 def _worker_identity() -> tuple[str, int]:
@@ -713,11 +705,9 @@ def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, co
     :data:`CONNECT_TIMEOUT` seconds, when the scheduler cannot be reached,
     has no workers, or a worker or the scheduler cannot import mpnb.
     """
+    import distributed
+
     _refuse_local_options(workers, initializer, env, context)
-    try:
-        import distributed
-    except ImportError as exc:
-        raise ImportError(f"mpnb.Pool(backend='dask'): {INSTALL_HINT}") from exc
     client, owns = _client(distributed, address)
     try:
         pids = _check_cluster(client)
