@@ -2,12 +2,12 @@
 
 JupyterLab runs on 127.0.0.1 with a temporary root holding
 ``notebooks/live_status.ipynb``; Debian's chromium, driven by Playwright,
-opens it, runs all cells and the test reads the page's DOM (the contract the
-widget keeps: ``.mpnb-live``, ``tr.mpnb-worker[data-pid][data-state]``,
+opens it, runs all cells, and the test reads the page's DOM: the contract the
+widget keeps (``.mpnb-live``, ``tr.mpnb-worker[data-pid][data-state]``,
 ``.mpnb-progress``, ``.mpnb-cancel``, ``.mpnb-errors``, ``.mpnb-summary``,
 ``svg.mpnb-timeline rect.mpnb-task``).  Every wait is on a condition of the
-page with a generous deadline; a failure shows the page's text, the console
-and the server's log.  Screenshots go to ``tests/artifacts/``.
+page with a generous deadline; a failure shows the page's text, the browser
+console and the server's log.  Screenshots go to ``tests/artifacts/``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 WORKERS = 2
 LONG_TASKS = 16
 FAILING_TASKS, FAILING_INDEX = 8, 3
-# a deadline for each condition of the page; the whole test takes far less
+STATES = {"starting", "idle", "busy", "dead", "restarting"}
+# the deadline of each condition of the page; the whole test takes far less
 WAIT_MS = 90_000
 
 # the notebook panel is open and its kernel is connected and idle
@@ -53,37 +54,47 @@ FINISHED = """(panel) => {
     return !!kernel && kernel.status === 'idle' && (raised || cells.every(c => c.executionCount !== null));
 }"""
 
-# the live widget shows one row with a pid per worker: what it shows;
-# or {finished: true} when the run ended without it
+ALL_RAN = "() => (" + FINISHED + ")(window.jupyterapp.shell.currentWidget)"
+
+# the live widget shows a row with a pid per worker, one of them busy: what it
+# shows; or {finished: true} when the run ended without that
 LIVE_ROWS = """(workers) => {
-    const finished = """ + FINISHED + """;
     const live = document.querySelector('.mpnb-live');
-    if (!live) return finished(window.jupyterapp.shell.currentWidget) && {finished: true};
-    const rows = [...live.querySelectorAll('tr.mpnb-worker')];
+    const rows = live ? [...live.querySelectorAll('tr.mpnb-worker')] : [];
     const pids = rows.map(r => parseInt(r.dataset.pid, 10));
-    if (rows.length !== workers || !pids.every(p => p > 0)) return false;
+    const states = rows.map(r => r.dataset.state);
+    if (rows.length !== workers || !pids.every(p => p > 0) || !states.includes('busy'))
+        return (""" + FINISHED + """)(window.jupyterapp.shell.currentWidget) && {finished: true};
     const progress = live.querySelector('.mpnb-progress');
     return {
         pids: pids,
-        states: rows.map(r => r.dataset.state),
-        progress: progress && {done: progress.dataset.done, total: progress.dataset.total,
-                               text: progress.textContent},
+        states: states,
+        progress: progress && {done: progress.dataset.done, total: progress.dataset.total},
         cancel: live.querySelectorAll('.mpnb-cancel').length,
-        text: live.innerText,
+        errors: live.querySelectorAll('.mpnb-errors').length,
     };
 }"""
 
-ALL_RAN = "() => (" + FINISHED + ")(window.jupyterapp.shell.currentWidget)"
-
-# each code cell of the notebook model: source, outputs (as saved), and the DOM of its output area
-CELLS = """() => {
-    const panel = window.jupyterapp.shell.currentWidget;
-    return panel.content.widgets.filter(w => w.model.type === 'code').map(w => ({
-        source: w.model.sharedModel.getSource(),
-        outputs: w.model.outputs.toJSON(),
-        html: w.outputArea.node.innerHTML,
-    }));
-}"""
+# each code cell: its source, its outputs as saved, and what its output area shows
+CELLS = """() => window.jupyterapp.shell.currentWidget.content.widgets
+    .filter(w => w.model.type === 'code')
+    .map(w => {
+        const out = w.outputArea.node;
+        const pids = rows => [...rows.querySelectorAll('tr.mpnb-worker')].map(r => parseInt(r.dataset.pid, 10));
+        return {
+            source: w.model.sharedModel.getSource(),
+            outputs: w.model.outputs.toJSON(),
+            summaries: [...out.querySelectorAll('.mpnb-summary')].map(s => ({
+                done: parseInt(s.dataset.done, 10), total: parseInt(s.dataset.total, 10),
+                failed: parseInt(s.dataset.failed, 10), pids: pids(s),
+                errors: [...s.querySelectorAll('.mpnb-errors')].map(e => e.textContent).join('\\n'),
+            })),
+            tasks: [...out.querySelectorAll('svg.mpnb-timeline rect.mpnb-task')].map(r => ({
+                worker: r.dataset.worker, index: parseInt(r.dataset.index, 10),
+                failed: r.classList.contains('mpnb-failed'),
+            })),
+        };
+    })"""
 
 
 def _require_chromium() -> None:
@@ -107,7 +118,7 @@ def _copy_notebook(root: Path) -> None:
 
 
 class Page:
-    """The notebook page, with waits that explain themselves when they fail."""
+    """The notebook page, with waits and checks that explain themselves when they fail."""
 
     def __init__(self, page: Any, lab: Any, log: PageLog):
         self.page, self.lab, self.log = page, lab, log
@@ -119,7 +130,7 @@ class Page:
             text = f"(page text unavailable: {exc})"
         return (
             f"\n--- page text ---\n{text}"
-            f"\n--- browser console errors ---\n" + "\n".join(self.log.errors)
+            "\n--- browser console errors ---\n" + "\n".join(self.log.errors)
             + f"\n--- server log ---\n{self.lab.log()}"
         )
 
@@ -140,24 +151,26 @@ class Page:
 
 def _kernel_process(tag: str) -> psutil.Process:
     kernels = [p for p in leftovers(tag) if "ipykernel_launcher" in " ".join(p.cmdline())]
-    assert len(kernels) == 1, f"expected one tagged kernel, found {kernels}"
+    assert len(kernels) == 1, f"expected one kernel carrying the test's tag, found {kernels}"
     return kernels[0]
-
-
-def _output_text(cell: dict[str, Any]) -> str:
-    parts = []
-    for out in cell["outputs"]:
-        if out["output_type"] == "stream":
-            parts.append(out["text"])
-        elif "data" in out:
-            parts.append(out["data"].get("text/plain", ""))
-    return "".join(parts)
 
 
 def _cell(cells: list[dict[str, Any]], source_start: str) -> dict[str, Any]:
     found = [c for c in cells if c["source"].startswith(source_start)]
     assert len(found) == 1, f"no single code cell starting with {source_start!r}"
     return found[0]
+
+
+def _result_text(cell: dict[str, Any]) -> str:
+    return "".join(o["data"]["text/plain"] for o in cell["outputs"] if o["output_type"] == "execute_result")
+
+
+def _saved_html(path: Path) -> str:
+    """All HTML outputs of the notebook file as JupyterLab saved it."""
+    nb = nbformat.read(path, as_version=4)
+    return "".join(
+        "".join(out.get("data", {}).get("text/html", "")) for cell in nb.cells for out in cell.get("outputs", [])
+    )
 
 
 def test_live_widget_in_jupyterlab(tag, tmp_path):
@@ -179,62 +192,58 @@ def test_live_widget_in_jupyterlab(tag, tmp_path):
         kernel = _kernel_process(tag)
         page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 
-        # while the long map runs
-        what = f"the live widget (.mpnb-live) with {WORKERS} worker rows with pids"
+        # while the long map runs: one row per worker, real pids, children of the kernel
+        what = f"the live widget (.mpnb-live) with {WORKERS} worker rows with pids, one busy"
         live = nb.until(LIVE_ROWS, what, WORKERS)
         nb.check("finished" not in live, f"{what}: the notebook finished without it")
         children = {p.pid for p in kernel.children()}
-        nb.check(set(live["pids"]) <= children,
-                 f"live pids {live['pids']} are not all children of the kernel {kernel.pid} ({children})")
         page.locator(".mpnb-live").first.screenshot(path=ARTIFACTS / "browser-live.png")
-        nb.check(live["cancel"] == 1, f"the live widget has no Cancel button (.mpnb-cancel): {live}")
+        nb.check(set(live["pids"]) <= children,
+                 f"the widget's pids {live['pids']} are not all children of the kernel {kernel.pid}: {children}")
+        nb.check(set(live["states"]) <= STATES, f"unknown worker states: {live['states']}")
         nb.check(live["progress"] is not None and live["progress"]["total"] == str(LONG_TASKS),
                  f"the live progress (.mpnb-progress) does not count {LONG_TASKS} tasks: {live}")
+        nb.check(live["cancel"] == 1 and live["errors"] == 1,
+                 f"the live widget lacks its Cancel button (.mpnb-cancel) or errors panel (.mpnb-errors): {live}")
 
         nb.until(ALL_RAN, "every cell ran and the kernel is idle")
-        page.screenshot(path=ARTIFACTS / "browser-final.png", full_page=True)
-        print(f"screenshots: {ARTIFACTS / 'browser-live.png'}, {ARTIFACTS / 'browser-final.png'}")
         cells = page.evaluate(CELLS)
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        page.screenshot(path=ARTIFACTS / "browser-notebook.png")
+        failing_output = page.locator(".jp-CodeCell").filter(has_text="def inverse").locator(".jp-OutputArea")
+        failing_output.screenshot(path=ARTIFACTS / "browser-errors.png")
+        page.locator("svg.mpnb-timeline").screenshot(path=ARTIFACTS / "browser-timeline.png")
+        print(f"screenshots: {ARTIFACTS}/browser-{{live,notebook,errors,timeline}}.png")
 
         errors = [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
         nb.check(not errors, f"cells raised: {json.dumps(errors)[:3000]}")
-        printed = json.loads(_output_text(_cell(cells, "sorted(pool.pids)")))
+        printed = json.loads(_result_text(_cell(cells, "sorted(pool.pids)")))
         nb.check(sorted(live["pids"]) == printed,
                  f"the widget showed pids {live['pids']}, the notebook printed {printed}")
 
-        summary = page.locator(".mpnb-summary")
-        nb.check(summary.count() >= 2, "no static summary (.mpnb-summary) after each map")
-        long_map = _cell(cells, "def slow_square")
-        nb.check(f'data-done="{LONG_TASKS}" data-total="{LONG_TASKS}" data-failed="0"' in long_map["html"]
-                 or _summary_counts(page, 0) == (LONG_TASKS, LONG_TASKS, 0),
-                 "the long map's summary does not show 16/16 done")
-        nb.check(set(printed) <= set(_row_pids(page, 0)),
-                 f"the summary rows do not list the workers {printed}")
-        nb.check(_summary_counts(page, 1) == (FAILING_TASKS - 1, FAILING_TASKS, 1),
-                 "the failing map's summary does not show 7 done of 8 and 1 failed")
-        failing = _cell(cells, "def inverse")
-        nb.check("ZeroDivisionError" in page.locator(".mpnb-summary").nth(1).inner_text()
-                 or "ZeroDivisionError" in _output_text(failing),
-                 "the failing task's error is not shown")
+        # after each map: the static summary, with the workers and the counts
+        long_map = _cell(cells, "def slow_square")["summaries"]
+        nb.check(len(long_map) == 1 and long_map[0]["done"] == long_map[0]["total"] == LONG_TASKS
+                 and long_map[0]["failed"] == 0 and sorted(long_map[0]["pids"]) == printed,
+                 f"the long map's summary (.mpnb-summary) is not {LONG_TASKS}/{LONG_TASKS} on {printed}: {long_map}")
+        failing = _cell(cells, "def inverse")["summaries"]
+        nb.check(len(failing) == 1 and (failing[0]["done"], failing[0]["total"], failing[0]["failed"])
+                 == (FAILING_TASKS - 1, FAILING_TASKS, 1),
+                 f"the failing map's summary is not 7 returned of 8, 1 failed: {failing}")
+        nb.check(f"task {FAILING_INDEX}" in failing[0]["errors"] and "ZeroDivisionError" in failing[0]["errors"],
+                 f"the errors panel (.mpnb-errors) does not show task {FAILING_INDEX}'s ZeroDivisionError: {failing}")
 
-        rects = page.locator("svg.mpnb-timeline rect.mpnb-task")
-        failed_rects = page.locator("svg.mpnb-timeline rect.mpnb-task.mpnb-failed")
-        nb.check(rects.count() == FAILING_TASKS,
-                 f"the timeline has {rects.count()} task rects, expected {FAILING_TASKS}")
-        nb.check(failed_rects.count() == 1
-                 and failed_rects.first.get_attribute("data-index") == str(FAILING_INDEX),
-                 "the timeline does not mark task 3 as failed")
+        # the timeline of the last map: one bar per task, the failed one marked
+        tasks = _cell(cells, "pool.timeline()")["tasks"]
+        nb.check(sorted(t["index"] for t in tasks) == list(range(FAILING_TASKS))
+                 and [t["index"] for t in tasks if t["failed"]] == [FAILING_INDEX]
+                 and len({t["worker"] for t in tasks}) <= WORKERS,
+                 f"the timeline (svg.mpnb-timeline) is not one rect per task with task {FAILING_INDEX} failed: {tasks}")
+
         nb.check(not log.errors, "errors in the browser console")
-        nb.check(not log.outside_requests, f"the page fetched from outside: {log.outside_requests}")
+        nb.check(not log.outside_requests, f"the page fetched from outside 127.0.0.1: {log.outside_requests}")
 
+    # saved without a kernel: the summaries and the timeline are plain HTML in the file
+    saved = _saved_html(root / NOTEBOOK)
+    assert saved.count('class="mpnb-summary"') == 2 and 'class="mpnb-timeline"' in saved, saved[:3000]
     assert_no_leftovers(tag)
-
-
-def _summary_counts(page: Any, nth: int) -> tuple[int, int, int]:
-    node = page.locator(".mpnb-summary").nth(nth)
-    return tuple(int(node.get_attribute(f"data-{k}")) for k in ("done", "total", "failed"))  # type: ignore[return-value]
-
-
-def _row_pids(page: Any, nth: int) -> list[int]:
-    rows = page.locator(".mpnb-summary").nth(nth).locator("tr.mpnb-worker")
-    return [int(rows.nth(i).get_attribute("data-pid")) for i in range(rows.count())]
