@@ -554,7 +554,7 @@ def _limit_from(raw: str, source: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{source} {raw!r}: the process limit must be a whole number of at least 1 "
+        raise ValueError(f"{source}: the process limit must be a whole number of at least 1 "
                          f"(the default here is {default_limit()})")
     return value
 
@@ -562,16 +562,16 @@ def _limit_from(raw: str, source: str) -> int:
 def _action_from(raw: str, source: str) -> str:
     action = raw.strip().lower()
     if action not in ACTIONS:
-        raise ValueError(f"{source} {raw!r}: what to do with runaway processes must be "
+        raise ValueError(f"{source}: what to do with runaway processes must be "
                          f"one of {', '.join(ACTIONS)}")
     return action
 
 
 def _settings_from_env() -> tuple[int, str]:
     raw_limit = os.environ.get(LIMIT_VAR, "").strip()
-    limit = _limit_from(raw_limit, f"{LIMIT_VAR}=") if raw_limit else default_limit()
+    limit = _limit_from(raw_limit, f"{LIMIT_VAR}={raw_limit!r}") if raw_limit else default_limit()
     raw_action = os.environ.get(ACTION_VAR, "").strip()
-    action = _action_from(raw_action, f"{ACTION_VAR}=") if raw_action else "warn"
+    action = _action_from(raw_action, f"{ACTION_VAR}={raw_action!r}") if raw_action else "warn"
     return limit, action
 
 
@@ -739,9 +739,9 @@ def configure_guard(limit: int | None = None, action: str | None = None, shell: 
     """
     global _guard
     if limit is not None:
-        limit = _limit_from(str(limit), "limit")
+        limit = _limit_from(str(limit), f"limit {limit}")
     if action is not None:
-        action = _action_from(action, "on runaway")
+        action = _action_from(action, f"on runaway {action!r}")
     if _guard is None:
         env_limit, env_action = _settings_from_env()
         limit, action = limit or env_limit, action or env_action
