@@ -685,11 +685,12 @@ def _runaway_message(kernel: psutil.Process, processes: list[psutil.Process], li
             else "%mpstatus --on-runaway kill (or MPNB_RUNAWAY=kill) makes it stop the newest ones")
     return (
         f"mpnb: runaway processes: this kernel has {len(processes)} processes below it, more than "
-        f"the limit of {limit} ({LIMIT_VAR}). Biggest trees: {families}. Fix: look for a loop that "
-        f"starts pools or processes without stopping them, shut down the pools you no longer use "
-        f"(pool.shutdown(), or a with-block), and see every process with %mpstatus. If this many "
-        f"is intended, raise the limit with %mpstatus --limit N. The guard warns once per episode; "
-        f"{then}.\n"
+        f"the limit of {limit} ({LIMIT_VAR}).\n"
+        f"Biggest trees: {families}.\n"
+        f"Fix: look for a loop that starts pools or processes without stopping them, shut down the "
+        f"pools you no longer use (pool.shutdown(), or a with-block), and see every process with "
+        f"%mpstatus. If this many is intended, raise the limit with %mpstatus --limit N. The guard "
+        f"warns once per episode; {then}.\n"
     )
 
 
