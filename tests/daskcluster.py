@@ -39,7 +39,8 @@ class Cluster:
             self.address = self._start_scheduler()
             for n in range(workers):
                 self._start_worker(n, threads, worker_args)
-            self._wait_for_workers(workers)
+            if workers:
+                self._wait_for_workers(workers)
         except BaseException:
             self.stop()
             raise

@@ -16,8 +16,12 @@ A backend offers:
     Release what the backend holds (files, directories) after every worker
     ended.
 
-Only the local backend exists so far: worker processes on this machine,
-started with loky's process launcher.
+The local backend runs worker processes on this machine, started with loky's
+process launcher.  A dask.distributed cluster is not a backend of this kind:
+its workers are already running and shared, so :mod:`mpnb.backends.dask`
+replaces the pool's manager thread as a whole (``Pool(backend="dask")``),
+taking the same commands, and is imported only when asked for, since
+``distributed`` is an optional extra.
 """
 
 from __future__ import annotations
