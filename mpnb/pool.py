@@ -45,11 +45,14 @@ from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as wait_for
 from queue import Empty, SimpleQueue
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from mpnb import limits
+from mpnb import limits, view
 from mpnb._worker import FUNCTION_CACHE_SIZE, Failure
 from mpnb.monitor import Monitor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpnb.timeline import Timeline
 
 __all__ = [
     "Pool",
@@ -766,6 +769,7 @@ class Pool(Executor):
         context: str = "loky",
         backend: str = "local",
         address: Any = None,
+        live: bool | None = None,
     ):
         self.backend = _check_backend(backend, address)
         #: the dask scheduler's address (``backend="dask"``), else None
@@ -781,6 +785,12 @@ class Pool(Executor):
         self._inline = limits.runs_inline()
         self._closed = False
         self._manager: _Manager | None = None
+        #: show a live status view while work runs: None decides by where it
+        #: runs (see mpnb.view.choose_mode), False never, True always
+        self.live = view.check_live(live)
+        self._running: dict[int, _Call] = {}  # calls under way, for cancel()
+        self._interrupts: set[int] = set()  # blocking calls that cancel() stopped
+        self._last_call: int | None = None
         if backend == "dask":
             self._start_dask(address, workers, initializer, env, context)
             return
@@ -917,6 +927,9 @@ class Pool(Executor):
             return future
         call = self._new_call(fn, None, "submit", future)
         self.monitor.call_started(call.id, 1)
+        self._running[call.id] = call
+        future.add_done_callback(lambda _, running=self._running, key=call.id: running.pop(key, None))
+        view.watch_background(self, call, [(args, kwargs)])
         self._send_chunks(manager, [self._single_chunk(call, 0, (args, kwargs))])
         return future
 
@@ -971,6 +984,8 @@ class Pool(Executor):
         self.last_results = None
         call.total = n
         self.monitor.call_started(call.id, n)
+        self._running[call.id], self._last_call = call, call.id
+        live = view.watch(self, call, items)
         self._send_chunks(manager, [chunk for _, chunk in self._chunks(call, items, chunksize)])
         shown = 0
         try:
@@ -980,6 +995,10 @@ class Pool(Executor):
                         call.cond.wait(_POLL)
                     upto = call.contiguous
                     failed = call.first_failure()
+                if live is not None:
+                    live.poll()
+                if call.id in self._interrupts:
+                    raise KeyboardInterrupt
                 if call.output:
                     for index in range(shown, upto):
                         _replay(call.output.pop(index, None))
@@ -998,10 +1017,14 @@ class Pool(Executor):
             )
             raise
         finally:
+            self._running.pop(call.id, None)
+            self._interrupts.discard(call.id)
             self.last_results = _snapshot(call, n)
             for index in sorted(call.output):
                 _replay(call.output.pop(index, None))
             self.monitor.call_finished(call.id)
+            if live is not None:
+                live.finish()
         return self.last_results
 
     def imap(
@@ -1045,6 +1068,8 @@ class Pool(Executor):
 
     def _imap_results(self, manager, call, iterable, chunksize, on_error, ordered) -> Iterator[Any]:
         self.monitor.call_started(call.id, None)
+        self._running[call.id], self._last_call = call, call.id
+        live = view.watch(self, call, None)
         chunks = self._chunks(call, iterable, chunksize)
         ahead = 2 * self.workers * chunksize  # tasks submitted beyond those yielded
         submitted = yielded = 0
@@ -1068,7 +1093,13 @@ class Pool(Executor):
                         ready = list(call.results)
                     if not ready:
                         call.cond.wait(_POLL)
-                        continue
+                if not ready:
+                    if live is not None:
+                        live.poll()
+                    if call.id in self._interrupts:
+                        raise KeyboardInterrupt
+                    continue
+                with call.cond:
                     taken = [(i, call.results.pop(i), i in call.failed, call.output.pop(i, None)) for i in ready]
                 for index, value, failed, output in taken:
                     yielded += 1
@@ -1082,6 +1113,44 @@ class Pool(Executor):
         finally:
             call.cancelled = True
             self.monitor.call_finished(call.id)
+            self._running.pop(call.id, None)
+            self._interrupts.discard(call.id)
+            if live is not None:
+                live.finish()
+
+    def cancel(self) -> None:
+        """Stop the work under way, as a kernel interrupt does.
+
+        A waiting ``map``, ``starmap``, ``imap`` or ``apply`` raises
+        ``KeyboardInterrupt`` (what finished stays in ``pool.last_results``);
+        submitted futures not yet done are cancelled and the workers running
+        them are killed and replaced.  The pool stays usable.  Any thread may
+        call this; the live view's Cancel button does.
+        """
+        manager = self._manager
+        for call in list(self._running.values()):
+            if call.future is None:
+                self._interrupts.add(call.id)
+            elif call.future.cancel() and manager is not None:
+                manager.command("cancel", call, threading.Event())
+
+    def timeline(self, call: int | None = None) -> "Timeline":
+        """A picture of which worker ran which task when, failures marked.
+
+        For the last ``map``/``starmap``/``imap`` of this pool, or for call
+        number ``call`` (see ``pool.monitor.calls()``).  Shown as SVG in a
+        notebook; its text form summarises the same.
+        """
+        from mpnb.timeline import Timeline
+
+        if call is None:
+            call = self._last_call
+        if call is None:
+            raise ValueError(
+                "pool.timeline(): this pool has not run a map or imap yet; run one first, "
+                "or pass call=<number> from pool.monitor.calls()"
+            )
+        return Timeline.from_monitor(self.monitor, call)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers once queued tasks are done (or dropped, with

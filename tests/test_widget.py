@@ -1,0 +1,356 @@
+"""The live status view: widget state and message rate, the static summary,
+the text view, Pool.cancel(), and the widget in a real kernel.
+
+Without a browser, ipywidgets talks to a recording comm (ipywidgets 8
+creates its comms through ``comm.create_comm``) and the tests read what
+each widget sent.  In a real kernel the test reads the iopub messages a
+frontend would receive, and clicks Cancel by sending the button's
+``comm_msg`` on the shell channel while the cell is blocked in ``map``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import queue
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import comm
+import pytest
+
+import mpnb
+from kernel import TAG_VAR, Kernel
+from mpnb import view
+from mpnb.view import Facts, Failure, Row
+from mpnb.widget import LiveWidget, Summary
+
+
+def slow(x, seconds=0.05):
+    time.sleep(seconds)
+    return x
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def fail_on_3(x):
+    if x == 3:
+        raise ValueError(f"bad input {x}")
+    return x
+
+
+# ------------------------------------------------------------ recording comm
+
+
+class RecordingComm:
+    """Stands in for a kernel comm: records what each widget sends, and when."""
+
+    log: list[tuple[float, str, dict]] = []
+    _ids = itertools.count()
+
+    def __init__(self, **kwargs):
+        self.comm_id = f"comm-{next(self._ids)}"
+        self.kernel = "recording"
+        self.log.append((time.monotonic(), self.comm_id, {"method": "open", **kwargs.get("data", {})}))
+
+    def open(self, *args, **kwargs):
+        pass
+
+    def on_msg(self, callback):
+        self.callback = callback
+
+    def send(self, data=None, metadata=None, buffers=None):
+        self.log.append((time.monotonic(), self.comm_id, data or {}))
+
+    def close(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Widgets created in the test send to a :class:`RecordingComm`; yields the log."""
+    log: list[tuple[float, str, dict]] = []
+    monkeypatch.setattr(RecordingComm, "log", log)
+    monkeypatch.setattr(comm, "create_comm", lambda **kwargs: RecordingComm(**kwargs))
+    return log
+
+
+def facts(**changes) -> Facts:
+    base = dict(
+        name="pool", backend="local", method="loky", alive=2, size=2, done=3, failed=1, total=8, elapsed=2.0,
+        rows=(Row(101, "busy", "task 4 (argument 4)", 0.5, 2, 0, 95.0, 40 << 20),
+              Row(102, "idle", "", None, 1, 1, 0.0, 38 << 20)),
+        failures=(Failure(3, "task 3 (argument 3)", 102, "ValueError: bad input 3", "Traceback ...\n  line"),),
+    )
+    base.update(changes)
+    return Facts(**base)
+
+
+def updates(log, since=0):
+    return [entry for entry in log[since:] if entry[2].get("method") == "update"]
+
+
+# ------------------------------------------------------------ widget state
+
+
+def test_widget_state_follows_the_facts_and_sends_nothing_unchanged(recorded):
+    live = LiveWidget(facts(), on_cancel=lambda: None)
+    assert "mpnb-live" in live.root.get_state()["_dom_classes"]
+    assert "mpnb-cancel" in live.cancel.get_state()["_dom_classes"]
+    assert "mpnb-errors" in live.errors.get_state()["_dom_classes"]
+    status = live.status.get_state()["value"]
+    assert 'class="mpnb-progress" data-done="4" data-total="8"' in status and "4/8 (50%)" in status
+    assert '<tr class="mpnb-worker" data-pid="101" data-state="busy">' in status
+    assert "task 4 (argument 4)" in status and "40.0 MiB" in status
+    assert "ValueError: bad input 3" in live.errors.get_state()["value"]
+
+    live.update(facts())
+    since = len(recorded)
+    live.update(facts())
+    assert len(recorded) == since, "an unchanged view must send nothing"
+
+    live.update(facts(done=4, elapsed=2.5))
+    changed = [entry[1] for entry in updates(recorded, since)]
+    assert sorted(changed) == sorted([live.status.comm.comm_id, live.bar.comm.comm_id])
+    assert live.bar.get_state()["value"] == 5
+
+
+def test_every_tick_sends_at_most_three_messages(recorded):
+    live = LiveWidget(facts(done=0, failed=0, failures=()), on_cancel=lambda: None)
+    since = len(recorded)
+    live.update(facts(done=5, elapsed=3.0, rows=(Row(101, "dead", "killed by Cancel"),)))
+    assert len(recorded) - since == 3, "status, bar and errors changed: one message each"
+
+
+def test_cancel_button_disables_itself_and_calls_back(recorded):
+    clicks = []
+    live = LiveWidget(facts(), on_cancel=lambda: clicks.append(1))
+    live.cancel.click()
+    assert clicks == [1]
+    state = live.cancel.get_state()
+    assert state["disabled"] and state["description"] == "Cancelling…"
+
+
+def test_map_refreshes_under_the_rate_limit(recorded, monkeypatch, tag):
+    monkeypatch.setattr(view, "choose_mode", lambda live: None if live is False else "widget")
+    closed: list[Facts] = []
+    close = LiveWidget.close
+    monkeypatch.setattr(LiveWidget, "close", lambda self, f: (closed.append(f), close(self, f)))
+    with mpnb.Pool(2, env={TAG_VAR: tag}) as pool:
+        pool.map(slow, range(60), chunksize=1)  # about 1.5 s of work
+        pids = set(pool.pids)
+    times = [t for t, _, data in recorded if data.get("method") == "update"]
+    assert len({round(t, 1) for t in times}) >= 2, "the view must refresh while the map runs"
+    for start in times:  # any one-second window
+        assert sum(1 for t in times if start <= t < start + 1.0) <= 9
+    rows = "".join(str(data["state"].get("value")) for _, _, data in updates(recorded))
+    for pid in pids:
+        assert f'data-pid="{pid}"' in rows
+    [final] = closed
+    assert (final.done, final.total, final.failed, final.finished) == (60, 60, 0, True)
+    assert {row.pid for row in final.rows} == pids and sum(row.done for row in final.rows) == 60
+
+
+def test_live_false_and_env_turn_the_view_off(recorded, monkeypatch, tag):
+    monkeypatch.setattr(view, "_kernel", lambda: object())  # as in a kernel
+    assert view.choose_mode(None) == "widget"
+    assert view.choose_mode(False) is None
+    monkeypatch.setenv("MPNB_LIVE", "0")
+    assert view.choose_mode(None) is None
+    monkeypatch.setenv("MPNB_LIVE", "yes")
+    with pytest.raises(ValueError, match="MPNB_LIVE='yes': set it to 0"):
+        view.choose_mode(None)
+    with pytest.raises(ValueError, match=r"live='on': give True"):
+        mpnb.Pool(1, live="on")
+    monkeypatch.delenv("MPNB_LIVE")
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
+        assert pool.map(slow, range(3)) == [0, 1, 2]
+    assert recorded == [], "live=False must create no widget"
+
+
+# ------------------------------------------------------------ summary and text
+
+
+def test_summary_reads_without_a_kernel():
+    summary = Summary(facts(done=7, failed=1, finished=True, rows=(
+        Row(101, "idle", done=4, busy=1.2), Row(102, "dead", "died (signal SIGSEGV)", done=3, failed=1, busy=0.9))))
+    page = summary._repr_html_()
+    assert page.startswith('<div class="mpnb-summary" data-done="7" data-total="8" data-failed="1"')
+    assert page.count('<tr class="mpnb-worker"') == 2 and 'data-state="dead"' in page
+    assert 'class="mpnb-errors"' in page and "ValueError: bad input 3" in page
+    text = repr(summary)
+    assert text.splitlines()[0] == "mpnb pool (local, loky): done, 8/8 (100%), 1 failed, 2.0 s, 4.0 tasks/s"
+    assert "pid 102: dead, 3 done, 1 failed, busy 0.9 s, died (signal SIGSEGV)" in text
+    assert "task 3 (argument 3) failed in pid 102: ValueError: bad input 3" in text
+
+
+def test_text_view_line_on_a_terminal_summary_always():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        text = view.TextView(stream)
+        text.update(facts())
+        text.update(facts())
+        text.close(facts(finished=True))
+    assert terminal.getvalue().count("\r") == 2, "one line written in place, then cleared"
+    assert "mpnb pool: 4/8 (50%) | workers 2/2 (1 busy)" in terminal.getvalue()
+    assert pipe.getvalue().startswith("mpnb pool (local, loky): done, 4/8 (50%)"), "no status line off a terminal"
+
+
+def test_script_with_live_true_prints_the_summary(capsys, tag):
+    with mpnb.Pool(2, live=True, env={TAG_VAR: tag}) as pool:
+        results = pool.map(fail_on_3, range(6), on_error="collect")
+    assert isinstance(results[3], ValueError)
+    err = capsys.readouterr().err
+    assert "done, 6/6 (100%), 1 failed" in err
+    assert "task 3 (argument 3) failed in pid" in err and "ValueError: bad input 3" in err
+
+
+# ------------------------------------------------------------ Pool.cancel
+
+
+def test_cancel_from_another_thread_interrupts_map_and_keeps_results(tag):
+    with mpnb.Pool(2, live=False, env={TAG_VAR: tag}) as pool:
+        def cancel_after_some_results():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(s.done >= 2 for s in pool.monitor.calls()):
+                    pool.cancel()
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=cancel_after_some_results).start()
+        with pytest.raises(KeyboardInterrupt) as raised:
+            pool.map(slow, [(i) for i in range(200)], chunksize=1)
+        assert "results finished and are kept in pool.last_results" in "".join(raised.value.__notes__)
+        kept = {i: r for i, r in enumerate(pool.last_results) if not isinstance(r, BaseException)}
+        assert len(kept) >= 2 and all(i == r for i, r in kept.items())
+        assert isinstance(pool.last_results[-1], CancelledError)
+        assert pool.map(slow, [1, 2]) == [1, 2], "the pool serves after a cancel"
+
+
+def test_cancel_stops_background_futures_and_their_workers(tag):
+    with mpnb.Pool(2, live=False, env={TAG_VAR: tag}) as pool:
+        futures = [pool.submit(sleep_for, 60) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while sum(row.state == "busy" for row in pool.monitor.snapshot()) < 2:
+            assert time.monotonic() < deadline, pool.monitor.snapshot()
+            time.sleep(0.05)
+        busy = set(pool.pids)
+        pool.cancel()
+        assert all(f.cancelled() for f in futures)
+        while busy & set(pool.pids) or len(pool.pids) < 2:  # killed and replaced
+            assert time.monotonic() < deadline, (busy, pool.pids)
+            time.sleep(0.05)
+        assert pool.submit(sleep_for, 0).result(timeout=60) == 0
+
+
+# ------------------------------------------------------------ a real kernel
+
+SETUP = """
+import time, mpnb
+pool = mpnb.Pool(2)
+def slow(x):
+    time.sleep(0.1)
+    return x
+pool.map(slow, range(2))
+"""
+
+
+class Frontend:
+    """Reads what a frontend would: widget comms and displays of one cell."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.opened: dict[str, dict] = {}  # comm id -> initial state
+        self.values: dict[str, list[str]] = {}  # comm id -> "value"s sent
+        self.displays: list[dict] = []
+
+    def read(self, msg_id: str, until=lambda frontend: False, timeout: float = 60) -> dict | None:
+        """Read iopub messages of ``msg_id`` until ``until(self)`` or the cell
+        ends; returns the cell's error, if it raised."""
+        deadline = time.monotonic() + timeout
+        error = None
+        while time.monotonic() < deadline:
+            if until(self):
+                return None
+            try:
+                msg = self.kernel.kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "comm_open":
+                self.opened[content["comm_id"]] = content["data"]["state"]
+            elif kind == "comm_msg" and content["data"].get("method") == "update":
+                value = content["data"]["state"].get("value")
+                if isinstance(value, str):
+                    self.values.setdefault(content["comm_id"], []).append(value)
+            elif kind in ("display_data", "update_display_data"):
+                self.displays.append(content)
+            elif kind == "error":
+                error = content
+            elif kind == "status" and content["execution_state"] == "idle":
+                return error
+        raise AssertionError(f"nothing conclusive within {timeout} s: {self.displays}")
+
+    def comm_with_class(self, css: str) -> str:
+        return next(i for i, state in self.opened.items() if css in state.get("_dom_classes", ()))
+
+    def all_values(self) -> str:
+        return "".join(v for values in self.values.values() for v in values) + "".join(
+            s.get("value", "") for s in self.opened.values() if isinstance(s.get("value"), str))
+
+
+def test_widget_in_a_real_kernel_shows_pids_and_leaves_a_summary(kernel):
+    kernel.run(SETUP).ok()
+    frontend = Frontend(kernel)
+    msg_id = kernel.submit("r = pool.map(slow, range(16), chunksize=1)\nprint(pool.pids)")
+    assert frontend.read(msg_id) is None
+    stdout = kernel.run("print(sorted(pool.pids))").ok().stdout
+    pids = json.loads(stdout)
+    root = frontend.comm_with_class("mpnb-live")
+    assert root and frontend.comm_with_class("mpnb-cancel")
+    for pid in pids:
+        assert f'<tr class="mpnb-worker" data-pid="{pid}"' in frontend.all_values()
+    [shown] = [d for d in frontend.displays if "application/vnd.jupyter.widget-view+json" in d["data"]]
+    display_id = shown["transient"]["display_id"]
+    [final] = [d for d in frontend.displays if d.get("transient", {}).get("display_id") == display_id
+               and "text/html" in d["data"]]
+    page = final["data"]["text/html"]
+    assert 'class="mpnb-summary" data-done="16" data-total="16" data-failed="0"' in page
+    for pid in pids:
+        assert f'data-pid="{pid}"' in page
+    assert "done, 16/16 (100%), 0 failed" in final["data"]["text/plain"]
+
+
+def test_cancel_click_stops_a_blocking_map_in_a_real_kernel(kernel):
+    kernel.run(SETUP).ok()
+    frontend = Frontend(kernel)
+    msg_id = kernel.submit("pool.map(slow, range(400), chunksize=1)")
+    frontend.read(msg_id, until=lambda f: any("mpnb-cancel" in s.get("_dom_classes", ()) for s in f.opened.values())
+                  and any('data-state="busy"' in v for vs in f.values.values() for v in vs))
+    button = frontend.comm_with_class("mpnb-cancel")
+    click = kernel.kc.session.msg("comm_msg", {"comm_id": button,
+                                              "data": {"method": "custom", "content": {"event": "click"}}})
+    kernel.kc.shell_channel.send(click)
+    error = frontend.read(msg_id)
+    assert error is not None and error.get("ename") == "KeyboardInterrupt", error
+    assert any("kept in pool.last_results" in line for line in error["traceback"])
+    after = kernel.run(
+        "done = [r for r in pool.last_results if not isinstance(r, BaseException)]\n"
+        "print(0 < len(done) < 400, done == list(range(len(done))))\n"
+        "print(pool.map(abs, [-1, -2]))\n"
+    ).ok()
+    assert after.stdout.splitlines() == ["True True", "[1, 2]"]
+    summaries = [d["data"]["text/html"] for d in frontend.displays if "text/html" in d["data"]]
+    assert summaries and "cancelled" in summaries[-1]
