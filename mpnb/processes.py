@@ -877,6 +877,9 @@ def _html(census: Status) -> str:
                    ("pid", "parent", "kind", "state", "CPU %", "memory", "age", "owner / leftover", "command"))
     rows = []
     for row in census.rows:
+        if row.orphan and row is next(r for r in census.rows if r.orphan):
+            rows.append("<tr><td colspan='9'><i>started here, now outside the kernel's tree "
+                        "(orphans):</i></td></tr>")
         style = " style='background:#fdecea'" if row.leftover else ""
         note = (f"<b>leftover</b>: {esc(row.leftover)}; {esc(row.fix or '')}" if row.leftover
                 else esc(row.owner or ""))

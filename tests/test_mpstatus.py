@@ -70,7 +70,7 @@ def test_lists_a_stdlib_spawn_pools_workers(kernel):
     kernel.run("pool.terminate(); pool.join()").ok()
 
 
-def test_orphan_and_zombie_are_flagged_and_stopped(kernel):
+def test_orphan_zombie_and_stray_fork_are_flagged_and_stopped(kernel):
     kernel.run("%load_ext mpnb").ok()
     # a pool worker starts a helper process, then the worker is killed: the
     # helper is re-parented to init, out of the kernel's tree, still running
@@ -90,26 +90,37 @@ def test_orphan_and_zombie_are_flagged_and_stopped(kernel):
         "    os._exit(0)\n"
         "while psutil.Process(zombie).status() != 'zombie' and time.monotonic() < deadline:\n"
         "    time.sleep(0.05)\n"
-        "print(helper, zombie)"
+        "forked = os.fork()  # a library forking the kernel, no pool object behind it\n"
+        "if forked == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "def flagged():  # after 2 s, when a pool would have registered it\n"
+        "    return any(r.pid == forked and r.leftover for r in mpnb.processes.status(cpu=False).rows)\n"
+        "while not flagged() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)\n"
+        "print(helper, zombie, forked)"
     ).ok()
-    helper, zombie = map(int, reply.stdout.split())
+    helper, zombie, forked = map(int, reply.stdout.split())
 
     rows = rows_of(kernel)
+    assert rows[forked]["kind"] == "fork of the kernel" and rows[forked]["ppid"] == kernel.pid
+    assert "no live pool, executor or multiprocessing Process" in rows[forked]["leftover"]
     assert rows[helper]["orphan"] and rows[helper]["ppid"] != kernel.pid
     assert "re-parented" in rows[helper]["leftover"]
     assert rows[zombie]["state"] == "zombie" and "zombie" in rows[zombie]["leftover"]
     shown = kernel.run("%mpstatus").ok().text
-    assert "2 leftover" in shown and "orphans" in shown and "--kill-leftovers" in shown
+    assert "3 leftover" in shown and "orphans" in shown and "--kill-leftovers" in shown
 
     out = kernel.run("%mpstatus --kill-leftovers").ok().text
     assert f"{helper} (other): terminated" in out
     assert f"{zombie} (other): collected" in out
+    assert f"{forked} (fork of the kernel): terminated" in out
     assert "0 leftover" in out
     deadline = time.monotonic() + 30
     while psutil.pid_exists(helper) and time.monotonic() < deadline:
         time.sleep(0.05)  # init collects it
     assert not psutil.pid_exists(helper)
-    assert zombie not in {p.pid for p in kernel.descendants()}
+    assert not {zombie, forked} & {p.pid for p in kernel.descendants()}
     kernel.run("pool.shutdown()").ok()
 
 
