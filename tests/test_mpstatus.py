@@ -2,7 +2,7 @@
 
 The census is checked against what the kernel itself knows (the pids of its
 pool's workers); leftovers are real ones (a grandchild orphaned by a killed
-worker, a zombie of the kernel); the guard is driven past a low limit by a
+worker, a zombie of the kernel, a fork of the kernel with no pool behind it); the guard is driven past a low limit by a
 cell that starts real processes, and the tests wait on the guard's counters,
 never on a clock.
 """
