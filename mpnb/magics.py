@@ -33,6 +33,8 @@ class MpnbMagics(Magics):
               help="Where the pool's tasks run: 'local' processes (default) or a 'dask' cluster.")
     @argument("--address", default=None,
               help="The dask scheduler's address, such as tcp://host:8786 (implies --backend dask).")
+    @argument("--no-live", action="store_true",
+              help="Show no live status widget while the cell's pool works.")
     @cell_magic
     def mppool(self, line: str, cell: str) -> Any:
         """Move the cell's definitions into an importable module, then run the rest.
@@ -62,6 +64,7 @@ class MpnbMagics(Magics):
         if not rest:
             return None
         _bind_pool(shell, args)
+        shell.user_ns[args.name].live = False if args.no_live else None
         return _run(rest, filename, shell.user_ns, quiet=cell.rstrip().endswith(";"))
 
 

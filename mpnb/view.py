@@ -5,8 +5,9 @@
     caller (the cell's thread)           refresher thread              frontend
     --------------------------           ----------------              --------
     map / imap / submit
-      | watch() -> Session  ---- starts --> every INTERVAL s:
-      |   display(widget)                     facts() <- pool.monitor
+      | watch() -> Session  ---- starts --> after DELAY s: display(widget)
+      |                                     every INTERVAL s:
+      |                                       facts() <- pool.monitor
       |                                       render(facts): ≤ 3 comm ---> widget
       | wait loop: Session.poll()             messages, none if unchanged
       |   our widgets' comm_msg <---------------------------------------- Cancel click
@@ -14,10 +15,11 @@
       | Session.finish() -------- stops --> summary replaces the widget --> static HTML
 
 :func:`choose_mode` decides between the ipywidgets view (a kernel with a
-frontend), a text line on a terminal, and nothing.  The caller does no
-per-task work: a refresher thread reads the monitor a few times a second,
-builds :class:`Facts` and hands them to the view, which sends only what
-changed.  With at most three widgets changing per tick and :data:`INTERVAL`
+frontend), a text line on a terminal, and nothing.  Work that ends within
+:data:`DELAY` shows nothing at all, so a quick call costs only a thread
+start.  The caller does no per-task work: a refresher thread reads the
+monitor a few times a second, builds :class:`Facts` and hands them to the
+view, which sends only what changed.  With at most three widgets changing per tick and :data:`INTERVAL`
 between ticks (so at most three ticks in any second), a live view sends at
 most nine comm messages per second whatever the task rate.
 
@@ -51,6 +53,9 @@ __all__ = ["Facts", "Failure", "Row", "Session", "choose_mode", "check_live", "s
 
 #: seconds between two refreshes of a live view
 INTERVAL = 0.4
+#: work that ends sooner than this (seconds) shows nothing: a quick call in a
+#: loop costs no widget and leaves no summary
+DELAY = 0.2
 #: how often a waiting caller looks for clicks on the view
 PUMP_INTERVAL = 0.1
 #: environment variable: "0" turns live views off, "1" shows them even when
@@ -219,7 +224,9 @@ class Session:
         self._stop = threading.Event()
         self._pump: _CommPump | None = None
         self._next_pump = 0.0
-        self.view: View = self._make_view()
+        # clicks can be taken from a blocked caller only in the main thread
+        self._caller_waits_in_main = not background and threading.current_thread() is threading.main_thread()
+        self.view: View | None = None  # made by the refresher once DELAY has passed
         self._thread = threading.Thread(target=self._refresh, name="mpnb-live", daemon=True)
         self._thread.start()
 
@@ -228,9 +235,8 @@ class Session:
             from mpnb.widget import LiveWidget
 
             view = LiveWidget(self.facts(), self.cancel)
-            kernel = _kernel()
-            if not self.background and threading.current_thread() is threading.main_thread():
-                self._pump = _CommPump.create(kernel, view.comm_widgets())
+            if self._caller_waits_in_main:
+                self._pump = _CommPump.create(_kernel(), view.comm_widgets())
             return view
         return TextView(sys.stderr)
 
@@ -266,13 +272,16 @@ class Session:
 
     def _refresh(self) -> None:
         try:
-            while not self._stop.wait(INTERVAL):
-                self.view.update(self.facts())
+            while not self._stop.wait(DELAY if self.view is None else INTERVAL):
                 if self.background and self._all_done():
                     break
+                if self.view is None:
+                    self.view = self._make_view()
+                self.view.update(self.facts())
         finally:
             _forget(self)
-            self.view.close(self.facts(finished=True))
+            if self.view is not None:
+                self.view.close(self.facts(finished=True))
 
     def _all_done(self) -> bool:
         with self._lock:

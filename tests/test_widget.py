@@ -39,6 +39,7 @@ def sleep_for(seconds):
 
 
 def fail_on_3(x):
+    time.sleep(0.1)
     if x == 3:
         raise ValueError(f"bad input {x}")
     return x
@@ -354,3 +355,30 @@ def test_cancel_click_stops_a_blocking_map_in_a_real_kernel(kernel):
     assert after.stdout.splitlines() == ["True True", "[1, 2]"]
     summaries = [d["data"]["text/html"] for d in frontend.displays if "text/html" in d["data"]]
     assert summaries and "cancelled" in summaries[-1]
+
+
+def test_mppool_no_live_and_background_futures_in_a_real_kernel(kernel):
+    kernel.run("%load_ext mpnb").ok()
+    frontend = Frontend(kernel)
+    quiet = kernel.submit("%%mppool -n 2 --no-live\nimport time\ndef nap(x):\n    time.sleep(0.3)\n    return x\n"
+                          "pool.map(nap, range(8))")
+    assert frontend.read(quiet) is None
+    assert frontend.opened == {} and frontend.displays == [], "--no-live must show no widget"
+
+    background = kernel.submit("%%mppool -n 2\nfutures = [pool.submit(nap, i) for i in range(6)]")
+    assert frontend.read(background) is None  # the cell ends at once; the work goes on
+    deadline = time.monotonic() + 60
+    summary = None
+    while summary is None:  # the view appears after the cell ended, then its summary replaces it
+        assert time.monotonic() < deadline, frontend.displays
+        try:
+            msg = kernel.kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] == "comm_open":
+            frontend.opened[msg["content"]["comm_id"]] = msg["content"]["data"]["state"]
+        elif msg["msg_type"] == "update_display_data":
+            summary = msg["content"]["data"]
+    assert frontend.comm_with_class("mpnb-live") and frontend.comm_with_class("mpnb-cancel")
+    assert 'class="mpnb-summary" data-done="6" data-total="6" data-failed="0"' in summary["text/html"]
+    assert kernel.run("print([f.result() for f in futures])").ok().stdout == "[0, 1, 2, 3, 4, 5]\n"
