@@ -236,15 +236,18 @@ class PageLog:
     outside_requests: list[str] = field(default_factory=list)
 
     def attach(self, page: Any, base_url: str) -> None:
-        page.on("console", lambda msg: msg.type == "error" and self.errors.append(
-            f"console.error: {msg.text} ({msg.location.get('url', '')}:{msg.location.get('lineNumber', '')})"))
-        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        def on_console(msg: Any) -> None:
+            if msg.type == "error":
+                where = f"{msg.location.get('url', '')}:{msg.location.get('lineNumber', '')}"
+                self.errors.append(f"console.error: {msg.text} ({where})")
 
         def on_request(request: Any) -> None:
             url = request.url
             if not url.startswith((base_url, "ws://127.0.0.1", "data:", "blob:", "about:")):
                 self.outside_requests.append(url)
 
+        page.on("console", on_console)
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
         page.on("request", on_request)
 
 

@@ -123,7 +123,8 @@ class Page:
     def __init__(self, page: Any, lab: Any, log: PageLog):
         self.page, self.lab, self.log = page, lab, log
 
-    def dump(self) -> str:
+    def dump(self, what: str) -> str:
+        """``what`` failed, then the page, the console and the server's log, then ``what`` again."""
         try:
             text = self.page.inner_text("body")[-6000:]
         except Exception as exc:  # the page itself may be gone
@@ -132,6 +133,7 @@ class Page:
             f"\n--- page text ---\n{text}"
             "\n--- browser console errors ---\n" + "\n".join(self.log.errors)
             + f"\n--- server log ---\n{self.lab.log()}"
+            + f"\n--- failed: {what}"
         )
 
     def until(self, script: str, what: str, arg: Any = None) -> Any:
@@ -141,12 +143,13 @@ class Page:
         try:
             handle = self.page.wait_for_function(script, arg=arg, timeout=WAIT_MS, polling=50)
         except PlaywrightTimeout:
-            raise AssertionError(f"{what}: not seen within {WAIT_MS // 1000} s" + self.dump()) from None
+            what = f"{what}: not seen within {WAIT_MS // 1000} s"
+            raise AssertionError(what + self.dump(what)) from None
         return handle.json_value()
 
     def check(self, condition: bool, what: str) -> None:
         if not condition:
-            raise AssertionError(what + self.dump())
+            raise AssertionError(what + self.dump(what))
 
 
 def _kernel_process(tag: str) -> psutil.Process:
