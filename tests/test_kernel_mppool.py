@@ -165,3 +165,13 @@ def test_reload_registers_cleanup_once(kernel):
     kernel.run("%load_ext mpnb\nimport signal\nfirst = signal.getsignal(signal.SIGTERM)").ok()
     kernel.run("%unload_ext mpnb\n%load_ext mpnb").ok()
     assert kernel.run("signal.getsignal(signal.SIGTERM) is first").ok().results == ["True"]
+
+
+def test_a_terminated_fork_of_the_kernel_keeps_the_directory(kernel):
+    # fork-context workers inherit the kernel's exit and SIGTERM hooks
+    kernel.run("%load_ext mpnb\nimport multiprocessing as mp, os\nfrom mpnb import cells").ok()
+    reply = kernel.run(
+        "p = mp.get_context('fork').Pool(1)\np.map(abs, [1])\np.terminate(); p.join()\n"
+        "os.path.isdir(cells.kernel_dir())"
+    ).ok()
+    assert reply.results == ["True"]

@@ -37,6 +37,7 @@ PREFIX = "cell_"
 
 _kernel_dir: Path | None = None
 _cleanup_registered = False
+_owner: int | None = None  # pid of the process that created _kernel_dir
 
 
 def base_dir() -> Path:
@@ -83,6 +84,8 @@ def create_kernel_dir() -> Path:
     base = base_dir()
     _sweep_dead(base)
     _kernel_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+    global _owner
+    _owner = os.getpid()
     os.environ[ENV_VAR] = str(_kernel_dir)
     global _cleanup_registered
     if not _cleanup_registered:  # a reload must not chain another handler
@@ -116,8 +119,15 @@ def _at_exit(fn: Any) -> None:
 
 
 def remove_kernel_dir() -> None:
-    """Delete this kernel's directory; modules already imported stay usable."""
+    """Delete this kernel's directory; modules already imported stay usable.
+
+    Only the process that created the directory deletes it: a forked copy of
+    the kernel (a fork-context pool worker) inherits the exit and SIGTERM
+    hooks, and must not take the kernel's modules with it when it ends.
+    """
     global _kernel_dir
+    if _owner != os.getpid():
+        return
     path, _kernel_dir = _kernel_dir, None
     if os.environ.get(ENV_VAR) == str(path):
         del os.environ[ENV_VAR]
