@@ -283,6 +283,9 @@ class _Worker:
             if message is None:
                 return
             self.run_chunk(message)
+            shared = sys.modules.get("mpnb.shared")
+            if shared is not None and not self.conn.poll():
+                shared.forget()  # idle: let go of the call's shared arrays
 
 
 # ----------------------------------------------------------- process setup

@@ -1,0 +1,168 @@
+"""Large numpy arrays reach the workers through one shared file per call.
+
+The tasks here look at the mechanism from inside the worker: the array they
+get is a read-only view of a memory-mapped file, the same file for every
+task of the call, and the file is gone once the call ends, also when a
+worker crashed or the call was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import mpnb
+from mpnb.shared import SHARE_BYTES, backing_file
+
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def probe(args):
+    """What a task sees of its array argument."""
+    array, i = args
+    path = backing_file(array)
+    with open("/proc/self/maps") as f:
+        mapped = path is not None and path in f.read()
+    return {
+        "path": path,
+        "exists": path is not None and os.path.exists(path),
+        "mapped": mapped,
+        "writeable": array.flags.writeable,
+        "digest": digest(array),
+        "pid": os.getpid(),
+        "row": float(array[i]["x"]) if array.dtype.names else float(array[i].sum()),
+    }
+
+
+def digest(array) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def write_into(array):
+    array[0] = 1
+    return "written"
+
+
+def crash_on(args):
+    array, i = args
+    if i == 3:
+        os._exit(7)
+    return float(array[i].sum())
+
+
+def sleep_on(args):
+    array, i = args
+    time.sleep(60)
+
+
+def our_files() -> list[str]:
+    directory = SHM or __import__("tempfile").gettempdir()
+    return [n for n in os.listdir(directory) if n.startswith(f"mpnb-shared-{os.getpid()}-")]
+
+
+def big(shape=(1024, 512), dtype=np.float64, order="C"):
+    array = np.random.default_rng(1).random(shape).astype(dtype)
+    return np.asarray(array, order=order)
+
+
+@pytest.fixture
+def pool(tag):
+    from kernel import TAG_VAR
+
+    p = mpnb.Pool(2, env={TAG_VAR: tag})
+    try:
+        yield p
+    finally:
+        p.shutdown()
+
+
+def test_one_file_mapped_read_only_by_every_task_and_removed_after(pool):
+    array = big()
+    assert array.nbytes >= SHARE_BYTES
+    seen = pool.map(probe, [(array, i) for i in range(8)], chunksize=1)
+    paths = {s["path"] for s in seen}
+    assert len(paths) == 1 and None not in paths, "every task must see the same shared file"
+    (path,) = paths
+    assert all(s["exists"] and s["mapped"] and not s["writeable"] for s in seen)
+    assert [s["row"] for s in seen] == [float(array[i].sum()) for i in range(8)]
+    assert {s["digest"] for s in seen} == {digest(array)}
+    assert len({s["pid"] for s in seen}) >= 1
+    assert not os.path.exists(path)
+    assert our_files() == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda: big(order="F"),
+    lambda: big((2048, 1024))[::2, ::3],
+    lambda: np.zeros(100_000, dtype=[("x", "<f8"), ("n", "<i4"), ("tag", "S4")]),
+], ids=["fortran", "strided", "structured"])
+def test_layouts_arrive_with_the_same_values(pool, make):
+    array = make()
+    if array.dtype.names:
+        array["x"] = np.arange(len(array))
+        array["n"] = -np.arange(len(array))
+        array["tag"] = b"ab"
+    seen = pool.map(probe, [(array, i) for i in range(4)], chunksize=1)
+    assert all(s["path"] is not None and not s["writeable"] for s in seen)
+    assert {s["digest"] for s in seen} == {digest(array)}
+    assert our_files() == []
+
+
+def test_small_and_object_arrays_are_pickled_as_before(pool):
+    small = np.arange(10.0)
+    objects = np.array([{"a": 1}] * (SHARE_BYTES // 8 + 1), dtype=object)
+    seen = pool.map(probe, [(small, 1), (small, 2)], chunksize=1)
+    assert all(s["path"] is None and s["writeable"] for s in seen)
+    assert [s["row"] for s in seen] == [1.0, 2.0]
+    assert pool.apply(backing_file, objects) is None
+    assert our_files() == []
+
+
+def test_a_task_that_writes_to_a_shared_array_fails_alone(pool):
+    results = pool.map(write_into, [big(), np.zeros(3)], on_error="collect")
+    assert isinstance(results[0], ValueError) and "read-only" in str(results[0])
+    assert results[1] == "written"
+
+
+def test_submit_releases_when_its_future_is_done(pool):
+    array = big()
+    future = pool.submit(probe, (array, 5))
+    seen = future.result(timeout=60)
+    assert seen["path"] is not None and seen["row"] == float(array[5].sum())
+    assert not os.path.exists(seen["path"]) and our_files() == []
+
+
+def test_file_removed_after_a_worker_crash(pool):
+    array = big()
+    results = pool.map(crash_on, [(array, i) for i in range(6)], chunksize=1, on_error="collect")
+    assert isinstance(results[3], mpnb.pool.WorkerCrashedError)
+    assert [r for i, r in enumerate(results) if i != 3] == [float(array[i].sum()) for i in (0, 1, 2, 4, 5)]
+    assert our_files() == []
+    assert pool.map(probe, [(array, 0)])[0]["path"] is not None, "the pool serves on"
+    assert our_files() == []
+
+
+def test_file_removed_after_an_interrupt(pool):
+    array = big()
+
+    def interrupt_when_running():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if our_files() and any(row.state == "busy" for row in pool.monitor.snapshot()):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.02)
+
+    interrupter = threading.Thread(target=interrupt_when_running)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.map(sleep_on, [(array, i) for i in range(4)], chunksize=1)
+    interrupter.join()
+    assert our_files() == []
+    assert isinstance(pool.last_results[0], BaseException)
