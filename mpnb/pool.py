@@ -29,6 +29,8 @@ policy.
 from __future__ import annotations
 
 import atexit
+import functools
+import io
 import itertools
 import linecache
 import os
@@ -49,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import limits, view
 from mpnb._worker import FUNCTION_CACHE_SIZE, Failure
+from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,6 +76,9 @@ _CANCEL_WAIT = 1.5
 # worker, so it never idles for a round trip; slower ones must not, or a
 # chunk could wait behind a long task while another worker idles
 _FAST = 0.05
+# how long a worker may take to load a chunk's function and arguments before
+# its first task starts, on top of the task timeout
+_LOAD_GRACE = 30.0
 # consecutive workers that die before they are ready before the pool gives up
 _MAX_START_FAILURES = 3
 
@@ -224,6 +230,13 @@ class _Call:
         # chunks end within _FAST seconds: a worker may hold one in reserve
         self.fast = False
         self.cond = threading.Condition(threading.Lock())
+        # large arrays in the arguments, written once to shared memory
+        self.shares: SharedArrays | None = None
+
+    def release(self) -> None:
+        """Free what the call's arguments hold outside the pickles (shared arrays)."""
+        if self.shares is not None:
+            self.shares.release()
 
     def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
         with self.cond:
@@ -238,6 +251,7 @@ class _Call:
                 self.cond.notify_all()
         future = self.future
         if future is not None:
+            self.release()  # before the result is seen: nothing is left once it is
             future._mpnb_output = output.get(0, ())  # type: ignore[attr-defined]
             try:
                 if self.failed:
@@ -275,14 +289,42 @@ def _is_plain(items: list) -> bool:
     return True
 
 
-def _dump_items(items: list) -> bytes:
+def _dump_items(items: list, call: _Call | None = None) -> bytes:
+    """Pickle a chunk's arguments; large numpy arrays go through shared
+    memory, once per ``call`` (see :mod:`mpnb.shared`)."""
     # cloudpickle is needed for anything that may be or hold a __main__
     # object; for plain data the C pickler is several times faster
     if _is_plain(items):
         return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
     import cloudpickle
 
-    return cloudpickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+    if call is None or "numpy" not in sys.modules:
+        return cloudpickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+    if call.shares is None:
+        call.shares = SharedArrays()
+    buffer = io.BytesIO()
+    _sharing_pickler()(buffer, call.shares).dump(items)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _sharing_pickler() -> type:
+    import cloudpickle
+
+    class SharingPickler(cloudpickle.CloudPickler):
+        """cloudpickle that sends large numpy arrays as shared-memory references."""
+
+        def __init__(self, file, shares: SharedArrays):
+            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+            self._shares = shares
+
+        def reducer_override(self, obj):
+            reduced = self._shares.reduce(obj)
+            if reduced is not None:
+                return reduced
+            return super().reducer_override(obj)
+
+    return SharingPickler
 
 
 # ------------------------------------------------------------------- manager
@@ -423,7 +465,7 @@ class _Manager(threading.Thread):
         call = chunk.call
         if chunk.data is None:
             try:
-                chunk.data = _dump_items(chunk.items)
+                chunk.data = _dump_items(chunk.items, call)
             except Exception as exc:
                 self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where: _pickling_error(exc, where))
                 return
@@ -542,9 +584,14 @@ class _Manager(threading.Thread):
             if chunk.call.timeout is None:
                 continue
             seq, pos, started = state.handle.current()
-            if seq != chunk.seq or pos < state.next_pos:
+            limit = chunk.call.timeout
+            if seq != chunk.seq:
+                # still loading the function and arguments (an import may take
+                # seconds): that is not the task's time, up to a grace period
+                pos, started, limit = state.next_pos, state.since, limit + _LOAD_GRACE
+            elif pos < state.next_pos:
                 pos, started = state.next_pos, state.since
-            if now - started > chunk.call.timeout:
+            if now - started > limit:
                 state.kill_reason = ("timeout", pos, now - started)
                 state.handle.kill()
 
@@ -875,7 +922,7 @@ class Pool(Executor):
             indices = list(range(index, index + len(batch)))
             index += len(batch)
             try:
-                data = _dump_items(batch)
+                data = _dump_items(batch, call)
             except Exception:
                 # find out which argument does not pickle, fail that task alone
                 for i, item in zip(indices, batch):
@@ -885,7 +932,7 @@ class Pool(Executor):
 
     def _single_chunk(self, call: _Call, index: int, item: tuple) -> _Chunk:
         try:
-            return _Chunk(call, [index], [item], _dump_items([item]))
+            return _Chunk(call, [index], [item], _dump_items([item], call))
         except Exception as exc:
             error = _pickling_error(exc, _describe(call, index, item))
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
@@ -1019,6 +1066,7 @@ class Pool(Executor):
         finally:
             self._running.pop(call.id, None)
             self._interrupts.discard(call.id)
+            call.release()
             self.last_results = _snapshot(call, n)
             for index in sorted(call.output):
                 _replay(call.output.pop(index, None))
@@ -1112,6 +1160,7 @@ class Pool(Executor):
             raise
         finally:
             call.cancelled = True
+            call.release()
             self.monitor.call_finished(call.id)
             self._running.pop(call.id, None)
             self._interrupts.discard(call.id)
