@@ -12,16 +12,17 @@ console and the server's log.  Screenshots go to ``tests/artifacts/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import nbformat
 import psutil
 import pytest
 
-from browser import PageLog, chromium_path, lab_server, open_chromium
+from browser import LabServer, PageLog, chromium_path, lab_server, open_chromium
 from kernel import KERNEL_NAME, NOTEBOOKS, ROOT, assert_no_leftovers, leftovers
 
 pytestmark = pytest.mark.browser
@@ -110,18 +111,11 @@ def _require_chromium() -> None:
     pytest.skip(reason)
 
 
-def _copy_notebook(root: Path) -> None:
-    """The notebook, with its kernel set to the test interpreter's."""
-    nb = nbformat.read(NOTEBOOKS / NOTEBOOK, as_version=4)
-    nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_NAME, "language": "python"}
-    nbformat.write(nb, root / NOTEBOOK)
-
-
 class Page:
     """The notebook page, with waits and checks that explain themselves when they fail."""
 
-    def __init__(self, page: Any, lab: Any, log: PageLog):
-        self.page, self.lab, self.log = page, lab, log
+    def __init__(self, page: Any, lab: LabServer, log: PageLog, kernel: psutil.Process | None = None):
+        self.page, self.lab, self.log, self.kernel = page, lab, log, kernel
 
     def dump(self, what: str) -> str:
         """``what`` failed, then the page, the console and the server's log, then ``what`` again."""
@@ -151,11 +145,54 @@ class Page:
         if not condition:
             raise AssertionError(what + self.dump(what))
 
+    def run(self, command: str) -> None:
+        """Start a JupyterLab command (``notebook:run-all-cells``) without waiting for it."""
+        self.page.evaluate("(command) => { window.jupyterapp.commands.execute(command); }", command)
 
-def _kernel_process(tag: str) -> psutil.Process:
-    kernels = [p for p in leftovers(tag) if "ipykernel_launcher" in " ".join(p.cmdline())]
-    assert len(kernels) == 1, f"expected one kernel carrying the test's tag, found {kernels}"
-    return kernels[0]
+    def live(self, workers: int) -> dict[str, Any]:
+        """What the live widget shows once each worker has a row with a pid, one busy;
+        checked against the kernel's children at that moment."""
+        what = f"the live widget (.mpnb-live) with {workers} worker rows with pids, one busy"
+        live = self.until(LIVE_ROWS, what, workers)
+        self.check("finished" not in live, f"{what}: the notebook finished without it")
+        assert self.kernel is not None
+        children = {p.pid for p in self.kernel.children()}
+        self.check(set(live["pids"]) <= children,
+                   f"the widget's pids {live['pids']} are not all children of the kernel {self.kernel.pid}: {children}")
+        self.check(set(live["states"]) <= STATES, f"unknown worker states: {live['states']}")
+        self.check(live["cancel"] == 1 and live["errors"] == 1,
+                   f"the live widget lacks its Cancel button (.mpnb-cancel) or errors panel (.mpnb-errors): {live}")
+        return live
+
+    def check_console(self) -> None:
+        self.check(not self.log.errors, "errors in the browser console")
+        self.check(not self.log.outside_requests,
+                   f"the page fetched from outside 127.0.0.1: {self.log.outside_requests}")
+
+
+@contextlib.contextmanager
+def opened(tag: str, root: Path, notebook: nbformat.NotebookNode) -> Iterator[Page]:
+    """JupyterLab on ``root`` with ``notebook`` (its kernel set to the test
+    interpreter's), open in chromium with an idle kernel; afterwards the
+    browser and the server are stopped and no process carrying ``tag`` may remain."""
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_NAME, "language": "python"}
+    nbformat.write(notebook, root / NOTEBOOK)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = PageLog()
+    with lab_server(root, tag) as lab, sync_playwright() as playwright, open_chromium(playwright, tag) as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        log.attach(page, lab.base_url)
+        nb = Page(page, lab, log)
+        page.goto(lab.lab_url(NOTEBOOK))
+        nb.until(KERNEL_IDLE, "the notebook open with an idle mpnb-test kernel")
+        kernels = [p for p in leftovers(tag) if "ipykernel_launcher" in " ".join(p.cmdline())]
+        nb.check(len(kernels) == 1, f"expected one kernel carrying the test's tag, found {kernels}")
+        nb.kernel = kernels[0]
+        yield nb
+    assert_no_leftovers(tag)
 
 
 def _cell(cells: list[dict[str, Any]], source_start: str) -> dict[str, Any]:
@@ -177,45 +214,22 @@ def _saved_html(path: Path) -> str:
 
 
 def test_live_widget_in_jupyterlab(tag, tmp_path):
-    _require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    root = tmp_path / "root"
-    root.mkdir()
-    _copy_notebook(root)
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = PageLog()
-
-    with lab_server(root, tag) as lab, sync_playwright() as playwright, open_chromium(playwright, tag) as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
-        log.attach(page, lab.base_url)
-        nb = Page(page, lab, log)
-        page.goto(lab.lab_url(NOTEBOOK))
-        nb.until(KERNEL_IDLE, "the notebook open with an idle mpnb-test kernel")
-        kernel = _kernel_process(tag)
-        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    with opened(tag, tmp_path, nbformat.read(NOTEBOOKS / NOTEBOOK, as_version=4)) as nb:
+        nb.run("notebook:run-all-cells")
 
         # while the long map runs: one row per worker, real pids, children of the kernel
-        what = f"the live widget (.mpnb-live) with {WORKERS} worker rows with pids, one busy"
-        live = nb.until(LIVE_ROWS, what, WORKERS)
-        nb.check("finished" not in live, f"{what}: the notebook finished without it")
-        children = {p.pid for p in kernel.children()}
-        page.locator(".mpnb-live").first.screenshot(path=ARTIFACTS / "browser-live.png")
-        nb.check(set(live["pids"]) <= children,
-                 f"the widget's pids {live['pids']} are not all children of the kernel {kernel.pid}: {children}")
-        nb.check(set(live["states"]) <= STATES, f"unknown worker states: {live['states']}")
+        live = nb.live(WORKERS)
+        nb.page.locator(".mpnb-live").first.screenshot(path=ARTIFACTS / "browser-live.png")
         nb.check(live["progress"] is not None and live["progress"]["total"] == str(LONG_TASKS),
                  f"the live progress (.mpnb-progress) does not count {LONG_TASKS} tasks: {live}")
-        nb.check(live["cancel"] == 1 and live["errors"] == 1,
-                 f"the live widget lacks its Cancel button (.mpnb-cancel) or errors panel (.mpnb-errors): {live}")
 
         nb.until(ALL_RAN, "every cell ran and the kernel is idle")
-        cells = page.evaluate(CELLS)
-        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
-        page.screenshot(path=ARTIFACTS / "browser-notebook.png")
-        failing_output = page.locator(".jp-CodeCell").filter(has_text="def inverse").locator(".jp-OutputArea")
+        cells = nb.page.evaluate(CELLS)
+        nb.page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        nb.page.screenshot(path=ARTIFACTS / "browser-notebook.png")
+        failing_output = nb.page.locator(".jp-CodeCell").filter(has_text="def inverse").locator(".jp-OutputArea")
         failing_output.screenshot(path=ARTIFACTS / "browser-errors.png")
-        page.locator("svg.mpnb-timeline").screenshot(path=ARTIFACTS / "browser-timeline.png")
+        nb.page.locator("svg.mpnb-timeline").screenshot(path=ARTIFACTS / "browser-timeline.png")
         print(f"screenshots: {ARTIFACTS}/browser-{{live,notebook,errors,timeline}}.png")
 
         errors = [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
@@ -242,11 +256,55 @@ def test_live_widget_in_jupyterlab(tag, tmp_path):
                  and [t["index"] for t in tasks if t["failed"]] == [FAILING_INDEX]
                  and len({t["worker"] for t in tasks}) <= WORKERS,
                  f"the timeline (svg.mpnb-timeline) is not one rect per task with task {FAILING_INDEX} failed: {tasks}")
-
-        nb.check(not log.errors, "errors in the browser console")
-        nb.check(not log.outside_requests, f"the page fetched from outside 127.0.0.1: {log.outside_requests}")
+        nb.check_console()
 
     # saved without a kernel: the summaries and the timeline are plain HTML in the file
-    saved = _saved_html(root / NOTEBOOK)
+    saved = _saved_html(tmp_path / NOTEBOOK)
     assert saved.count('class="mpnb-summary"') == 2 and 'class="mpnb-timeline"' in saved, saved[:3000]
-    assert_no_leftovers(tag)
+
+
+CANCEL_CELLS = [
+    "import time\nimport mpnb\n\npool = mpnb.Pool(2)",
+    # far longer than the test's deadline: only the Cancel click can end it in time
+    "def slow(x):\n    time.sleep(0.5)\n    return x\n\npool.map(slow, range(400), chunksize=1)",
+    "done = [r for r in pool.last_results if not isinstance(r, BaseException)]\n"
+    "print(0 < len(done) < 400, done == list(range(len(done))), pool.map(abs, [-1, -2]))",
+]
+
+
+def test_cancel_button_click_stops_the_map(tag, tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in CANCEL_CELLS]
+    with opened(tag, tmp_path, notebook) as nb:
+        nb.run("notebook:run-all-cells")
+        nb.live(WORKERS)
+        nb.page.locator(".mpnb-live .mpnb-cancel").click()
+        nb.until(ALL_RAN, "the map stopped after the Cancel click")
+        cells = nb.page.evaluate(CELLS)
+        nb.page.locator(".jp-CodeCell").nth(1).locator(".jp-OutputArea").screenshot(
+            path=ARTIFACTS / "browser-cancelled.png")
+        [error] = [o for o in cells[1]["outputs"] if o["output_type"] == "error"] or [None]
+        nb.check(error is not None and error["ename"] == "KeyboardInterrupt",
+                 f"the cancelled map did not raise KeyboardInterrupt: {cells[1]['outputs']}")
+        summary = cells[1]["summaries"]
+        nb.check(len(summary) == 1 and summary[0]["done"] < summary[0]["total"] == 400,
+                 f"the cancelled map's summary is not a part of 400 tasks: {summary}")
+        nb.check("cancelled" in nb.page.locator(".mpnb-summary").inner_text(),
+                 "the summary does not say the work was cancelled")
+
+        # the pool serves the next cell, which still has the results finished before the click
+        nb.page.evaluate("() => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = 2; }")
+        nb.run("notebook:run-cell")
+        stdout = nb.until(STDOUT_OF_LAST, "the cell after the cancel printed")
+        nb.check(stdout == "True True [1, 2]\n", f"after the cancel: {stdout!r}")
+        nb.check_console()
+
+
+# what the last code cell printed, once it ran and the kernel is idle
+STDOUT_OF_LAST = """() => {
+    const panel = window.jupyterapp.shell.currentWidget;
+    const cells = [...panel.content.model.cells];
+    const last = cells[cells.length - 1];
+    if (last.executionCount === null || panel.sessionContext.session.kernel.status !== 'idle') return false;
+    return last.outputs.toJSON().filter(o => o.output_type === 'stream').map(o => o.text).join('') || '(nothing)';
+}"""
