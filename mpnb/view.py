@@ -48,8 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mpnb.monitor import Monitor
     from mpnb.pool import Pool
 
-__all__ = ["Facts", "Failure", "Row", "Session", "choose_mode", "check_live", "summary_text", "watch",
-           "watch_background"]
+__all__ = ["Facts", "Failure", "Row", "Session", "TextView", "check_live", "choose_mode", "status_line",
+           "summary_text", "watch", "watch_background"]
 
 #: seconds between two refreshes of a live view
 INTERVAL = 0.4
@@ -313,7 +313,7 @@ class Session:
         for event in events:
             if isinstance(event, WorkerStopped):
                 if event.reason != "stopped":
-                    self._dead[event.pid] = Row(event.pid, "dead", task=_death(event.reason, event.exitcode))
+                    self._dead[event.pid] = Row(event.pid, "dead", task=_death(event.reason))
                     while len(self._dead) > MAX_DEAD_ROWS:
                         self._dead.pop(next(iter(self._dead)))
             elif isinstance(event, (TaskFinished, TaskFailed)) and event.call in calls:
@@ -369,7 +369,7 @@ def _traceback(call: Any, index: int) -> str:
     return str(exc.__cause__).strip("\n")
 
 
-def _death(reason: str, exitcode: int | None) -> str:
+def _death(reason: str) -> str:
     if reason == "cancel":
         return "killed by Cancel"
     if reason == "timeout":
