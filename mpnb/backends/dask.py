@@ -418,6 +418,8 @@ class DaskEngine(threading.Thread):
 
     def command(self, *message: Any) -> None:
         self.inbox.put(message)
+        if self.stopped.is_set():  # nobody will read it: answer it here
+            self._refuse_after_stop()
 
     def kill_all_now(self) -> None:
         """Called at exit: drop everything; running tasks end on their own."""
@@ -435,7 +437,7 @@ class DaskEngine(threading.Thread):
     def run(self) -> None:
         try:
             while not (self.stopping and not self.running):
-                self._handle(self._next_messages())
+                self._act_on(self._next_messages())
                 self._check_running()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self.error = exc
@@ -443,6 +445,22 @@ class DaskEngine(threading.Thread):
         finally:
             self._close()
             self.stopped.set()
+            self._refuse_after_stop()
+
+    def _refuse_after_stop(self) -> None:
+        """Fail the work that reached the inbox after the loop ended."""
+        error = self.error or RuntimeError("the pool was shut down")
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except Empty:
+                return
+            if message[0] == "chunks":
+                for chunk in message[1]:
+                    self._fail(chunk, None, range(len(chunk.indices)),
+                               lambda where: RuntimeError(f"{where} was not run: {error!r}"))
+            elif message[0] == "cancel":
+                message[2].set()
 
     def _next_messages(self) -> list[tuple]:
         try:
@@ -455,7 +473,7 @@ class DaskEngine(threading.Thread):
             except Empty:
                 return messages
 
-    def _handle(self, messages: list[tuple]) -> None:
+    def _act_on(self, messages: list[tuple]) -> None:
         finished = []
         for message in messages:
             kind = message[0]
