@@ -1,6 +1,10 @@
-"""``python -m benchmarks [--quick] [--rounds N] [--out FILE]``."""
+"""``python -m benchmarks [--quick] [--rounds N] [--out FILE]``.
 
-from benchmarks.run import main
+Imports nothing at module level: spawn and forkserver workers of the stdlib
+pools import the main module, and a heavy one would slow their start.
+"""
 
 if __name__ == "__main__":
+    from benchmarks.run import main
+
     raise SystemExit(main())

@@ -10,7 +10,8 @@ per message for ProcessPoolExecutor, loky and pebble, which have none);
 Start methods: the stdlib pools run under each of spawn, forkserver and
 fork; ProcessPoolExecutor, mpire and pebble under spawn, which is what
 works from a notebook on every platform; loky and joblib use loky's own
-launcher, and mpnb its own.
+launcher; mpnb runs with ``context="exec"`` (its own launcher, the
+reference of the ratios) and with ``context="loky"``.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ class Contender(ABC):
 
 
 class Mpnb(Contender):
-    name = "mpnb.Pool"
+    def __init__(self, context: str):
+        self.context = context
+        self.name = f"mpnb.Pool ({context})"
 
     def start(self) -> None:
         import mpnb
 
-        self.pool = mpnb.Pool(WORKERS)
+        self.pool = mpnb.Pool(WORKERS, context=self.context)
 
     def map(self, fn, items, chunksize):
         return self.pool.map(fn, items, chunksize=chunksize)
@@ -151,7 +154,18 @@ class Pebble(Contender):
         self.pool.join()
 
 
+def import_all() -> None:
+    """Import every library now, so no cold start pays for an import."""
+    import cloudpickle  # noqa: F401
+    import joblib  # noqa: F401
+    import loky  # noqa: F401
+    import mpire  # noqa: F401
+    import pebble  # noqa: F401
+
+    import mpnb.pool  # noqa: F401
+
+
 def all_contenders() -> list[Contender]:
     """Every contender, mpnb first; fork only where the platform has it."""
     methods = [m for m in ("spawn", "forkserver", "fork") if m in multiprocessing.get_all_start_methods()]
-    return [Mpnb(), *(Stdlib(m) for m in methods), Executor(), Loky(), Joblib(), Mpire(), Pebble()]
+    return [Mpnb("exec"), Mpnb("loky"), *(Stdlib(m) for m in methods), Executor(), Loky(), Joblib(), Mpire(), Pebble()]

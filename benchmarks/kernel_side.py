@@ -26,7 +26,7 @@ def pool_round(live: bool, tasks: int, auto: int) -> None:
     options = {"live": live} if has_live_widget() else {}
     figures = {}
     start = time.perf_counter()
-    pool = mpnb.Pool(2, **options)
+    pool = mpnb.Pool(2, context="exec", **options)
     pool.map(identity, [0])
     figures["cold"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -1,12 +1,13 @@
 """What runs inside a worker process.
 
 A worker talks to its pool over one private duplex connection.  It receives
-chunks of tasks and answers with records, one per task, each carrying the
-task's value or failure, what the task printed, and when it started and
-ended.  Records are sent when a chunk ends, or earlier when the chunk has run
-for a while, so a chunk of a thousand tiny tasks costs one message and a
-chunk of slow tasks reports each one as it ends.  Records are columns (the
-values, failures and output by position, start times), which pickle fast.
+messages of one or more chunks of tasks and answers with records, one per
+task, each carrying the task's value or failure, what the task printed, and
+when it started and ended.  Records are sent when the message's last chunk
+ends, or earlier when the work has run for a while, so a thousand tiny tasks
+cost one message each way (whether the caller chunked them or not) and slow
+tasks report each one as it ends.  Records are columns (the values, failures
+and output by position, start times), which pickle fast.
 
 Before each task the worker writes ``(chunk, position, start time)`` into a
 small shared-memory slot.  That costs a few hundred nanoseconds and lets the
@@ -28,7 +29,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from typing import Any
 
@@ -140,6 +140,8 @@ class Failure:
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> "Failure":
+        import traceback  # only on failure: it is slow to import at start-up
+
         frames = [
             (f.filename, f.lineno, f.name, f.line or "")
             for f in traceback.extract_tb(exc.__traceback__)
@@ -182,17 +184,29 @@ class _Worker:
             os.close(slot_fd)
         self.functions: OrderedDict[int, Any] = OrderedDict()
         self.capture = _Capture()
+        self.pending: list[tuple] = []  # records not sent yet
+        self.last_sent = time.monotonic()
 
-    def send(self, message: tuple) -> None:
-        try:
-            data = _dumps(message)
-        except Exception:
-            data = _dumps(self._without_unpicklable(message))
-        self.conn.send_bytes(data)
+    def report(self, record: tuple, flush: bool) -> None:
+        """Queue a record; send every queued one if ``flush`` or they are old."""
+        self.pending.append(record)
+        now = time.monotonic()
+        if flush or now - self.last_sent > FLUSH_SECONDS:
+            records, self.pending, self.last_sent = self.pending, [], now
+            try:
+                data = _dumps(("records", records))
+            except Exception:
+                data = _dumps(("records", [self._without_unpicklable(r) for r in records]))
+            self.conn.send_bytes(data)
 
     @staticmethod
-    def _without_unpicklable(message: tuple) -> tuple:
-        kind, seq, first, values, failures, outputs, starts, end, final = message
+    def _without_unpicklable(record: tuple) -> tuple:
+        try:
+            _dumps(record)
+            return record
+        except Exception:
+            pass
+        seq, first, values, failures, outputs, starts, end, final = record
         values = list(values)
         for i, value in enumerate(values):
             try:
@@ -204,7 +218,7 @@ class _Worker:
                 )
                 values[i] = None
                 failures[first + i] = Failure.from_exception(err)
-        return (kind, seq, first, values, failures, outputs, starts, end, final)
+        return (seq, first, values, failures, outputs, starts, end, final)
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so
@@ -224,11 +238,12 @@ class _Worker:
             raise value
         return value
 
-    def run_chunk(self, message: tuple) -> None:
-        """Run one chunk; reply with columns: values, failures by position,
-        output by position (only tasks that printed), start times."""
+    def run_chunk(self, run: tuple, last: bool) -> None:
+        """Run one chunk; report columns: values, failures by position,
+        output by position (only tasks that printed), start times.  The
+        records go out at once if this is the message's ``last`` chunk."""
         # mode 0: fn(item); 1: fn(*item); 2: fn(*item[0], **item[1])
-        _, seq, count, fn_key, fn_data, items_data, flush_each, mode = message
+        seq, count, fn_key, fn_data, items_data, flush_each, mode = run
         try:
             fn = self.function(fn_key, fn_data)
             items = _loads(items_data)
@@ -236,9 +251,10 @@ class _Worker:
             failure = Failure.from_exception(exc)
             now = time.monotonic()
             failures = {pos: failure for pos in range(count)}
-            self.send(("records", seq, 0, [None] * count, failures, {}, [now] * count, now, True))
+            self.report((seq, 0, [None] * count, failures, {}, [now] * count, now, True), last)
             return
         capture, pack, slot, monotonic = self.capture, SLOT.pack_into, self.slot, time.monotonic
+        task = _caller(fn, mode)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = capture.stdout, capture.stderr
         capture.segments = segments = []
@@ -247,31 +263,30 @@ class _Worker:
         failures: dict[int, Failure] = {}
         outputs: dict[int, list] = {}
         starts: list[float] = []
-        last_sent = monotonic()
+        # this loop is the whole cost of a trivial task: keep it lean
+        add_value, add_start = values.append, starts.append
+        flush_at = -1.0 if flush_each else self.last_sent + FLUSH_SECONDS
         try:
             for pos, item in enumerate(items):
                 started = monotonic()
-                if pos > first and (flush_each or started - last_sent > FLUSH_SECONDS):
-                    self.send(("records", seq, first, values, failures, outputs, starts, started, False))
-                    first, values, failures, outputs, starts, last_sent = pos, [], {}, {}, [], started
+                if started > flush_at and pos > first:
+                    self.report((seq, first, values, failures, outputs, starts, started, False), True)
+                    first, values, failures, outputs, starts = pos, [], {}, {}, []
+                    add_value, add_start = values.append, starts.append
+                    flush_at = -1.0 if flush_each else self.last_sent + FLUSH_SECONDS
                 pack(slot, 0, seq, pos, started)
-                starts.append(started)
+                add_start(started)
                 try:
-                    if mode == 0:
-                        values.append(fn(item))
-                    elif mode == 1:
-                        values.append(fn(*item))
-                    else:
-                        values.append(fn(*item[0], **item[1]))
+                    add_value(task(item))
                 except BaseException as exc:
-                    values.append(None)
+                    add_value(None)
                     failures[pos] = Failure.from_exception(exc)
                 if segments:
                     outputs[pos] = segments
                     capture.segments = segments = []
         finally:
             sys.stdout, sys.stderr = saved
-        self.send(("records", seq, first, values, failures, outputs, starts, monotonic(), True))
+        self.report((seq, first, values, failures, outputs, starts, monotonic(), True), last)
 
     def serve(self) -> None:
         self.conn.send_bytes(_dumps(("hello", os.getpid(), time.monotonic())))
@@ -282,10 +297,22 @@ class _Worker:
                 return  # the parent is gone or closed the connection
             if message is None:
                 return
-            self.run_chunk(message)
+            runs = message[1]
+            for n, run in enumerate(runs):
+                self.run_chunk(run, n == len(runs) - 1)
             shared = sys.modules.get("mpnb.shared")
             if shared is not None and not self.conn.poll():
                 shared.forget()  # idle: let go of the call's shared arrays
+
+
+def _caller(fn, mode: int):
+    """How a task's item is passed: 0 ``fn(item)``, 1 ``fn(*item)``,
+    2 ``fn(*item[0], **item[1])``."""
+    if mode == 0:
+        return fn
+    if mode == 1:
+        return lambda item: fn(*item)
+    return lambda item: fn(*item[0], **item[1])
 
 
 # ----------------------------------------------------------- process setup
@@ -347,6 +374,18 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
 
 
 _fault_file = None
+
+
+def boot(fd: int) -> None:
+    """Entry point of a worker started by ``python -c`` (the ``exec`` start
+    method): read the parent's ``sys.path``, the slot and the configuration
+    from the inherited connection ``fd``, then serve."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    path, slot_path, config = pickle.loads(conn.recv_bytes())
+    sys.path[:] = path
+    main(conn, slot_path, config)
 
 
 def main(conn, slot_path: str, config: dict[str, Any]) -> None:

@@ -75,7 +75,8 @@ def big(shape=(1024, 512), dtype=np.float64, order="C"):
 def pool(tag):
     from kernel import TAG_VAR
 
-    p = mpnb.Pool(2, env={TAG_VAR: tag})
+    # the exec launcher here; test_pool.py covers loky and spawn
+    p = mpnb.Pool(2, env={TAG_VAR: tag}, context="exec")
     try:
         yield p
     finally:
