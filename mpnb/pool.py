@@ -79,6 +79,14 @@ _FAST = 0.05
 # how long a worker may take to load a chunk's function and arguments before
 # its first task starts, on top of the task timeout
 _LOAD_GRACE = 30.0
+# a fast call keeps about this much work (by its measured pace) queued on
+# each worker, sent in one message, so no worker waits for a round trip and
+# the last tasks still spread over the workers
+_AHEAD_SECONDS = 0.01
+# and at most this many chunks per worker
+_MAX_AHEAD = 64
+# functions whose pace the pool remembers from one call to the next
+_PACES_KEPT = 32
 # consecutive workers that die before they are ready before the pool gives up
 _MAX_START_FAILURES = 3
 
@@ -227,8 +235,10 @@ class _Call:
         # or on a failure; waking it per delivery would cost throughput
         self.total: int | None = None
         self.cancelled = False
-        # chunks end within _FAST seconds: a worker may hold one in reserve
-        self.fast = False
+        # seconds a task takes in a worker (moving average), once measured or
+        # remembered from an earlier call of the same function
+        self.task_seconds: float | None = None
+        self.pace_key = hash(fn_bytes)
         self.cond = threading.Condition(threading.Lock())
         # large arrays in the arguments, written once to shared memory
         self.shares: SharedArrays | None = None
@@ -244,6 +254,8 @@ class _Call:
             self.failed.update(failed)
             self.output.update(output)
             results, contiguous = self.results, self.contiguous
+            if indices and indices[0] == contiguous and indices[-1] - contiguous == len(indices) - 1:
+                contiguous += len(indices)  # the usual case: the next run of tasks
             while contiguous in results:
                 contiguous += 1
             self.contiguous = contiguous
@@ -280,13 +292,13 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 def _is_plain(items: list) -> bool:
     """True when plain pickle is safe: builtin scalars, at most in tuples."""
-    for item in items:
-        if type(item) in _PLAIN:
-            continue
-        if type(item) is tuple and all(type(x) in _PLAIN for x in item):
-            continue
+    kinds = set(map(type, items))  # at C speed: this runs on every argument
+    if kinds <= _PLAIN:
+        return True
+    if kinds - _PLAIN != {tuple}:
         return False
-    return True
+    tuples = (item for item in items if type(item) is tuple)
+    return set(map(type, itertools.chain.from_iterable(tuples))) <= _PLAIN
 
 
 def _dump_items(items: list, call: _Call | None = None) -> bytes:
@@ -364,6 +376,8 @@ class _Manager(threading.Thread):
         self._start_failures = 0
         self._start_error: BaseException | None = None
         self._cancels: list[tuple[set[int], threading.Event]] = []
+        # seconds per task of recent functions, by _Call.pace_key
+        self._paces: OrderedDict[int, float] = OrderedDict()
         self.stopping = False
         self.stopped = threading.Event()
         self.error: BaseException | None = None
@@ -414,6 +428,9 @@ class _Manager(threading.Thread):
             kind = message[0]
             if kind == "chunks":
                 self.queue.extend(message[1])
+                for chunk in message[1][:1]:
+                    if chunk.call.task_seconds is None:
+                        chunk.call.task_seconds = self._paces.get(chunk.call.pace_key)
                 if self._start_error is not None:  # new work: try starting workers again
                     self._start_error, self._start_failures = None, 0
                     self._start_missing()
@@ -442,33 +459,53 @@ class _Manager(threading.Thread):
         if not self.queue:
             return
         usable = [w for w in self.workers.values() if w.ready and w.open and w.kill_reason is None]
-        # first every idle worker gets a chunk, then busy ones one in reserve
-        # when both calls are fast (see _FAST) and have no timeout
+        # first every idle worker gets work, then busy ones are topped up when
+        # both their call and the next are fast (see _FAST) and have no timeout
         now = time.monotonic()
-        for depth in (0, 1):
+        for idle in (True, False):
             for state in usable:
-                if len(state.chunks) != depth:
-                    continue
                 if not self.queue:
                     return
-                if depth and not (
-                    _reserve_ok(state.chunks[0].call) and _reserve_ok(self.queue[0].call)
-                    and now - state.since < _FAST
-                ):
+                if idle == bool(state.chunks):
                     continue
-                chunk = self._next_chunk()
-                if chunk is None:
-                    return
-                self._send(state, chunk)
+                head = self.queue[0]
+                room = _ahead(head)
+                if not idle:
+                    if not (_reserve_ok(state.chunks[0]) and _reserve_ok(head) and now - state.since < _FAST):
+                        continue
+                    room -= len(state.chunks)
+                    if room < max(1, _ahead(head) // 2):
+                        continue  # top up in batches, not a chunk per message
+                self._send(state, room)
 
-    def _send(self, state: _WorkerState, chunk: _Chunk) -> None:
+    def _send(self, state: _WorkerState, room: int) -> None:
+        """Send up to ``room`` queued chunks of one call to a worker, in one message."""
+        runs: list[tuple] = []
+        while len(runs) < room:
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            run = self._prepare(state, chunk)
+            if run is not None:
+                runs.append(run)
+            if not self.queue or self.queue[0].call is not chunk.call:
+                break
+        if not runs:
+            return
+        try:
+            state.handle.conn.send_bytes(pickle.dumps(("runs", runs), pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            state.open = False  # dead: its sentinel fires and the chunks are requeued
+
+    def _prepare(self, state: _WorkerState, chunk: _Chunk) -> tuple | None:
+        """The message part that runs ``chunk``; the chunk is then the worker's."""
         call = chunk.call
         if chunk.data is None:
             try:
                 chunk.data = _dump_items(chunk.items, call)
             except Exception as exc:
                 self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where: _pickling_error(exc, where))
-                return
+                return None
         # mirror of the worker's function cache (see _worker._Worker.function)
         if call.id in state.functions:
             fn_data = None
@@ -478,20 +515,16 @@ class _Manager(threading.Thread):
             while len(state.functions) > FUNCTION_CACHE_SIZE:
                 state.functions.popitem(last=False)
         state.functions.move_to_end(call.id)
-        message = (
-            "run", chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data,
-            call.timeout is not None, 2 if call.with_kwargs else (0 if call.bare else 1),
-        )
         now = time.monotonic()
         if not state.chunks:
             state.next_pos, state.since = 0, now
         chunk.sent = now
         state.chunks.append(chunk)
         self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
-        try:
-            state.handle.conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
-        except OSError:
-            state.open = False  # dead: its sentinel fires and the chunk is requeued
+        return (
+            chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data,
+            call.timeout is not None, 2 if call.with_kwargs else (0 if call.bare else 1),
+        )
 
     def _wait_and_handle(self) -> None:
         by_object: dict[Any, _WorkerState] = {}
@@ -540,7 +573,8 @@ class _Manager(threading.Thread):
             message = pickle.loads(data)
             kind = message[0]
             if kind == "records":
-                self._on_records(state, *message[1:])
+                for record in message[1]:
+                    self._on_records(state, *record)
             elif kind == "hello":
                 state.ready = True
                 self._start_failures = 0
@@ -569,11 +603,20 @@ class _Manager(threading.Thread):
         call.deliver(indices, values, failed, output)
         self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, end, errors)
         if final:
-            if state.since - chunk.sent < _FAST:
-                call.fast = True
+            if first == 0:
+                self._learn_pace(call, (end - starts[0]) / len(values))
             state.chunks.popleft()
             state.next_pos, state.since = 0, state.since
             self.monitor.chunk_ended(state.handle.worker_id, seq)
+
+    def _learn_pace(self, call: _Call, seconds: float) -> None:
+        """Update the call's seconds per task, and remember it for its function."""
+        if call.task_seconds is not None:
+            seconds = (call.task_seconds + seconds) / 2
+        call.task_seconds = self._paces[call.pace_key] = seconds
+        self._paces.move_to_end(call.pace_key)
+        while len(self._paces) > _PACES_KEPT:
+            self._paces.popitem(last=False)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
@@ -617,6 +660,10 @@ class _Manager(threading.Thread):
         self.workers.pop(worker_id, None)
         reason = state.kill_reason
         requeue = []
+        # the chunk the worker was in when it died: chunks before it ended but
+        # their records were still batched in the worker, so they run again
+        slot_seq, slot_pos, _ = handle.current()
+        crashed = next((n for n, c in enumerate(state.chunks) if c.seq == slot_seq), 0)
         for n, chunk in enumerate(state.chunks):
             start = state.next_pos if n == 0 else 0
             unreported = range(start, len(chunk.indices))
@@ -632,9 +679,8 @@ class _Manager(threading.Thread):
                         f"{where} ran for {seconds:.1f} s, longer than the timeout of "
                         f"{timeout:g} s; its worker (pid {handle.pid}) was killed and replaced"
                     )
-            elif n == 0 and not reason:
-                seq, pos, _ = handle.current()
-                culprit = pos if seq == chunk.seq and pos >= start else start
+            elif n == crashed and not reason:
+                culprit = slot_pos if slot_seq == chunk.seq and slot_pos >= start else start
                 error = _crash_error(handle, exitcode)
             if culprit is not None:
                 self._fail_chunk(chunk, [culprit], state, error)
@@ -718,8 +764,26 @@ class _Manager(threading.Thread):
         self.workers.clear()
 
 
-def _reserve_ok(call: _Call) -> bool:
-    return call.fast and call.timeout is None and not call.cancelled
+def _chunk_seconds(chunk: _Chunk) -> float | None:
+    """How long ``chunk`` should take in a worker, once its call's pace is known."""
+    pace = chunk.call.task_seconds
+    return None if pace is None else pace * len(chunk.indices)
+
+
+def _reserve_ok(chunk: _Chunk) -> bool:
+    """Whether ``chunk`` may wait behind another on a busy worker: it is fast,
+    and its call has no timeout (a timeout counts from when a task starts)."""
+    seconds = _chunk_seconds(chunk)
+    call = chunk.call
+    return seconds is not None and seconds < _FAST and call.timeout is None and not call.cancelled
+
+
+def _ahead(chunk: _Chunk) -> int:
+    """How many chunks like ``chunk`` a worker may hold at once."""
+    seconds = _chunk_seconds(chunk)
+    if seconds is None or not _reserve_ok(chunk):
+        return 1
+    return max(2, min(_MAX_AHEAD, int(_AHEAD_SECONDS / max(seconds, 1e-6))))
 
 
 def _pickling_error(exc: BaseException, where: str) -> BaseException:
@@ -1258,7 +1322,7 @@ def _snapshot(call: _Call, n: int) -> list[Any]:
     with call.cond:
         results = call.results
         if len(results) == n:
-            return [results[i] for i in range(n)]
+            return list(map(results.__getitem__, range(n)))
         return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]
 
 
