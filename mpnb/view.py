@@ -318,6 +318,9 @@ class Session:
                         self._dead.pop(next(iter(self._dead)))
             elif isinstance(event, (TaskFinished, TaskFailed)) and event.call in calls:
                 failed = isinstance(event, TaskFailed)
+                if failed and event.error.startswith("CancelledError"):
+                    self._cancelled_tasks += 1  # cancelled, not failed: no row counts it
+                    continue
                 done, fails, seconds = self._work.get(event.pid, (0, 0, 0.0))
                 self._work[event.pid] = (done + (not failed), fails + failed,
                                          seconds + event.finished - event.started)
@@ -325,9 +328,6 @@ class Session:
                     self._on_failure(event, calls[event.call])
 
     def _on_failure(self, event: TaskFailed, entry: tuple[Any, list | None]) -> None:
-        if event.error.startswith("CancelledError"):
-            self._cancelled_tasks += 1
-            return
         if len(self._failures) < MAX_FAILURES:
             self._failures.append(Failure(event.index, _task_label(entry, event.index), event.pid, event.error,
                                           _traceback(entry[0], event.index)))
@@ -484,7 +484,8 @@ def summary_text(facts: Facts) -> str:
     rate = f", {facts.rate:.1f} tasks/s" if facts.rate else ""
     lines = [
         f"mpnb {facts.name} ({facts.backend}{', ' + facts.method if facts.method else ''}): {state}, "
-        f"{facts.progress}, {facts.failed} failed, {_seconds(facts.elapsed)}{rate}"
+        f"{facts.done} of {facts.total if facts.total is not None else '?'} tasks returned, "
+        f"{facts.failed} failed, {_seconds(facts.elapsed)}{rate}"
     ]
     for row in facts.rows:
         lines.append(
