@@ -137,7 +137,8 @@ class BenchKernel:
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "mpnb benchmark", "language": "python",
         }))
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(self._spec_dir), os.environ.get("JUPYTER_PATH")]))
+        paths = [str(self._spec_dir), os.environ.get("JUPYTER_PATH")]
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, paths))
         self.km = KernelManager(kernel_name="mpnb-bench")
         self.km.start_kernel(cwd=str(ROOT))
         self.kc = self.km.client()
@@ -226,12 +227,18 @@ def _private_tempdir() -> str:
 def _leftovers(tmp: str, shm_before: set[str], within: float = 15.0) -> list[str]:
     """Child processes still alive; files left in ``tmp``; new ``/dev/shm``
     entries named after this process (mpnb's and joblib's carry its pid).
-    multiprocessing's own ``pymp-*`` directory goes at exit and is not counted."""
+    multiprocessing's own ``pymp-*`` directory goes at exit and is not counted,
+    nor the empty per-user directory ``%load_ext mpnb`` keeps."""
     deadline = time.monotonic() + within
     while True:
         found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in psutil.Process().children(recursive=True)
                  if p.status() != psutil.STATUS_ZOMBIE]
-        found += [f"file {tmp}/{name}" for name in sorted(os.listdir(tmp)) if not name.startswith("pymp-")]
+        for name in sorted(os.listdir(tmp)):
+            path = os.path.join(tmp, name)
+            # %load_ext mpnb keeps its per-user directory, empty, by design
+            if name.startswith("pymp-") or (name == f"mpnb-{os.getuid()}" and not os.listdir(path)):
+                continue
+            found.append(f"file {path}")
         found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before) if str(os.getpid()) in name]
         if not found or time.monotonic() > deadline:
             return found
@@ -321,7 +328,8 @@ def render(sizes, figures, cells, live, left, started, args) -> str:
             lines += ["The live widget is not in this mpnb (Pool has no `live=`): measured without it only.", ""]
         lines += ["In a kernel (round trip of an execute request, client side):", "",
                   table(["time"], {name: {"time": f} for name, f in cells.items()}, "plain cell: def"), ""]
-    lines.append("Left behind: " + ("; ".join(left) if left else "no process, no file in /dev/shm or the temp directory."))
+    clean = "no process, no file in /dev/shm or the temp directory."
+    lines.append("Left behind: " + ("; ".join(left) if left else clean))
     lines.append("")
     lines.append(f"Run took {time.perf_counter() - _T0:.0f} s.")
     return "\n".join(lines)

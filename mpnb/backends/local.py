@@ -109,10 +109,8 @@ DEFAULT_METHOD = "exec" if os.name == "posix" else "loky"
 
 # mpnb's own directory first, in case only the parent's sys.path finds it;
 # boot() then puts the parent's whole sys.path in place
-_BOOT = (
-    f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r}); "
-    "from mpnb._worker import boot; boot({fd})"
-)
+_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = f"import sys; sys.path.insert(0, {_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
 
 
 class _ExecProcess:
