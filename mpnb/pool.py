@@ -6,8 +6,8 @@ Threads, queues and processes::
     ------------------------        --------------                 ----------------
     map / imap / submit / apply     _Manager.run                   _worker.main
       | _Call (fn pickled once)       |                               |
-      | _Chunk ---- commands -------> | queue --> one chunk per idle  |
-      |             (+ wake-up pipe)  |           worker -- pipe ---> | capture output,
+      | _Chunk ---- commands -------> | queue --> chunks per worker,  |
+      |             (+ wake-up pipe)  |   one message -- pipe ------> | capture output,
       |                               |                               | write slot, call fn
       |                               | <------ records ---- pipe --- | (value/failure,
       | <--- outcomes (_Call.cond) -- | deliver, feed Monitor         |  output, times)
@@ -19,10 +19,15 @@ Threads, queues and processes::
 
 The manager thread owns every worker; the caller only sends commands and
 waits on its call, in short steps so that Ctrl-C (a ``KeyboardInterrupt`` in
-the main thread) is seen at once.  A dead or killed worker affects only the
-chunk it was running: the task on its slot fails with an error that names it,
-the other tasks of that chunk run again elsewhere, and a new worker replaces
-it.  Workers are started by a backend (``mpnb/backends``); this module is the
+the main thread) is seen at once.  An idle worker gets one chunk; once a
+call's tasks prove fast (its pace, remembered per function), each worker
+keeps about 10 ms of its chunks queued, sent several to a message, and
+answers with the records of several chunks at once: a task at chunksize 1
+no longer costs a round trip, and still fails and reports alone.  Large
+numpy arguments go to the workers once per call through shared memory
+(:mod:`mpnb.shared`).  A dead or killed worker affects only the chunks it
+held: the task on its slot fails with an error that names it, the tasks it
+had not reported run again elsewhere, and a new worker replaces it.  Workers are started by a backend (``mpnb/backends``); this module is the
 policy.
 """
 
