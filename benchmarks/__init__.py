@@ -1,7 +1,7 @@
 """Side-by-side benchmarks of mpnb.Pool against the process pools people use.
 
 Run ``python -m benchmarks`` (``--quick`` for a smoke run).  Every contender
-runs every workload in one process run, interleaved (A B C ... A B C ...) for
+runs every workload in one process run, interleaved (A B C ... B C A ...) for
 several rounds, so that load from other programs on the machine falls on all
 contenders alike; the table gives medians with min-max and each figure as a
 ratio to mpnb's.

@@ -13,7 +13,7 @@ Workloads, per contender and round (2 workers each):
 In a real kernel, mpnb alone: the same pool workloads with and without the
 live widget, and the overhead of a ``%%mppool`` cell over a plain one.
 
-Rounds interleave the contenders (A B C ... A B C ...).  At the end every
+Rounds interleave the contenders (A B C ... B C A ... C A B ...).  At the end every
 pool is shut down, the stdlib's and loky's helper processes are stopped, and
 the run fails if any child process or new file in ``/dev/shm`` or the temp
 directory is left.
@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = list(columns(sizes))
     figures = {c.name: {key: Figure(UNITS[key]) for key in keys} for c in contenders}
     for n in range(sizes.rounds):
-        for contender in contenders:
+        # each round starts one contender later, so none always runs first
+        shift = n % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
             print(f"round {n + 1}/{sizes.rounds}: {contender.name}", file=sys.stderr, flush=True)
             one_round(contender, sizes, array, expected, figures[contender.name])
     del array
@@ -315,7 +317,8 @@ def render(sizes, figures, cells, live, left, started, args) -> str:
     lines = [
         f"# Benchmark {started:%Y-%m-%d %H:%M}",
         "",
-        f"`{command}`: {sizes.rounds} interleaved rounds; median (min–max); **×r** = the figure ÷ {REFERENCE}'s.",
+        f"`{command}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
+        f"median (min–max); **×r** = the figure ÷ {REFERENCE}'s.",
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
         "",
