@@ -219,6 +219,9 @@ def _stop_helpers() -> None:
 
 def _private_tempdir() -> str:
     """A temp directory for this run and its children, so what is left there is ours."""
+    import multiprocessing.util
+
+    multiprocessing.util.get_temp_dir()  # in the usual place: multiprocessing removes it at exit
     path = tempfile.mkdtemp(prefix="mpnb-bench-")
     os.environ["TMPDIR"] = tempfile.tempdir = path
     return path
@@ -227,8 +230,7 @@ def _private_tempdir() -> str:
 def _leftovers(tmp: str, shm_before: set[str], within: float = 15.0) -> list[str]:
     """Child processes still alive; files left in ``tmp``; new ``/dev/shm``
     entries named after this process (mpnb's and joblib's carry its pid).
-    multiprocessing's own ``pymp-*`` directory goes at exit and is not counted,
-    nor the empty per-user directory ``%load_ext mpnb`` keeps."""
+    The empty per-user directory ``%load_ext mpnb`` keeps is not counted."""
     deadline = time.monotonic() + within
     while True:
         found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in psutil.Process().children(recursive=True)
@@ -236,7 +238,7 @@ def _leftovers(tmp: str, shm_before: set[str], within: float = 15.0) -> list[str
         for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
             # %load_ext mpnb keeps its per-user directory, empty, by design
-            if name.startswith("pymp-") or (name == f"mpnb-{os.getuid()}" and not os.listdir(path)):
+            if name == f"mpnb-{os.getuid()}" and not os.listdir(path):
                 continue
             found.append(f"file {path}")
         found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before) if str(os.getpid()) in name]
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             figures[name] = row
     _stop_helpers()
     left = _leftovers(tmp, shm_before)
+    if not left:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     report = render(sizes, figures, cells, live, left, started, args)
     print(report)
