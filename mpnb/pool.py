@@ -1230,9 +1230,9 @@ class Pool(Executor):
         finally:
             call.cancelled = True
             call.release()
-            self.monitor.call_finished(call.id)
             self._running.pop(call.id, None)
             self._interrupts.discard(call.id)
+            self.monitor.call_finished(call.id)
             if live is not None:
                 live.finish()
 
