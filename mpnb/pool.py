@@ -419,10 +419,12 @@ class _Manager(threading.Thread):
             traceback.print_exc(file=sys.__stderr__)
             self._fail_everything(RuntimeError(f"the mpnb pool stopped working: {exc!r}"))
         finally:
-            self._stop_workers()
-            self.stopped.set()
-            os.close(self._wake_r)
-            self.backend.close()
+            try:
+                self._stop_workers()
+            finally:  # whatever happened, nobody may wait on this pool forever
+                self.stopped.set()
+                os.close(self._wake_r)
+                self.backend.close()
 
     def _handle_commands(self) -> None:
         while True:
@@ -760,12 +762,16 @@ class _Manager(threading.Thread):
                 pass
         deadline = time.monotonic() + 1.0
         for state in self.workers.values():
-            state.handle.join(max(0.0, deadline - time.monotonic()))
-            if state.handle.exitcode is None:
+            try:
+                state.handle.join(max(0.0, deadline - time.monotonic()))
+                if state.handle.exitcode is None:
+                    state.handle.kill()
+                    state.handle.join(1.0)
+                self.monitor.worker_stopped(state.handle.worker_id, state.handle.pid, state.handle.exitcode, "stopped")
+                state.handle.close()
+            except Exception:  # one worker's trouble must not leave the others running
+                traceback.print_exc(file=sys.__stderr__)
                 state.handle.kill()
-                state.handle.join(1.0)
-            self.monitor.worker_stopped(state.handle.worker_id, state.handle.pid, state.handle.exitcode, "stopped")
-            state.handle.close()
         self.workers.clear()
 
 
@@ -866,8 +872,10 @@ class Pool(Executor):
     shown in the cell that runs the call, in task order.
 
     ``initializer(*initargs)`` runs in each worker as it starts; ``env`` adds
-    environment variables to the workers.  ``context`` is the start method:
-    ``"loky"`` (default), ``"spawn"`` or ``"forkserver"``; never ``fork``.
+    environment variables to the workers.  ``context`` is how workers start,
+    always as fresh interpreters: ``"exec"`` (default on POSIX: mpnb's own
+    launcher, the fastest), ``"loky"`` (loky's launcher), ``"spawn"`` or
+    ``"forkserver"``; never ``fork``.
 
     Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
     inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
@@ -882,7 +890,7 @@ class Pool(Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         env: dict[str, str] | None = None,
-        context: str = "loky",
+        context: str | None = None,
         backend: str = "local",
         address: Any = None,
         live: bool | None = None,
@@ -917,7 +925,7 @@ class Pool(Executor):
             return
         import cloudpickle
 
-        from mpnb.backends.local import LocalBackend
+        from mpnb.backends.local import DEFAULT_METHOD, LocalBackend
 
         worker_env = limits.thread_env(self.workers)
         worker_env[limits.DEPTH_VAR] = str(limits.current_depth() + 1)
@@ -926,7 +934,7 @@ class Pool(Executor):
             "parent": os.getpid(),
             "initializer": cloudpickle.dumps((initializer, initargs)) if initializer is not None else None,
         }
-        manager = _Manager(LocalBackend(worker_env, config, context), self.workers, self.monitor)
+        manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor)
         _register_atexit()
         _live_managers.add(manager)
         manager.start()
@@ -934,7 +942,7 @@ class Pool(Executor):
         # a pool dropped without shutdown() must not leave workers behind
         self._finalizer = weakref.finalize(self, manager.command, "shutdown", True)
 
-    def _start_dask(self, address: Any, workers: int | None, initializer: Any, env: Any, context: str) -> None:
+    def _start_dask(self, address: Any, workers: int | None, initializer: Any, env: Any, context: str | None) -> None:
         from mpnb.backends.dask import connect
 
         engine = connect(address, workers=workers, initializer=initializer, env=env, context=context)

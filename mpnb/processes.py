@@ -269,6 +269,8 @@ def _kind(cmdline: tuple[str, ...], parent_kind: str | None,
           parent_cmdline: tuple[str, ...] | None) -> str:
     """What a process is, from its command line and its parent."""
     text = " ".join(cmdline)
+    if "from mpnb._worker import boot" in text:
+        return MPNB_WORKER
     if "loky.backend.popen_loky" in text:
         return MPNB_WORKER if "--process-name mpnb-worker-" in text else LOKY_WORKER
     if "resource_tracker import main" in text:

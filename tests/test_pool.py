@@ -110,7 +110,7 @@ class Scaler:
 
 # ---------------------------------------------------------------- the base
 
-CONTEXTS = ["loky", "spawn"]
+CONTEXTS = ["exec", "loky", "spawn"]
 
 
 @pytest.fixture(params=CONTEXTS)

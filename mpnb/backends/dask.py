@@ -714,7 +714,7 @@ def _shipping_error(error: BaseException) -> BaseException:
 # ---------------------------------------------------------------- connect
 
 
-def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, context: str) -> DaskEngine:
+def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, context: str | None) -> DaskEngine:
     """Connect to the dask scheduler at ``address`` and start an engine for a Pool.
 
     ``address`` is a scheduler address (``"tcp://host:8786"``), a
@@ -738,13 +738,13 @@ def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, co
     return engine
 
 
-def _refuse_local_options(workers: int | None, initializer: Any, env: Any, context: str) -> None:
+def _refuse_local_options(workers: int | None, initializer: Any, env: Any, context: str | None) -> None:
     given = [
         (workers is not None, f"workers={workers!r}", "the cluster's workers decide how many tasks run at once"),
         (initializer is not None, "initializer=", "dask workers are shared and already running; use "
          "Client.register_plugin with a distributed.WorkerPlugin to prepare them"),
         (bool(env), "env=", "set environment variables where the dask workers are started"),
-        (context != "loky", f"context={context!r}", "dask starts its own worker processes"),
+        (context is not None, f"context={context!r}", "dask starts its own worker processes"),
     ]
     for wrong, option, why in given:
         if wrong:
