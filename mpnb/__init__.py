@@ -12,7 +12,8 @@ machinery, and starts no thread or process.  Those come when they are used.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing is not imported: workers import this package at start-up
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from mpnb.doctor import doctor
     from mpnb.pickling import diagnose
     from mpnb.pool import Pool
