@@ -511,7 +511,7 @@ class _Manager(threading.Thread):
             try:
                 chunk.data = _dump_items(chunk.items, call)
             except Exception as exc:
-                self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where: _pickling_error(exc, where))
+                self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where, exc=exc: _pickling_error(exc, where))
                 return None
         # mirror of the worker's function cache (see _worker._Worker.function)
         if call.id in state.functions:
@@ -716,16 +716,7 @@ class _Manager(threading.Thread):
             return
         now = time.monotonic()
         pid = state.handle.pid if state is not None else None
-        indices, values, errors = [], [], {}
-        for pos in positions:
-            index = chunk.indices[pos]
-            where = _describe(chunk.call, index, chunk.items[pos])
-            exc = make_error(where)
-            if not isinstance(exc, CancelledError):
-                exc.add_note(f"mpnb: raised by {where}" + (f" in worker pid {pid}" if pid else ""))
-            indices.append(index)
-            values.append(exc)
-            errors[index] = f"{type(exc).__name__}: {exc}"
+        indices, values, errors = _task_errors(chunk, positions, make_error, f" in worker pid {pid}" if pid else "")
         chunk.call.deliver(indices, values, indices, {})
         if state is not None:
             self.monitor.tasks_ended(state.handle.worker_id, pid or 0, chunk.call.id, indices,
@@ -779,6 +770,24 @@ def _chunk_seconds(chunk: _Chunk) -> float | None:
     """How long ``chunk`` should take in a worker, once its call's pace is known."""
     pace = chunk.call.task_seconds
     return None if pace is None else pace * len(chunk.indices)
+
+
+def _task_errors(chunk: _Chunk, positions: Iterable[int], make_error: Callable[[str], BaseException],
+                 place: str) -> tuple[list[int], list[BaseException], dict[int, str]]:
+    """The errors of a chunk's tasks at ``positions``: their indices, the
+    exceptions (``make_error(task description)``, noted with the task and
+    ``place``) and the one-line descriptions the monitor records."""
+    indices, values, errors = [], [], {}
+    for pos in positions:
+        index = chunk.indices[pos]
+        where = _describe(chunk.call, index, chunk.items[pos])
+        exc = make_error(where)
+        if not isinstance(exc, CancelledError):
+            exc.add_note(f"mpnb: raised by {where}{place}")
+        indices.append(index)
+        values.append(exc)
+        errors[index] = f"{type(exc).__name__}: {exc}"
+    return indices, values, errors
 
 
 def _reserve_ok(chunk: _Chunk) -> bool:
@@ -1044,6 +1053,7 @@ class Pool(Executor):
         What the task prints is shown when its result is fetched with
         ``future.result()`` or ``future.exception()``.
         """
+        __tracebackhide__ = True  # IPython shows the caller's line, not mpnb's frames
         manager = self._check_open()
         future = _TaskFuture()
         if manager is None:
@@ -1073,6 +1083,7 @@ class Pool(Executor):
         The outcome stays in ``pool.last_results`` even when the call raises
         or is interrupted.
         """
+        __tracebackhide__ = True
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if len(iterables) == 1:
@@ -1089,14 +1100,17 @@ class Pool(Executor):
         on_error: str | None = None,
     ) -> list[Any]:
         """``[fn(*args) for args in iterable]`` on the workers, in input order."""
+        __tracebackhide__ = True
         return self._map(fn, [tuple(args) for args in iterable], "star", chunksize, timeout, on_error)
 
     def apply(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in a worker and wait for its value."""
+        __tracebackhide__ = True
         results = self._map(fn, [(args, kwargs)], "submit", 1, None, "raise")
         return results[0]
 
     def _map(self, fn, items, style, chunksize, timeout, on_error) -> list[Any]:
+        __tracebackhide__ = True
         on_error = self.on_error if on_error is None else _check_on_error(on_error)
         manager = self._check_open()
         if manager is None:
@@ -1167,6 +1181,7 @@ class Pool(Executor):
         long or endless iterables.  A failed task raises when its turn comes
         (or is yielded, with ``on_error="collect"``).
         """
+        __tracebackhide__ = True
         return self._imap(fn, iterable, chunksize, timeout, on_error, ordered=True)
 
     def imap_unordered(
@@ -1179,9 +1194,11 @@ class Pool(Executor):
         on_error: str | None = None,
     ) -> Iterator[Any]:
         """Like :meth:`imap`, but yields each result as soon as it is ready."""
+        __tracebackhide__ = True
         return self._imap(fn, iterable, chunksize, timeout, on_error, ordered=False)
 
     def _imap(self, fn, iterable, chunksize, timeout, on_error, ordered) -> Iterator[Any]:
+        __tracebackhide__ = True
         on_error = self.on_error if on_error is None else _check_on_error(on_error)
         manager = self._check_open()
         chunksize = _check_chunksize(chunksize)
@@ -1192,6 +1209,7 @@ class Pool(Executor):
         return self._imap_results(manager, call, iterable, chunksize, on_error, ordered)
 
     def _imap_results(self, manager, call, iterable, chunksize, on_error, ordered) -> Iterator[Any]:
+        __tracebackhide__ = True
         self.monitor.call_started(call.id, None)
         self._running[call.id], self._last_call = call, call.id
         live = view.watch(self, call, None)
@@ -1314,6 +1332,7 @@ class _TaskFuture(Future):
         _replay(output)
 
     def result(self, timeout: float | None = None) -> Any:
+        __tracebackhide__ = True
         try:
             return super().result(timeout)
         finally:
@@ -1321,6 +1340,7 @@ class _TaskFuture(Future):
                 self._show_output()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        __tracebackhide__ = True
         try:
             return super().exception(timeout)
         finally:

@@ -20,7 +20,7 @@ pytest.importorskip("distributed")
 
 import mpnb  # noqa: E402
 from daskcluster import Cluster  # noqa: E402
-from kernel import Kernel, assert_no_leftovers, cell_text, new_tag, notebook_errors, run_notebook  # noqa: E402
+from kernel import assert_no_leftovers, cell_text, new_tag, notebook_errors, run_notebook  # noqa: E402
 from mpnb.pool import RemoteTraceback, TaskTimeoutError  # noqa: E402
 
 

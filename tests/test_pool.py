@@ -16,7 +16,7 @@ import pickle
 import signal
 import time
 import warnings
-from concurrent.futures import CancelledError, Executor
+from concurrent.futures import Executor
 
 import psutil
 import pytest

@@ -633,19 +633,11 @@ class DaskEngine(threading.Thread):
 
     def _fail(self, chunk: Any, entry: _Running | None, positions: Any,
               make_error: Callable[[str], BaseException]) -> None:
-        from mpnb.pool import _describe
+        from mpnb.pool import _task_errors
 
         address = entry.address if entry is not None else None
-        indices, values, errors = [], [], {}
-        for pos in positions:
-            index = chunk.indices[pos]
-            where = _describe(chunk.call, index, chunk.items[pos])
-            exc = make_error(where)
-            if not isinstance(exc, CancelledError):
-                exc.add_note(f"mpnb: raised by {where}" + (f" on dask worker {address}" if address else ""))
-            indices.append(index)
-            values.append(exc)
-            errors[index] = f"{type(exc).__name__}: {exc}"
+        indices, values, errors = _task_errors(chunk, positions, make_error,
+                                               f" on dask worker {address}" if address else "")
         if not indices:
             return
         chunk.call.deliver(indices, values, indices, {})
