@@ -196,7 +196,8 @@ def test_guard_kill_stops_the_newest(tag):
 
 
 CENSUS_SCRIPT = """\
-import json, multiprocessing, subprocess
+import json, multiprocessing, subprocess, time
+import psutil
 import loky
 from mpnb import processes
 
@@ -206,6 +207,11 @@ if __name__ == "__main__":
     executor = loky.get_reusable_executor(1)
     executor.submit(abs, 1).result()
     sleeper = subprocess.Popen(["sleep", "60"])
+    # with vfork, Popen may return before the kernel has set up the new
+    # program's arguments: /proc shows an empty command line for a moment
+    deadline = time.monotonic() + 10
+    while not psutil.Process(sleeper.pid).cmdline() and time.monotonic() < deadline:
+        time.sleep(0.01)
     census = processes.status(cpu=False)
     print(json.dumps(dict(
         workers=[p.pid for p in pool._pool], sleeper=sleeper.pid, text=str(census),
