@@ -162,9 +162,9 @@ def load(shell: Any) -> None:
 
     cells.create_kernel_dir()
     processes.mark_lineage()
-    processes.start_guard(shell)
     shell.register_magics(MpnbMagics)
     diagnostics.install(shell)
+    processes.start_guard(shell)  # last: a bad setting it refuses leaves the rest working
 
 
 def unload(shell: Any) -> None:

@@ -38,7 +38,7 @@ class WorkerStatus:
 
     worker: int
     pid: int | None
-    state: str  # "starting", "idle", "busy", "stopped"
+    state: str  # "starting", "idle" or "busy" (a stopped worker has no row)
     call: int | None = None
     index: int | None = None
     since: float | None = None  # when the current task started
@@ -204,6 +204,12 @@ class Monitor:
             expanded = _expand(kind, payload)
             events.extend(expanded[max(0, since - first):])
         return events, logged
+
+    def cursor(self) -> int:
+        """The cursor of the next event: :meth:`events` from it returns only
+        what happens after this call."""
+        with self._lock:
+            return self._logged
 
     def calls(self) -> list[CallStatus]:
         """Progress of recent calls, oldest first."""

@@ -377,6 +377,8 @@ class _Manager(threading.Thread):
         self.commands: SimpleQueue = SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # closed only when nobody can write to it any more (the read end closes when run() ends)
+        weakref.finalize(self, os.close, self._wake_w)
         self._worker_ids = itertools.count()
         self._start_failures = 0
         self._start_error: BaseException | None = None
@@ -458,8 +460,14 @@ class _Manager(threading.Thread):
     def _next_chunk(self) -> _Chunk | None:
         while self.queue:
             chunk = self.queue.popleft()
-            if not chunk.call.cancelled:
-                return chunk
+            call = chunk.call
+            if call.cancelled:
+                continue
+            future = call.future
+            if future is not None and not future.running() and not future.set_running_or_notify_cancel():
+                call.release()  # cancelled by its owner before it started: it never runs
+                continue
+            return chunk
         return None
 
     def _dispatch(self) -> None:
@@ -607,8 +615,9 @@ class _Manager(threading.Thread):
             output = {chunk.indices[pos]: segments for pos, segments in output.items()}
         state.next_pos = first + len(values)
         state.since = time.monotonic()
-        call.deliver(indices, values, failed, output)
+        # recorded before delivered: a summary made when the caller wakes counts them
         self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, end, errors)
+        call.deliver(indices, values, failed, output)
         if final:
             if first == 0:
                 self._learn_pace(call, (end - starts[0]) / len(values))
@@ -717,10 +726,10 @@ class _Manager(threading.Thread):
         now = time.monotonic()
         pid = state.handle.pid if state is not None else None
         indices, values, errors = _task_errors(chunk, positions, make_error, f" in worker pid {pid}" if pid else "")
-        chunk.call.deliver(indices, values, indices, {})
         if state is not None:
             self.monitor.tasks_ended(state.handle.worker_id, pid or 0, chunk.call.id, indices,
                                      [now] * len(indices), now, errors)
+        chunk.call.deliver(indices, values, indices, {})
 
     def _drop_queue(self, error: BaseException | None = None) -> None:
         queue, self.queue = self.queue, deque()
@@ -1008,7 +1017,7 @@ class Pool(Executor):
             indices = list(range(index, index + len(batch)))
             index += len(batch)
             try:
-                data = _dump_items(batch, call)
+                data = _dump_items(batch, self._sharing(call))
             except Exception:
                 # find out which argument does not pickle, fail that task alone
                 for i, item in zip(indices, batch):
@@ -1016,9 +1025,14 @@ class Pool(Executor):
                 continue
             yield index, _Chunk(call, indices, batch, data)
 
+    def _sharing(self, call: _Call) -> _Call | None:
+        """The call whose large arrays go through shared files, or None: a
+        dask worker may be on another machine, so there they are pickled."""
+        return call if self.backend == "local" else None
+
     def _single_chunk(self, call: _Call, index: int, item: tuple) -> _Chunk:
         try:
-            return _Chunk(call, [index], [item], _dump_items([item], call))
+            return _Chunk(call, [index], [item], _dump_items([item], self._sharing(call)))
         except Exception as exc:
             error = _pickling_error(exc, _describe(call, index, item))
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
@@ -1126,6 +1140,7 @@ class Pool(Executor):
         live = view.watch(self, call, items)
         self._send_chunks(manager, [chunk for _, chunk in self._chunks(call, items, chunksize)])
         shown = 0
+        interrupted = False
         try:
             while True:
                 with call.cond:
@@ -1147,6 +1162,7 @@ class Pool(Executor):
                 if shown == n:
                     break
         except KeyboardInterrupt as interrupt:
+            interrupted = True
             self._cancel(call)
             finished = len(call.results) - len(call.failed)
             interrupt.add_note(
@@ -1163,7 +1179,7 @@ class Pool(Executor):
                 _replay(call.output.pop(index, None))
             self.monitor.call_finished(call.id)
             if live is not None:
-                live.finish()
+                live.finish(interrupted)
         return self.last_results
 
     def imap(
@@ -1216,7 +1232,7 @@ class Pool(Executor):
         chunks = self._chunks(call, iterable, chunksize)
         ahead = 2 * self.workers * chunksize  # tasks submitted beyond those yielded
         submitted = yielded = 0
-        exhausted = False
+        exhausted = interrupted = False
         try:
             while True:
                 while not exhausted and submitted - yielded < ahead:
@@ -1236,11 +1252,12 @@ class Pool(Executor):
                         ready = list(call.results)
                     if not ready:
                         call.cond.wait(_POLL)
+                # every pass, not only when waiting: a slow consumer always finds a result ready
+                if live is not None:
+                    live.poll()
+                if call.id in self._interrupts:
+                    raise KeyboardInterrupt
                 if not ready:
-                    if live is not None:
-                        live.poll()
-                    if call.id in self._interrupts:
-                        raise KeyboardInterrupt
                     continue
                 with call.cond:
                     taken = [(i, call.results.pop(i), i in call.failed, call.output.pop(i, None)) for i in ready]
@@ -1250,7 +1267,8 @@ class Pool(Executor):
                     if failed and on_error == "raise":
                         raise value
                     yield value
-        except BaseException:
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
             self._cancel(call)
             raise
         finally:
@@ -1260,7 +1278,7 @@ class Pool(Executor):
             self._interrupts.discard(call.id)
             self.monitor.call_finished(call.id)
             if live is not None:
-                live.finish()
+                live.finish(interrupted)
 
     def cancel(self) -> None:
         """Stop the work under way, as a kernel interrupt does.
@@ -1275,8 +1293,9 @@ class Pool(Executor):
         for call in list(self._running.values()):
             if call.future is None:
                 self._interrupts.add(call.id)
-            elif call.future.cancel() and manager is not None:
-                manager.command("cancel", call, threading.Event())
+            elif not call.future.done() and manager is not None:
+                call.future.cancel()  # one that has not started never will
+                manager.command("cancel", call, threading.Event())  # one running: its worker is killed
 
     def timeline(self, call: int | None = None) -> "Timeline":
         """A picture of which worker ran which task when, failures marked.

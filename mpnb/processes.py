@@ -310,9 +310,9 @@ def _owners() -> dict[int, str]:
             owners[pid] = owner
     pool = sys.modules.get("mpnb.pool")
     for manager in list(getattr(pool, "_live_managers", ())):
-        if not manager.stopped.is_set():
-            owners.update((row.pid, MPNB_OWNER) for row in manager.monitor.snapshot()
-                          if row.pid is not None and row.state != "stopped")
+        # local pools only: a dask engine's rows are the cluster's processes
+        if isinstance(manager, pool._Manager) and not manager.stopped.is_set():
+            owners.update((row.pid, MPNB_OWNER) for row in manager.monitor.snapshot() if row.pid is not None)
     return owners
 
 

@@ -215,7 +215,7 @@ class Session:
         self._calls: dict[int, tuple[Any, list | None]] = {call.id: (call, items)}  # id -> (_Call, items)
         self._lock = threading.Lock()
         self._started = time.monotonic()
-        self._cursor = self.monitor.events(sys.maxsize)[1]  # only what happens from now on
+        self._cursor = self.monitor.cursor()  # only what happens from now on
         self._failures: list[Failure] = []
         self._cancelled_tasks = 0
         self._dead: dict[int, Row] = {}
@@ -255,8 +255,10 @@ class Session:
             self._next_pump = now + PUMP_INTERVAL
             self._pump.pump()
 
-    def finish(self) -> None:
-        """The work is over: stop refreshing and leave the summary."""
+    def finish(self, interrupted: bool = False) -> None:
+        """The work is over (``interrupted``: by Ctrl-C or Cancel): stop
+        refreshing and leave the summary."""
+        self._cancelled = self._cancelled or interrupted
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()

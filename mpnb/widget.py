@@ -133,7 +133,9 @@ class LiveWidget:
                                      layout=widgets.Layout(width="auto"), _dom_classes=("mpnb-cancel",))
         self.cancel.on_click(self._clicked)
         self.root = widgets.VBox([self.bar, self.status, self.errors, self.cancel], _dom_classes=("mpnb-live",))
-        self._parts = [self.bar, self.status, self.errors, self.cancel, self.root]
+        # each part owns a layout (and a style) widget with comms of their own
+        self._parts = [w for part in (self.bar, self.status, self.errors, self.cancel, self.root)
+                       for w in (part, part.layout, getattr(part, "style", None)) if w is not None]
         self._handle = display(self.root, display_id=True)
 
     def comm_widgets(self) -> dict[str, Any]:

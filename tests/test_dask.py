@@ -196,3 +196,19 @@ def test_missing_distributed_names_the_extra():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert 'pip install "mpnb[dask]"' in out
+
+
+def test_large_arrays_travel_in_the_task_not_through_local_shared_memory(pool):
+    # a dask worker may be on another machine: this machine's /dev/shm is no use there
+    np = pytest.importorskip("numpy")
+    array = np.zeros(2**19)  # 4 MB, above MPNB_SHARE_BYTES
+    assert pool.map(operator.attrgetter("flags.writeable"), [array, array]) == [True, True]
+
+
+def test_mpstatus_does_not_count_cluster_workers_as_mpnb_workers(pool):
+    from mpnb import processes
+
+    workers = {r.pid for r in pool.monitor.sample()}
+    rows = processes.status(cpu=False).rows
+    assert len(workers) == 2 and {r.pid for r in rows} >= workers, "the cluster runs below this process"
+    assert not [r for r in rows if r.owner == processes.MPNB_OWNER], "the cluster's workers are not a local pool's"

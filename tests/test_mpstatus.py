@@ -253,9 +253,12 @@ def test_kinds_and_owners_of_other_libraries_pools(tag, tmp_path):
 ])
 def test_bad_settings_are_refused_by_name(monkeypatch, var, value, words):
     monkeypatch.setenv(var, value)
-    with pytest.raises(ValueError, match=words) as info:
-        processes.start_guard()
-    assert processes.guard() is None
+    try:
+        with pytest.raises(ValueError, match=words) as info:
+            processes.start_guard()
+        assert processes.guard() is None
+    finally:
+        processes.stop_guard()  # a guard started by mistake must not outlive the test
     assert var in str(info.value)
 
 

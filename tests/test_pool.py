@@ -43,6 +43,11 @@ def slow_square(x, seconds=0.05):
     return x * x
 
 
+def touch(path):
+    open(path, "w").close()
+    return path
+
+
 def sleep_for(seconds):
     time.sleep(seconds)
     return seconds
@@ -179,11 +184,11 @@ class TestPool:
         done = [r for r in pool.last_results if not isinstance(r, BaseException)]
         assert set(done) <= {0, 1, 3, 4} and isinstance(pool.last_results[2], ValueError)
 
-    def test_collect_returns_exceptions_in_place(self, pool):
+    def test_collect_returns_exceptions_in_place(self, pool, tag):
         results = pool.map(fail_on, range(5), on_error="collect")
         assert results[:2] == [0, 1] and results[3:] == [3, 4]
         assert isinstance(results[2], ValueError)
-        collecting = mpnb.Pool(1, on_error="collect", env={TAG_VAR: os.environ.get(TAG_VAR, "")})
+        collecting = mpnb.Pool(1, on_error="collect", env={TAG_VAR: tag})
         try:
             assert isinstance(collecting.map(fail_on, [2])[0], ValueError)
         finally:
@@ -382,3 +387,14 @@ def test_killed_parent_leaves_no_worker(tag, tmp_path):
         assert not alive, f"processes outlived their parent: {alive}"
     finally:
         owner.kill()
+
+
+def test_a_future_cancelled_before_it_starts_never_runs(tag, tmp_path):
+    marker = tmp_path / "ran"
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
+        busy = pool.submit(sleep_for, 1.0)
+        waiting = pool.submit(touch, str(marker))
+        assert waiting.cancel() and waiting.cancelled()
+        busy.result(timeout=60)
+        assert pool.submit(square, 3).result(timeout=60) == 9  # the queue has moved past it
+    assert not marker.exists(), "a cancelled future's task ran"

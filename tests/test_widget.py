@@ -238,6 +238,19 @@ def test_cancel_from_another_thread_interrupts_map_and_keeps_results(tag):
         assert pool.map(slow, [1, 2]) == [1, 2], "the pool serves after a cancel"
 
 
+def test_cancel_reaches_an_imap_whose_consumer_is_slower_than_the_workers(tag):
+    with mpnb.Pool(2, live=False, env={TAG_VAR: tag}) as pool:
+        got = []
+        with pytest.raises(KeyboardInterrupt):
+            for value in pool.imap(slow, range(200)):  # results are always ready: the consumer lags
+                got.append(value)
+                if len(got) == 5:
+                    threading.Thread(target=pool.cancel).start()
+                time.sleep(0.05)
+        assert 5 <= len(got) < 100, got
+        assert pool.map(slow, [1, 2]) == [1, 2], "the pool serves after a cancel"
+
+
 def test_cancel_stops_background_futures_and_their_workers(tag):
     with mpnb.Pool(2, live=False, env={TAG_VAR: tag}) as pool:
         futures = [pool.submit(sleep_for, 60) for _ in range(3)]

@@ -565,12 +565,14 @@ class DaskEngine(threading.Thread):
             entry = self.running.pop(seq, None) if seq is not None else None
             if entry is not None:
                 entries.append(entry)
-        ok = [e for e in entries if e.future.status == "finished"]
-        if ok:
-            for entry, data in zip(ok, self.client.gather([e.future for e in ok], errors="skip")):
-                self._deliver(entry, data)
+        ok = {e.future.key: e for e in entries if e.future.status == "finished"}
+        # by key: errors="skip" leaves out a future that failed meanwhile
+        gathered = self.client.gather({key: e.future for key, e in ok.items()}, errors="skip") if ok else {}
         for entry in entries:
-            if entry.future.status != "finished":
+            data = gathered.get(entry.future.key)
+            if data is not None:
+                self._deliver(entry, data)
+            else:
                 self._lost(entry)
 
     def _deliver(self, entry: _Running, data: bytes) -> None:
@@ -588,9 +590,9 @@ class DaskEngine(threading.Thread):
             failed.append(index)
             errors[index] = f"{type(exc).__name__}: {exc}"
         output = {chunk.indices[pos]: segments for pos, segments in outputs.items()}
-        call.deliver(chunk.indices, values, failed, output)
         self.monitor.chunk_done(address, pid, chunk.seq, call.id, chunk.indices,
                                 [s + offset for s in starts], end + offset, errors)
+        call.deliver(chunk.indices, values, failed, output)
 
     def _lost(self, entry: _Running) -> None:
         """A chunk whose dask task failed as a whole (not one of its tasks)."""
@@ -640,10 +642,10 @@ class DaskEngine(threading.Thread):
                                                f" on dask worker {address}" if address else "")
         if not indices:
             return
-        chunk.call.deliver(indices, values, indices, {})
         now = time.monotonic()
         if address is not None:
             self.monitor.chunk_done(address, 0, chunk.seq, chunk.call.id, indices, [now] * len(indices), now, errors)
+        chunk.call.deliver(indices, values, indices, {})
 
     def _fail_everything(self, error: BaseException) -> None:
         for entry in list(self.running.values()):
