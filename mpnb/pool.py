@@ -1285,8 +1285,9 @@ class Pool(Executor):
 
         A waiting ``map``, ``starmap``, ``imap`` or ``apply`` raises
         ``KeyboardInterrupt`` (what finished stays in ``pool.last_results``);
-        submitted futures not yet done are cancelled and the workers running
-        them are killed and replaced.  The pool stays usable.  Any thread may
+        submitted futures that have not started are cancelled, and those
+        running end with a ``CancelledError``: their workers are killed and
+        replaced.  The pool stays usable.  Any thread may
         call this; the live view's Cancel button does.
         """
         manager = self._manager
