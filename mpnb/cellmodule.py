@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import cloudpickle
 
-from mpnb import cells
+from mpnb import cells, serialize
 
 __all__ = [
     "CellModule",
@@ -502,7 +502,7 @@ def build(source: str, namespace: Mapping[str, Any], directory: Path,
     cell = split(source, filename)
     resolution = resolve(cell, namespace)
     text = render(cell, resolution)
-    captured = cloudpickle.dumps(resolution.captured) if resolution.captured else b""
+    captured = serialize.dumps(resolution.captured) if resolution.captured else b""
     if len(captured) > LARGE_CAPTURE_BYTES:
         sizes = {n: len(cloudpickle.dumps(v)) for n, v in resolution.captured.items()}
         biggest = max(sizes, key=sizes.__getitem__)

@@ -54,7 +54,7 @@ from multiprocessing.connection import wait as wait_for
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from mpnb import limits, view
+from mpnb import limits, serialize, view
 from mpnb._worker import FUNCTION_CACHE_SIZE, Failure
 from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor
@@ -313,10 +313,8 @@ def _dump_items(items: list, call: _Call | None = None) -> bytes:
     # object; for plain data the C pickler is several times faster
     if _is_plain(items):
         return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
-    import cloudpickle
-
     if call is None or "numpy" not in sys.modules:
-        return cloudpickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+        return serialize.dumps(items)
     if call.shares is None:
         call.shares = SharedArrays()
     buffer = io.BytesIO()
@@ -326,13 +324,11 @@ def _dump_items(items: list, call: _Call | None = None) -> bytes:
 
 @functools.cache
 def _sharing_pickler() -> type:
-    import cloudpickle
-
-    class SharingPickler(cloudpickle.CloudPickler):
-        """cloudpickle that sends large numpy arrays as shared-memory references."""
+    class SharingPickler(serialize.Pickler):
+        """mpnb's pickler, sending large numpy arrays as shared-memory references."""
 
         def __init__(self, file, shares: SharedArrays):
-            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+            super().__init__(file)
             self._shares = shares
 
         def reducer_override(self, obj):
@@ -941,8 +937,6 @@ class Pool(Executor):
             if initializer is not None:
                 initializer(*initargs)
             return
-        import cloudpickle
-
         from mpnb.backends.local import DEFAULT_METHOD, LocalBackend
 
         worker_env = limits.thread_env(self.workers)
@@ -950,7 +944,7 @@ class Pool(Executor):
         worker_env.update(env or {})
         config = {
             "parent": os.getpid(),
-            "initializer": cloudpickle.dumps((initializer, initargs)) if initializer is not None else None,
+            "initializer": serialize.dumps((initializer, initargs)) if initializer is not None else None,
         }
         manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor)
         _register_atexit()
@@ -993,10 +987,8 @@ class Pool(Executor):
     def _new_call(self, fn: Callable, timeout: float | None, style: str, future: Future | None = None) -> _Call:
         if not callable(fn):
             raise TypeError(f"the pool needs a callable, not a {type(fn).__name__}")
-        import cloudpickle
-
         try:
-            fn_bytes = cloudpickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+            fn_bytes = serialize.dumps(fn)
         except Exception as exc:
             raise pickle.PicklingError(
                 f"the function {getattr(fn, '__qualname__', fn)!r} cannot be sent to a worker: {exc}"

@@ -1,0 +1,95 @@
+"""mpnb's pickler keeps the file names of shipped code.
+
+The notebook shows a worker's traceback with the cell's source lines only if
+the code that ran there still names the cell's file.  cloudpickle (3.1.3 on)
+renames every code object it ships; :mod:`mpnb.serialize` puts the names
+back.  These tests load the payload in a fresh interpreter, as a worker does,
+so they fail loudly if cloudpickle's handling of code changes under it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import cloudpickle
+
+from mpnb import serialize
+
+CELL = textwrap.dedent(
+    """
+    def outer(x):
+        def inner(y):
+            return 1 / y
+        return inner(x)
+
+    class Holder:
+        def method(self):
+            return lambda: 1 / 0
+    """
+)
+FILENAME = "/notebook/cell-7.py"
+
+CHILD = textwrap.dedent(
+    """
+    import pickle, sys, traceback
+    outer, holder = pickle.loads(sys.stdin.buffer.read())
+    print(outer.__code__.co_filename)
+    print(holder.method.__code__.co_filename)
+    for fn in (lambda: outer(0), holder.method()):
+        try:
+            fn()
+        except ZeroDivisionError as exc:
+            for frame in traceback.extract_tb(exc.__traceback__):
+                if frame.filename != "<string>":
+                    print(frame.filename, frame.lineno, frame.name)
+    """
+)
+
+
+def _cell_objects():
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(CELL, FILENAME, "exec"), namespace)
+    return namespace["outer"], namespace["Holder"]()
+
+
+def _load_in_fresh_interpreter(data: bytes) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], input=data, capture_output=True, timeout=60,
+        env={"PYTHONPATH": ":".join(p for p in sys.path if p)},
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout.decode().splitlines()
+
+
+def test_code_shipped_by_value_keeps_its_file_name_and_lines():
+    lines = _load_in_fresh_interpreter(serialize.dumps(_cell_objects()))
+    assert lines == [
+        FILENAME,
+        FILENAME,
+        f"{FILENAME} 5 outer",
+        f"{FILENAME} 4 inner",
+        f"{FILENAME} 9 <lambda>",
+    ]
+
+
+def test_functions_travel_by_value_as_cloudpickle_sends_them():
+    outer, holder = pickle.loads(serialize.dumps(_cell_objects()))
+    assert outer(4) == 0.25
+    assert type(holder).__name__ == "Holder"
+    # shared code objects stay shared: a code object is written once
+    funcs = [(lambda k: (lambda: k))(k) for k in range(3)]
+    assert len(serialize.dumps(funcs)) < 2 * len(serialize.dumps(funcs[:1]))
+
+
+def test_cloudpickle_alone_says_whether_the_wrapper_is_still_needed():
+    """Documents what the wrapper is for: if this starts failing because
+    cloudpickle keeps file names again, the wrapper is harmless but could go."""
+    lines = _load_in_fresh_interpreter(cloudpickle.dumps(_cell_objects()))
+    version = tuple(int(p) for p in cloudpickle.__version__.split(".")[:3] if p.isdigit())
+    if version >= (3, 1, 3):
+        assert lines[0] == "<dynamic-code>"
+    else:
+        assert lines[0] == FILENAME
