@@ -38,6 +38,7 @@ import functools
 import io
 import itertools
 import linecache
+import logging
 import os
 import pickle
 import reprlib
@@ -393,6 +394,9 @@ class _Manager(threading.Thread):
 
     def command(self, *message) -> None:
         self.commands.put(message)
+        if self.stopped.is_set():  # nobody will read it: answer it here
+            self._refuse_after_stop()
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError:  # full (it will wake anyway) or already closed
@@ -411,22 +415,41 @@ class _Manager(threading.Thread):
             self._start_missing()
             while True:
                 self._handle_commands()
+                # dispatch first: it may drop the last queued chunks (cancelled
+                # futures), and then nothing would wake the wait below (gh-94440)
+                self._dispatch()
                 if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
                     break
-                self._dispatch()
                 self._wait_and_handle()
                 self._check_timeouts()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self.error = exc
             traceback.print_exc(file=sys.__stderr__)
-            self._fail_everything(RuntimeError(f"the mpnb pool stopped working: {exc!r}"))
+            self._fail_everything(BrokenProcessPool(f"the mpnb pool stopped working: {exc!r}"))
         finally:
             try:
                 self._stop_workers()
             finally:  # whatever happened, nobody may wait on this pool forever
                 self.stopped.set()
+                self._refuse_after_stop()
                 os.close(self._wake_r)
                 self.backend.close()
+
+    def _refuse_after_stop(self) -> None:
+        """Answer the commands that arrived after the loop ended: their work
+        fails at once, so nobody waits on a pool that no longer runs."""
+        why = f"the pool's manager stopped ({self.error!r})" if self.error else "the pool was shut down"
+        while True:
+            try:
+                message = self.commands.get_nowait()
+            except Empty:
+                return
+            if message[0] == "chunks":
+                for chunk in message[1]:
+                    self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where: BrokenProcessPool(
+                        f"{where} was not run: {why}; create a new mpnb.Pool"))
+            elif message[0] == "cancel":
+                message[2].set()
 
     def _handle_commands(self) -> None:
         while True:
@@ -518,7 +541,7 @@ class _Manager(threading.Thread):
         if chunk.data is None:
             try:
                 chunk.data = _dump_items(chunk.items, call)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: this thread must live on
                 self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where, exc=exc: _pickling_error(exc, where))
                 return None
         # mirror of the worker's function cache (see _worker._Worker.function)
@@ -986,8 +1009,8 @@ class Pool(Executor):
         if self._closed:
             raise RuntimeError("this mpnb.Pool was shut down; create a new Pool to run more tasks")
         manager = self._manager
-        if manager is not None and manager.stopped.is_set():
-            raise RuntimeError(f"this mpnb.Pool stopped working ({manager.error!r}); create a new Pool")
+        if manager is not None and (manager.stopped.is_set() or manager.error is not None):
+            raise BrokenProcessPool(f"this mpnb.Pool stopped working ({manager.error!r}); create a new mpnb.Pool")
         return manager
 
     def _new_call(self, fn: Callable, timeout: float | None, style: str, future: Future | None = None) -> _Call:
@@ -1018,7 +1041,9 @@ class Pool(Executor):
             index += len(batch)
             try:
                 data = _dump_items(batch, self._sharing(call))
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # SystemExit from a __reduce__ too: it is the task's failure
                 # find out which argument does not pickle, fail that task alone
                 for i, item in zip(indices, batch):
                     yield i + 1, self._single_chunk(call, i, item)
@@ -1033,7 +1058,9 @@ class Pool(Executor):
     def _single_chunk(self, call: _Call, index: int, item: tuple) -> _Chunk:
         try:
             return _Chunk(call, [index], [item], _dump_items([item], self._sharing(call)))
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             error = _pickling_error(exc, _describe(call, index, item))
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
             call.deliver([index], [error], [index], {})
@@ -1074,6 +1101,7 @@ class Pool(Executor):
             _run_inline_into(future, fn, args, kwargs)
             return future
         call = self._new_call(fn, None, "submit", future)
+        future._mpnb_stop = functools.partial(_stop_submitted, manager, call)
         self.monitor.call_started(call.id, 1)
         self._running[call.id] = call
         future.add_done_callback(lambda _, running=self._running, key=call.id: running.pop(key, None))
@@ -1157,7 +1185,9 @@ class Pool(Executor):
                         _replay(call.output.pop(index, None))
                 shown = upto
                 if failed is not None and on_error == "raise":
-                    call.cancelled = True  # queued tasks are dropped; running ones end unobserved
+                    # its other tasks are stopped: nobody will see them, and a
+                    # later shutdown() must not wait for them
+                    manager.command("cancel", call, threading.Event())
                     raise call.results[failed]
                 if shown == n:
                     break
@@ -1294,9 +1324,8 @@ class Pool(Executor):
         for call in list(self._running.values()):
             if call.future is None:
                 self._interrupts.add(call.id)
-            elif not call.future.done() and manager is not None:
-                call.future.cancel()  # one that has not started never will
-                manager.command("cancel", call, threading.Event())  # one running: its worker is killed
+            elif manager is not None:
+                _stop_submitted(manager, call)
 
     def timeline(self, call: int | None = None) -> "Timeline":
         """A picture of which worker ran which task when, failures marked.
@@ -1342,19 +1371,50 @@ class Pool(Executor):
         return False
 
 
+def _stop_submitted(manager: _Manager, call: _Call) -> None:
+    """Stop a submitted task: one that has not started never will; one
+    running ends with a ``CancelledError`` (its worker is killed)."""
+    future = call.future
+    if future is not None and not future.done():
+        future.cancel()
+        manager.command("cancel", call, threading.Event())
+
+
+_callback_log = logging.getLogger("concurrent.futures")
+
+
 class _TaskFuture(Future):
     """A Future that shows its task's output where its result is fetched."""
 
     _mpnb_output: Any = ()
+    _mpnb_stop: Callable[[], None] | None = None
 
     def _show_output(self) -> None:
         output, self._mpnb_output = self._mpnb_output, ()
         _replay(output)
 
+    def _invoke_callbacks(self) -> None:
+        # as concurrent.futures does, but for anything a callback raises
+        # (SystemExit too): the pool's manager thread runs them and must live on
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:
+                _callback_log.exception("exception calling callback for %r", self)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C while waiting: stop the task, as an interrupted map does."""
+        stop = self._mpnb_stop
+        if stop is not None:
+            stop()
+
     def result(self, timeout: float | None = None) -> Any:
         __tracebackhide__ = True
         try:
             return super().result(timeout)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
         finally:
             if self.done():
                 self._show_output()
@@ -1363,6 +1423,9 @@ class _TaskFuture(Future):
         __tracebackhide__ = True
         try:
             return super().exception(timeout)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
         finally:
             if self.done():
                 self._show_output()
