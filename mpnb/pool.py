@@ -56,7 +56,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import limits, view
-from mpnb._worker import FUNCTION_CACHE_SIZE, Failure
+from mpnb._worker import FUNCTION_CACHE_SIZE, Failure, PackedValues
 from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor
 
@@ -608,7 +608,11 @@ class _Manager(threading.Thread):
             except (EOFError, OSError):
                 state.open = False
                 return
-            message = pickle.loads(data)
+            try:
+                message = pickle.loads(data)
+            except BaseException as exc:  # values are loaded one by one (_unpack): not expected
+                self._unreadable(state, exc)
+                return
             kind = message[0]
             if kind == "records":
                 for record in message[1]:
@@ -620,17 +624,33 @@ class _Manager(threading.Thread):
             elif kind == "init-failed":
                 state.init_failure = message[2]
 
+    def _unreadable(self, state: _WorkerState, exc: BaseException) -> None:
+        """A message from a worker that does not load here: the tasks it held
+        fail, the worker is replaced, and the pool serves on."""
+        for n, chunk in enumerate(state.chunks):
+            start = state.next_pos if n == 0 else 0
+            self._fail_chunk(chunk, range(start, len(chunk.indices)), state,
+                             lambda where: _failure_here(("message from its worker", exc), where))
+        state.chunks.clear()
+        state.open = False
+        state.kill_reason = ("unreadable",)
+        state.handle.kill()
+
     def _on_records(self, state, seq, first, values, failures, output, starts, end, final) -> None:
         if not state.chunks or state.chunks[0].seq != seq:
             return
         chunk = state.chunks[0]
         call, pid = chunk.call, state.handle.pid
+        unloadable: dict[int, tuple[str, BaseException]] = {}
+        if type(values) is PackedValues:
+            values = _unpack(values, first, unloadable)
         indices = chunk.indices[first : first + len(values)]
         errors: dict[int, str] = {}
         failed = []
-        for pos, failure in failures.items():
+        for pos, failure in itertools.chain(failures.items(), unloadable.items()):
             index = chunk.indices[pos]
-            exc = _remote_exception(failure, f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}")
+            where = f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}"
+            exc = _failure_here(failure, where)
             values[pos - first] = exc
             failed.append(index)
             errors[index] = f"{type(exc).__name__}: {exc}"
@@ -796,6 +816,38 @@ class _Manager(threading.Thread):
                 traceback.print_exc(file=sys.__stderr__)
                 state.handle.kill()
         self.workers.clear()
+
+
+def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:
+    """The values of a record whose values were not all plain, each loaded
+    alone: one that cannot be loaded here is put in ``unloadable`` by its
+    position, as ``(type name, exception)``, and fails its task alone."""
+    values: list[Any] = []
+    for i, blob in enumerate(packed.blobs):
+        try:
+            values.append(None if blob is None else pickle.loads(blob))
+        except BaseException as exc:  # SystemExit too: loading runs the value's own code
+            values.append(None)
+            unloadable[first + i] = (packed.kinds[i], exc)
+    return values
+
+
+def _failure_here(failure: Failure | tuple[str, BaseException], where: str) -> BaseException:
+    """The exception a task's caller sees, for a failure in the worker or a
+    value (or an exception) that cannot be loaded in this process."""
+    if isinstance(failure, Failure):
+        try:
+            return _remote_exception(failure, where)
+        except BaseException as exc:  # the exception itself does not load here
+            failure = (failure.type_name, exc)
+    kind, exc = failure
+    error = pickle.UnpicklingError(
+        f"{where} ended, but what it returned or raised, a {kind}, cannot be loaded in this process "
+        f"({type(exc).__name__}: {exc}); make it a type this process can import, or return plain data"
+    )
+    error.__cause__ = exc
+    error.add_note(f"mpnb: raised by {where}")
+    return error
 
 
 def _chunk_seconds(chunk: _Chunk) -> float | None:
