@@ -95,6 +95,9 @@ _MAX_AHEAD = 64
 _PACES_KEPT = 32
 # consecutive workers that die before they are ready before the pool gives up
 _MAX_START_FAILURES = 3
+# how long a worker may take to start (its initializer included), in seconds
+START_TIMEOUT_VAR = "MPNB_START_TIMEOUT"
+_DEFAULT_START_TIMEOUT = 60.0
 
 
 class WorkerCrashedError(BrokenProcessPool):
@@ -349,11 +352,13 @@ def _sharing_pickler() -> type:
 
 
 class _WorkerState:
-    __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure", "open")
+    __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
+                 "open", "started")
 
     def __init__(self, handle):
         self.handle = handle
         self.ready = False
+        self.started = time.monotonic()  # start-up is bounded (MPNB_START_TIMEOUT)
         # chunks sent, oldest first; the first is running, one more may wait
         # in the pipe so the worker never idles for a round trip
         self.chunks: deque[_Chunk] = deque()
@@ -368,9 +373,12 @@ class _WorkerState:
 class _Manager(threading.Thread):
     """Owns the workers: dispatches chunks, collects records, handles deaths."""
 
-    def __init__(self, backend, workers: int, monitor: Monitor):
+    def __init__(self, backend, workers: int, monitor: Monitor, initializer: str | None = None,
+                 start_timeout: float = _DEFAULT_START_TIMEOUT):
         super().__init__(name="mpnb-pool-manager", daemon=True)
         self.backend = backend
+        self.initializer = initializer  # its qualified name, for errors
+        self.start_timeout = start_timeout
         self.size = workers
         self.monitor = monitor
         self.workers: dict[int, _WorkerState] = {}
@@ -594,6 +602,8 @@ class _Manager(threading.Thread):
             return 0.05
         timeouts = [w.chunks[0].call.timeout for w in self.workers.values()
                     if w.chunks and w.chunks[0].call.timeout is not None]
+        if not all(w.ready for w in self.workers.values()):
+            timeouts.append(min(5.0, self.start_timeout))  # start-up is bounded too
         if not timeouts:
             return None
         return max(0.01, min(0.1, min(timeouts) / 10))
@@ -680,6 +690,9 @@ class _Manager(threading.Thread):
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for state in self.workers.values():
+            if not state.ready and state.kill_reason is None and now - state.started > self.start_timeout:
+                state.kill_reason = ("start-timeout", now - state.started)
+                state.handle.kill()
             if not state.chunks or state.kill_reason is not None:
                 continue
             chunk = state.chunks[0]
@@ -747,7 +760,13 @@ class _Manager(threading.Thread):
             if rest:
                 requeue.append(_Chunk(chunk.call, [chunk.indices[p] for p in rest], [chunk.items[p] for p in rest], None))
         self.queue.extendleft(reversed(requeue))
-        if not state.ready and not state.chunks and not self.stopping:
+        if reason and reason[0] == "start-timeout":
+            # another try would take as long: fail the waiting work, unless
+            # other workers did start and can run it
+            if not any(w.ready for w in self.workers.values()):
+                self._start_error = _start_timeout_error(self.initializer, self.start_timeout)
+                self._drop_queue(self._start_error)
+        elif not state.ready and not state.chunks and not self.stopping:
             self._start_failures += 1
             if self._start_failures >= _MAX_START_FAILURES:
                 self._start_error = _start_error(state, exitcode)
@@ -911,6 +930,37 @@ def _crash_error(handle, exitcode: int | None) -> Callable[[str], BaseException]
     return make
 
 
+def _start_timeout_error(initializer: str | None, seconds: float) -> BaseException:
+    if initializer is not None:
+        why = f"the initializer {initializer} did not return; make it return sooner, or"
+    else:
+        why = "the machine may be overloaded, or an import at start-up is slow;"
+    return BrokenProcessPool(
+        f"the pool's workers did not start within {seconds:g} s ({START_TIMEOUT_VAR}): {why} "
+        f"set {START_TIMEOUT_VAR} to more seconds before creating the pool"
+    )
+
+
+def start_timeout() -> float:
+    """Seconds a worker may take to start, from ``MPNB_START_TIMEOUT`` (default 60)."""
+    raw = os.environ.get(START_TIMEOUT_VAR, "")
+    if not raw.strip():
+        return _DEFAULT_START_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{START_TIMEOUT_VAR}={raw!r}: give a number of seconds above 0, or unset it for 60")
+    return seconds
+
+
+def _qualified_name(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
 def _start_error(state: _WorkerState, exitcode: int | None) -> BaseException:
     exc = WorkerCrashedError(
         f"the pool's worker processes exit before they are ready ({_signal_name(exitcode)}); "
@@ -1027,7 +1077,8 @@ class Pool(Executor):
             "parent": os.getpid(),
             "initializer": cloudpickle.dumps((initializer, initargs)) if initializer is not None else None,
         }
-        manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor)
+        manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor,
+                           _qualified_name(initializer) if initializer is not None else None, start_timeout())
         _register_atexit()
         _live_managers.add(manager)
         manager.start()
