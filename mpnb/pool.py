@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from mpnb import limits, view
 from mpnb._worker import FUNCTION_CACHE_SIZE, Failure, PackedValues
 from mpnb.shared import SharedArrays
-from mpnb.monitor import Monitor
+from mpnb.monitor import Monitor, process_stopped
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb.timeline import Timeline
@@ -482,7 +482,8 @@ class _Manager(threading.Thread):
                     self._drop_queue()
 
     def _start_missing(self) -> None:
-        while len(self.workers) < self.size and not self.stopping and self._start_error is None:
+        # while stopping, only to run what is still queued (a worker died meanwhile)
+        while len(self.workers) < self.size and (not self.stopping or self.queue) and self._start_error is None:
             worker_id = next(self._worker_ids)
             handle = self.backend.start_worker(worker_id)
             self.workers[worker_id] = _WorkerState(handle)
@@ -604,6 +605,8 @@ class _Manager(threading.Thread):
                     if w.chunks and w.chunks[0].call.timeout is not None]
         if not all(w.ready for w in self.workers.values()):
             timeouts.append(min(5.0, self.start_timeout))  # start-up is bounded too
+        if self.stopping and any(w.chunks for w in self.workers.values()):
+            timeouts.append(2.0)  # look for workers stopped by a signal (_check_timeouts)
         if not timeouts:
             return None
         return max(0.01, min(0.1, min(timeouts) / 10))
@@ -695,6 +698,11 @@ class _Manager(threading.Thread):
                 state.handle.kill()
             if not state.chunks or state.kill_reason is not None:
                 continue
+            if self.stopping and process_stopped(state.handle.pid):
+                # stopped by a signal, it would hold the shutdown forever
+                state.kill_reason = ("stopped",)
+                state.handle.kill()
+                continue
             chunk = state.chunks[0]
             if chunk.call.timeout is None:
                 continue
@@ -741,6 +749,11 @@ class _Manager(threading.Thread):
             unreported = range(start, len(chunk.indices))
             if chunk.call.cancelled:
                 self._fail_chunk(chunk, unreported, state, lambda where: CancelledError(f"{where} was cancelled"))
+                continue
+            if reason and reason[0] == "stopped":
+                self._fail_chunk(chunk, unreported, state, lambda where: BrokenProcessPool(
+                    f"{where} did not finish: its worker (pid {handle.pid}) was stopped by a signal when the "
+                    "pool shut down, and was killed"))
                 continue
             culprit = None
             if n == 0 and reason and reason[0] == "timeout":

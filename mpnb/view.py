@@ -75,7 +75,7 @@ class Row:
     """One worker as a view shows it."""
 
     pid: int | None
-    state: str  # "starting", "idle", "busy", "dead", "restarting"
+    state: str  # "starting", "idle", "busy", "stopped" (by a signal), "dead", "restarting"
     task: str = ""  # the task it runs ("task 3 (argument 7)"), or why it died
     running: float | None = None  # seconds the current task has run
     done: int = 0  # tasks of the watched calls that returned
