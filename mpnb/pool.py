@@ -700,7 +700,7 @@ class _Manager(threading.Thread):
                 continue
             if self.stopping and process_stopped(state.handle.pid):
                 # stopped by a signal, it would hold the shutdown forever
-                state.kill_reason = ("stopped",)
+                state.kill_reason = ("stopped-by-signal",)
                 state.handle.kill()
                 continue
             chunk = state.chunks[0]
@@ -750,7 +750,7 @@ class _Manager(threading.Thread):
             if chunk.call.cancelled:
                 self._fail_chunk(chunk, unreported, state, lambda where: CancelledError(f"{where} was cancelled"))
                 continue
-            if reason and reason[0] == "stopped":
+            if reason and reason[0] == "stopped-by-signal":
                 self._fail_chunk(chunk, unreported, state, lambda where: BrokenProcessPool(
                     f"{where} did not finish: its worker (pid {handle.pid}) was stopped by a signal when the "
                     "pool shut down, and was killed"))

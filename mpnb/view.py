@@ -376,6 +376,10 @@ def _death(reason: str) -> str:
         return "killed by Cancel"
     if reason == "timeout":
         return "killed: task timed out"
+    if reason == "stopped-by-signal":
+        return "killed at shutdown: stopped by a signal"
+    if reason == "start-timeout":
+        return "killed: did not start in time"
     return f"died ({reason})"
 
 
