@@ -82,28 +82,6 @@ def unloadable_on(x, bad=1, fault="UnpicklingError"):
     return LoadsOnlyInWorker(fault) if x == bad else {"value": x}
 
 
-def _load_when_released(owner: int, folder: str):
-    """In the parent: say loading started, then wait for the test's release."""
-    if os.getpid() != owner:
-        open(os.path.join(folder, "loading"), "w").close()
-        deadline = time.monotonic() + DEADLINE
-        while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return "loaded"
-
-
-class LoadsWhenReleased:
-    def __init__(self, folder: str):
-        self.folder = folder
-
-    def __reduce__(self):
-        return (_load_when_released, (os.getpid(), self.folder))
-
-
-def loads_when_released(folder):
-    return LoadsWhenReleased(folder)
-
-
 class RaisesOnPickle:
     def __init__(self, error: BaseException):
         self.error = error
@@ -227,21 +205,20 @@ def _read_until(kernel: Kernel, msg_id: str, text: str) -> None:
 
 
 def test_shutdown_right_after_a_cancelled_future_ends(tag, tmp_path):
-    """CPython's gh-94440: the manager handles the cancelled task and the
-    shutdown at once; dropping that task must not leave it waiting."""
+    """As CPython's gh-94440: the cancelled task is dropped only when the busy
+    worker frees up, after shutdown() began; nothing must be left to wait for."""
     pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
     manager = pool._manager
+    go = tmp_path / "go"
     try:
-        # the manager thread is held while it loads this result, so that the
-        # next two commands reach it together
-        first = pool.submit(loads_when_released, str(tmp_path))
-        _wait_for(lambda: (tmp_path / "loading").exists(), "the manager loading the first result")
-        late = pool.submit(square, 2)
+        busy = pool.submit(square_when_exists, 2, str(go))
+        _busy_pid(pool)
+        late = pool.submit(square, 3)
         assert late.cancel()
         pool.shutdown(wait=False)
-        (tmp_path / "release").touch()
+        go.touch()
         assert manager.stopped.wait(DEADLINE), "shutdown after a cancelled future never ended"
-        assert first.result(timeout=DEADLINE) == "loaded" and late.cancelled()
+        assert busy.result(timeout=DEADLINE) == 4 and late.cancelled()
     finally:
         manager.kill_all_now()
 
