@@ -20,6 +20,7 @@ This module imports nothing heavy: it is the first thing a worker loads.
 from __future__ import annotations
 
 import io
+import itertools
 import mmap
 import os
 import pickle
@@ -134,6 +135,60 @@ def _loads(data: bytes) -> Any:
     return pickle.loads(data)
 
 
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+def _plain(values: list) -> bool:
+    """True when every value is a builtin scalar, at most in tuples: such
+    values load anywhere, so they travel in the message as they are."""
+    kinds = set(map(type, values))  # at C speed: this runs on every result
+    if kinds <= _PLAIN:
+        return True
+    if kinds - _PLAIN != {tuple}:
+        return False
+    tuples = (value for value in values if type(value) is tuple)
+    return set(map(type, itertools.chain.from_iterable(tuples))) <= _PLAIN
+
+
+class PackedValues:
+    """Task values pickled one by one (``blobs``, ``None`` for a task that
+    failed), with their types' names, so that a value the parent cannot load
+    fails its own task alone instead of the whole message."""
+
+    __slots__ = ("blobs", "kinds")
+
+    def __init__(self, blobs, kinds):
+        self.blobs = blobs
+        self.kinds = kinds
+
+    def __reduce__(self):
+        return (PackedValues, (self.blobs, self.kinds))
+
+
+def _pack(record: tuple) -> tuple:
+    """``record`` with its values packed, unless all are plain; a value that
+    cannot be pickled becomes its task's failure."""
+    seq, first, values, failures, outputs, starts, end, final = record
+    if _plain(values):
+        return record
+    blobs, kinds = [], []
+    for i, value in enumerate(values):
+        kind = type(value)
+        kinds.append(f"{kind.__module__}.{kind.__qualname__}")
+        if first + i in failures:
+            blobs.append(None)
+            continue
+        try:
+            blobs.append(_dumps(value))
+        except Exception as exc:
+            err = pickle.PicklingError(
+                f"the task's return value, a {kind.__name__}, cannot be sent back to the notebook: {exc}"
+            )
+            blobs.append(None)
+            failures[first + i] = Failure.from_exception(err)
+    return (seq, first, PackedValues(blobs, kinds), failures, outputs, starts, end, final)
+
+
 class Failure:
     """A task's exception, made safe to send: the exception if it pickles,
     its type and message always, and the traceback as plain frames so the
@@ -206,32 +261,7 @@ class _Worker:
         now = time.monotonic()
         if flush or now - self.last_sent > FLUSH_SECONDS:
             records, self.pending, self.last_sent = self.pending, [], now
-            try:
-                data = _dumps(("records", records))
-            except Exception:
-                data = _dumps(("records", [self._without_unpicklable(r) for r in records]))
-            self.conn.send_bytes(data)
-
-    @staticmethod
-    def _without_unpicklable(record: tuple) -> tuple:
-        try:
-            _dumps(record)
-            return record
-        except Exception:
-            pass
-        seq, first, values, failures, outputs, starts, end, final = record
-        values = list(values)
-        for i, value in enumerate(values):
-            try:
-                _dumps(value)
-            except Exception as exc:
-                err = pickle.PicklingError(
-                    f"the task's return value, a {type(value).__name__}, cannot be "
-                    f"sent back to the notebook: {exc}"
-                )
-                values[i] = None
-                failures[first + i] = Failure.from_exception(err)
-        return (seq, first, values, failures, outputs, starts, end, final)
+            self.conn.send_bytes(_dumps(("records", [_pack(r) for r in records])))
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so

@@ -38,7 +38,9 @@ class WorkerStatus:
 
     worker: int
     pid: int | None
-    state: str  # "starting", "idle" or "busy" (a stopped worker has no row)
+    # "starting", "idle", "busy", or "stopped" (by a signal such as SIGSTOP:
+    # it runs nothing until it gets SIGCONT); a worker that ended has no row
+    state: str
     call: int | None = None
     index: int | None = None
     since: float | None = None  # when the current task started
@@ -157,7 +159,8 @@ class Monitor:
         with self._lock:
             rows = []
             for worker, row in sorted(self._rows.items()):
-                status = WorkerStatus(worker, row.pid, row.state, tasks_done=row.done, tasks_failed=row.failed)
+                state = "stopped" if process_stopped(row.pid) else row.state
+                status = WorkerStatus(worker, row.pid, state, tasks_done=row.done, tasks_failed=row.failed)
                 if row.chunks:
                     seq, call, indices, sent = row.chunks[0]
                     slot_seq, pos, started = row.current()
@@ -215,6 +218,27 @@ class Monitor:
         """Progress of recent calls, oldest first."""
         with self._lock:
             return list(self._calls.values())
+
+
+def process_stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped by a signal (SIGSTOP, SIGTSTP, a
+    debugger): it holds its task but runs nothing."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False  # ended
+    except OSError:  # no /proc here: ask psutil
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return False
+    # the state follows the command name, which may itself hold ") "
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"T", b"t")
 
 
 class _MutableRow:

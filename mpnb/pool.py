@@ -38,6 +38,7 @@ import functools
 import io
 import itertools
 import linecache
+import logging
 import os
 import pickle
 import reprlib
@@ -55,9 +56,9 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import limits, serialize, view
-from mpnb._worker import FUNCTION_CACHE_SIZE, Failure
+from mpnb._worker import FUNCTION_CACHE_SIZE, Failure, PackedValues
 from mpnb.shared import SharedArrays
-from mpnb.monitor import Monitor
+from mpnb.monitor import Monitor, process_stopped
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb.timeline import Timeline
@@ -94,6 +95,9 @@ _MAX_AHEAD = 64
 _PACES_KEPT = 32
 # consecutive workers that die before they are ready before the pool gives up
 _MAX_START_FAILURES = 3
+# how long a worker may take to start (its initializer included), in seconds
+START_TIMEOUT_VAR = "MPNB_START_TIMEOUT"
+_DEFAULT_START_TIMEOUT = 60.0
 
 
 class WorkerCrashedError(BrokenProcessPool):
@@ -344,11 +348,13 @@ def _sharing_pickler() -> type:
 
 
 class _WorkerState:
-    __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure", "open")
+    __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
+                 "open", "started")
 
     def __init__(self, handle):
         self.handle = handle
         self.ready = False
+        self.started = time.monotonic()  # start-up is bounded (MPNB_START_TIMEOUT)
         # chunks sent, oldest first; the first is running, one more may wait
         # in the pipe so the worker never idles for a round trip
         self.chunks: deque[_Chunk] = deque()
@@ -363,9 +369,12 @@ class _WorkerState:
 class _Manager(threading.Thread):
     """Owns the workers: dispatches chunks, collects records, handles deaths."""
 
-    def __init__(self, backend, workers: int, monitor: Monitor):
+    def __init__(self, backend, workers: int, monitor: Monitor, initializer: str | None = None,
+                 start_timeout: float = _DEFAULT_START_TIMEOUT):
         super().__init__(name="mpnb-pool-manager", daemon=True)
         self.backend = backend
+        self.initializer = initializer  # its qualified name, for errors
+        self.start_timeout = start_timeout
         self.size = workers
         self.monitor = monitor
         self.workers: dict[int, _WorkerState] = {}
@@ -389,6 +398,9 @@ class _Manager(threading.Thread):
 
     def command(self, *message) -> None:
         self.commands.put(message)
+        if self.stopped.is_set():  # nobody will read it: answer it here
+            self._refuse_after_stop()
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError:  # full (it will wake anyway) or already closed
@@ -407,22 +419,41 @@ class _Manager(threading.Thread):
             self._start_missing()
             while True:
                 self._handle_commands()
+                # dispatch first: it may drop the last queued chunks (cancelled
+                # futures), and then nothing would wake the wait below (gh-94440)
+                self._dispatch()
                 if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
                     break
-                self._dispatch()
                 self._wait_and_handle()
                 self._check_timeouts()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self.error = exc
             traceback.print_exc(file=sys.__stderr__)
-            self._fail_everything(RuntimeError(f"the mpnb pool stopped working: {exc!r}"))
+            self._fail_everything(BrokenProcessPool(f"the mpnb pool stopped working: {exc!r}"))
         finally:
             try:
                 self._stop_workers()
             finally:  # whatever happened, nobody may wait on this pool forever
                 self.stopped.set()
+                self._refuse_after_stop()
                 os.close(self._wake_r)
                 self.backend.close()
+
+    def _refuse_after_stop(self) -> None:
+        """Answer the commands that arrived after the loop ended: their work
+        fails at once, so nobody waits on a pool that no longer runs."""
+        why = f"the pool's manager stopped ({self.error!r})" if self.error else "the pool was shut down"
+        while True:
+            try:
+                message = self.commands.get_nowait()
+            except Empty:
+                return
+            if message[0] == "chunks":
+                for chunk in message[1]:
+                    self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where: BrokenProcessPool(
+                        f"{where} was not run: {why}; create a new mpnb.Pool"))
+            elif message[0] == "cancel":
+                message[2].set()
 
     def _handle_commands(self) -> None:
         while True:
@@ -447,7 +478,8 @@ class _Manager(threading.Thread):
                     self._drop_queue()
 
     def _start_missing(self) -> None:
-        while len(self.workers) < self.size and not self.stopping and self._start_error is None:
+        # while stopping, only to run what is still queued (a worker died meanwhile)
+        while len(self.workers) < self.size and (not self.stopping or self.queue) and self._start_error is None:
             worker_id = next(self._worker_ids)
             handle = self.backend.start_worker(worker_id)
             self.workers[worker_id] = _WorkerState(handle)
@@ -514,7 +546,7 @@ class _Manager(threading.Thread):
         if chunk.data is None:
             try:
                 chunk.data = _dump_items(chunk.items, call)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: this thread must live on
                 self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where, exc=exc: _pickling_error(exc, where))
                 return None
         # mirror of the worker's function cache (see _worker._Worker.function)
@@ -567,6 +599,10 @@ class _Manager(threading.Thread):
             return 0.05
         timeouts = [w.chunks[0].call.timeout for w in self.workers.values()
                     if w.chunks and w.chunks[0].call.timeout is not None]
+        if not all(w.ready for w in self.workers.values()):
+            timeouts.append(min(5.0, self.start_timeout))  # start-up is bounded too
+        if self.stopping and any(w.chunks for w in self.workers.values()):
+            timeouts.append(2.0)  # look for workers stopped by a signal (_check_timeouts)
         if not timeouts:
             return None
         return max(0.01, min(0.1, min(timeouts) / 10))
@@ -581,7 +617,11 @@ class _Manager(threading.Thread):
             except (EOFError, OSError):
                 state.open = False
                 return
-            message = pickle.loads(data)
+            try:
+                message = pickle.loads(data)
+            except BaseException as exc:  # values are loaded one by one (_unpack): not expected
+                self._unreadable(state, exc)
+                return
             kind = message[0]
             if kind == "records":
                 for record in message[1]:
@@ -593,17 +633,33 @@ class _Manager(threading.Thread):
             elif kind == "init-failed":
                 state.init_failure = message[2]
 
+    def _unreadable(self, state: _WorkerState, exc: BaseException) -> None:
+        """A message from a worker that does not load here: the tasks it held
+        fail, the worker is replaced, and the pool serves on."""
+        for n, chunk in enumerate(state.chunks):
+            start = state.next_pos if n == 0 else 0
+            self._fail_chunk(chunk, range(start, len(chunk.indices)), state,
+                             lambda where: _failure_here(("message from its worker", exc), where))
+        state.chunks.clear()
+        state.open = False
+        state.kill_reason = ("unreadable",)
+        state.handle.kill()
+
     def _on_records(self, state, seq, first, values, failures, output, starts, end, final) -> None:
         if not state.chunks or state.chunks[0].seq != seq:
             return
         chunk = state.chunks[0]
         call, pid = chunk.call, state.handle.pid
+        unloadable: dict[int, tuple[str, BaseException]] = {}
+        if type(values) is PackedValues:
+            values = _unpack(values, first, unloadable)
         indices = chunk.indices[first : first + len(values)]
         errors: dict[int, str] = {}
         failed = []
-        for pos, failure in failures.items():
+        for pos, failure in itertools.chain(failures.items(), unloadable.items()):
             index = chunk.indices[pos]
-            exc = _remote_exception(failure, f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}")
+            where = f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}"
+            exc = _failure_here(failure, where)
             values[pos - first] = exc
             failed.append(index)
             errors[index] = f"{type(exc).__name__}: {exc}"
@@ -633,7 +689,15 @@ class _Manager(threading.Thread):
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for state in self.workers.values():
+            if not state.ready and state.kill_reason is None and now - state.started > self.start_timeout:
+                state.kill_reason = ("start-timeout", now - state.started)
+                state.handle.kill()
             if not state.chunks or state.kill_reason is not None:
+                continue
+            if self.stopping and process_stopped(state.handle.pid):
+                # stopped by a signal, it would hold the shutdown forever
+                state.kill_reason = ("stopped-by-signal",)
+                state.handle.kill()
                 continue
             chunk = state.chunks[0]
             if chunk.call.timeout is None:
@@ -682,6 +746,11 @@ class _Manager(threading.Thread):
             if chunk.call.cancelled:
                 self._fail_chunk(chunk, unreported, state, lambda where: CancelledError(f"{where} was cancelled"))
                 continue
+            if reason and reason[0] == "stopped-by-signal":
+                self._fail_chunk(chunk, unreported, state, lambda where: BrokenProcessPool(
+                    f"{where} did not finish: its worker (pid {handle.pid}) was stopped by a signal when the "
+                    "pool shut down, and was killed"))
+                continue
             culprit = None
             if n == 0 and reason and reason[0] == "timeout":
                 culprit, seconds, timeout = reason[1], reason[2], chunk.call.timeout
@@ -700,7 +769,13 @@ class _Manager(threading.Thread):
             if rest:
                 requeue.append(_Chunk(chunk.call, [chunk.indices[p] for p in rest], [chunk.items[p] for p in rest], None))
         self.queue.extendleft(reversed(requeue))
-        if not state.ready and not state.chunks and not self.stopping:
+        if reason and reason[0] == "start-timeout":
+            # another try would take as long: fail the waiting work, unless
+            # other workers did start and can run it
+            if not any(w.ready for w in self.workers.values()):
+                self._start_error = _start_timeout_error(self.initializer, self.start_timeout)
+                self._drop_queue(self._start_error)
+        elif not state.ready and not state.chunks and not self.stopping:
             self._start_failures += 1
             if self._start_failures >= _MAX_START_FAILURES:
                 self._start_error = _start_error(state, exitcode)
@@ -771,6 +846,38 @@ class _Manager(threading.Thread):
         self.workers.clear()
 
 
+def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:
+    """The values of a record whose values were not all plain, each loaded
+    alone: one that cannot be loaded here is put in ``unloadable`` by its
+    position, as ``(type name, exception)``, and fails its task alone."""
+    values: list[Any] = []
+    for i, blob in enumerate(packed.blobs):
+        try:
+            values.append(None if blob is None else pickle.loads(blob))
+        except BaseException as exc:  # SystemExit too: loading runs the value's own code
+            values.append(None)
+            unloadable[first + i] = (packed.kinds[i], exc)
+    return values
+
+
+def _failure_here(failure: Failure | tuple[str, BaseException], where: str) -> BaseException:
+    """The exception a task's caller sees, for a failure in the worker or a
+    value (or an exception) that cannot be loaded in this process."""
+    if isinstance(failure, Failure):
+        try:
+            return _remote_exception(failure, where)
+        except BaseException as exc:  # the exception itself does not load here
+            failure = (failure.type_name, exc)
+    kind, exc = failure
+    error = pickle.UnpicklingError(
+        f"{where} ended, but what it returned or raised, a {kind}, cannot be loaded in this process "
+        f"({type(exc).__name__}: {exc}); make it a type this process can import, or return plain data"
+    )
+    error.__cause__ = exc
+    error.add_note(f"mpnb: raised by {where}")
+    return error
+
+
 def _chunk_seconds(chunk: _Chunk) -> float | None:
     """How long ``chunk`` should take in a worker, once its call's pace is known."""
     pace = chunk.call.task_seconds
@@ -830,6 +937,37 @@ def _crash_error(handle, exitcode: int | None) -> Callable[[str], BaseException]
         return exc
 
     return make
+
+
+def _start_timeout_error(initializer: str | None, seconds: float) -> BaseException:
+    if initializer is not None:
+        why = f"the initializer {initializer} did not return; make it return sooner, or"
+    else:
+        why = "the machine may be overloaded, or an import at start-up is slow;"
+    return BrokenProcessPool(
+        f"the pool's workers did not start within {seconds:g} s ({START_TIMEOUT_VAR}): {why} "
+        f"set {START_TIMEOUT_VAR} to more seconds before creating the pool"
+    )
+
+
+def start_timeout() -> float:
+    """Seconds a worker may take to start, from ``MPNB_START_TIMEOUT`` (default 60)."""
+    raw = os.environ.get(START_TIMEOUT_VAR, "")
+    if not raw.strip():
+        return _DEFAULT_START_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{START_TIMEOUT_VAR}={raw!r}: give a number of seconds above 0, or unset it for 60")
+    return seconds
+
+
+def _qualified_name(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 def _start_error(state: _WorkerState, exitcode: int | None) -> BaseException:
@@ -946,7 +1084,8 @@ class Pool(Executor):
             "parent": os.getpid(),
             "initializer": serialize.dumps((initializer, initargs)) if initializer is not None else None,
         }
-        manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor)
+        manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor,
+                           _qualified_name(initializer) if initializer is not None else None, start_timeout())
         _register_atexit()
         _live_managers.add(manager)
         manager.start()
@@ -980,8 +1119,8 @@ class Pool(Executor):
         if self._closed:
             raise RuntimeError("this mpnb.Pool was shut down; create a new Pool to run more tasks")
         manager = self._manager
-        if manager is not None and manager.stopped.is_set():
-            raise RuntimeError(f"this mpnb.Pool stopped working ({manager.error!r}); create a new Pool")
+        if manager is not None and (manager.stopped.is_set() or manager.error is not None):
+            raise BrokenProcessPool(f"this mpnb.Pool stopped working ({manager.error!r}); create a new mpnb.Pool")
         return manager
 
     def _new_call(self, fn: Callable, timeout: float | None, style: str, future: Future | None = None) -> _Call:
@@ -1010,7 +1149,9 @@ class Pool(Executor):
             index += len(batch)
             try:
                 data = _dump_items(batch, self._sharing(call))
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # SystemExit from a __reduce__ too: it is the task's failure
                 # find out which argument does not pickle, fail that task alone
                 for i, item in zip(indices, batch):
                     yield i + 1, self._single_chunk(call, i, item)
@@ -1025,7 +1166,9 @@ class Pool(Executor):
     def _single_chunk(self, call: _Call, index: int, item: tuple) -> _Chunk:
         try:
             return _Chunk(call, [index], [item], _dump_items([item], self._sharing(call)))
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             error = _pickling_error(exc, _describe(call, index, item))
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
             call.deliver([index], [error], [index], {})
@@ -1066,6 +1209,7 @@ class Pool(Executor):
             _run_inline_into(future, fn, args, kwargs)
             return future
         call = self._new_call(fn, None, "submit", future)
+        future._mpnb_stop = functools.partial(_stop_submitted, manager, call)
         self.monitor.call_started(call.id, 1)
         self._running[call.id] = call
         future.add_done_callback(lambda _, running=self._running, key=call.id: running.pop(key, None))
@@ -1149,7 +1293,9 @@ class Pool(Executor):
                         _replay(call.output.pop(index, None))
                 shown = upto
                 if failed is not None and on_error == "raise":
-                    call.cancelled = True  # queued tasks are dropped; running ones end unobserved
+                    # its other tasks are stopped: nobody will see them, and a
+                    # later shutdown() must not wait for them
+                    manager.command("cancel", call, threading.Event())
                     raise call.results[failed]
                 if shown == n:
                     break
@@ -1286,9 +1432,8 @@ class Pool(Executor):
         for call in list(self._running.values()):
             if call.future is None:
                 self._interrupts.add(call.id)
-            elif not call.future.done() and manager is not None:
-                call.future.cancel()  # one that has not started never will
-                manager.command("cancel", call, threading.Event())  # one running: its worker is killed
+            elif manager is not None:
+                _stop_submitted(manager, call)
 
     def timeline(self, call: int | None = None) -> "Timeline":
         """A picture of which worker ran which task when, failures marked.
@@ -1334,19 +1479,50 @@ class Pool(Executor):
         return False
 
 
+def _stop_submitted(manager: _Manager, call: _Call) -> None:
+    """Stop a submitted task: one that has not started never will; one
+    running ends with a ``CancelledError`` (its worker is killed)."""
+    future = call.future
+    if future is not None and not future.done():
+        future.cancel()
+        manager.command("cancel", call, threading.Event())
+
+
+_callback_log = logging.getLogger("concurrent.futures")
+
+
 class _TaskFuture(Future):
     """A Future that shows its task's output where its result is fetched."""
 
     _mpnb_output: Any = ()
+    _mpnb_stop: Callable[[], None] | None = None
 
     def _show_output(self) -> None:
         output, self._mpnb_output = self._mpnb_output, ()
         _replay(output)
 
+    def _invoke_callbacks(self) -> None:
+        # as concurrent.futures does, but for anything a callback raises
+        # (SystemExit too): the pool's manager thread runs them and must live on
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except BaseException:
+                _callback_log.exception("exception calling callback for %r", self)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C while waiting: stop the task, as an interrupted map does."""
+        stop = self._mpnb_stop
+        if stop is not None:
+            stop()
+
     def result(self, timeout: float | None = None) -> Any:
         __tracebackhide__ = True
         try:
             return super().result(timeout)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
         finally:
             if self.done():
                 self._show_output()
@@ -1355,6 +1531,9 @@ class _TaskFuture(Future):
         __tracebackhide__ = True
         try:
             return super().exception(timeout)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
         finally:
             if self.done():
                 self._show_output()

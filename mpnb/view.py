@@ -75,7 +75,7 @@ class Row:
     """One worker as a view shows it."""
 
     pid: int | None
-    state: str  # "starting", "idle", "busy", "dead", "restarting"
+    state: str  # "starting", "idle", "busy", "stopped" (by a signal), "dead", "restarting"
     task: str = ""  # the task it runs ("task 3 (argument 7)"), or why it died
     running: float | None = None  # seconds the current task has run
     done: int = 0  # tasks of the watched calls that returned
@@ -376,6 +376,10 @@ def _death(reason: str) -> str:
         return "killed by Cancel"
     if reason == "timeout":
         return "killed: task timed out"
+    if reason == "stopped-by-signal":
+        return "killed at shutdown: stopped by a signal"
+    if reason == "start-timeout":
+        return "killed: did not start in time"
     return f"died ({reason})"
 
 

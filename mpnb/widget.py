@@ -35,6 +35,7 @@ _STATE_COLOURS = {
     "idle": "#57606a",
     "starting": "#9a6700",
     "restarting": "#9a6700",
+    "stopped": "#cf222e",
     "dead": "#cf222e",
 }
 _TABLE = "border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)"
