@@ -15,7 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+# the notebooks are package data, so an installed wheel finds them as a checkout does
+NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
 
 
 def _require_nbclient():

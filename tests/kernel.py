@@ -2,7 +2,7 @@
 
 In a pytest process ``__main__`` is pytest itself, so the bug mpnb fixes cannot
 be reproduced there.  These helpers start a real ipykernel, either to run a
-notebook from ``notebooks/`` through nbclient or to execute cells one by one
+notebook from ``mpnb/notebooks/`` through nbclient or to execute cells one by one
 (for interrupts and timing).
 
 Every kernel started here carries a unique ``MPNB_TEST_TAG`` in its
@@ -33,7 +33,7 @@ from nbclient import NotebookClient
 from mpnb.demo import shown
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "notebooks"
+NOTEBOOKS = ROOT / "mpnb" / "notebooks"
 TAG_VAR = "MPNB_TEST_TAG"
 
 
