@@ -220,7 +220,10 @@ class Kernel:
 
     def submit(self, code: str) -> str:
         """Send a cell without waiting; returns the message id."""
-        return self.kc.execute(code, store_history=True)
+        # ipykernel 6 goes on aborting requests for a moment after an error
+        # reply, so on a busy machine the next cell, sent only after that
+        # reply, could be aborted unrun; the cells here are sent one by one
+        return self.kc.execute(code, store_history=True, stop_on_error=False)
 
     def collect(self, msg_id: str, timeout: float = 120) -> Reply:
         """Gather the outputs of ``msg_id`` until the kernel is idle again."""
