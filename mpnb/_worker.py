@@ -335,6 +335,7 @@ class _Worker:
 
     def serve(self) -> None:
         self.conn.send_bytes(_dumps(("hello", os.getpid(), time.monotonic())))
+        call = None
         while True:
             try:
                 message = _loads(self.conn.recv_bytes())
@@ -343,6 +344,14 @@ class _Worker:
             if message is None:
                 return
             runs = message[1]
+            # a message holds chunks of one call (run[2] is its id); a message
+            # of another call may come before this worker was ever idle, so
+            # the arrays of the call before are let go here too
+            if runs and runs[0][2] != call:
+                call = runs[0][2]
+                shared = sys.modules.get("mpnb.shared")
+                if shared is not None:
+                    shared.forget()
             for n, run in enumerate(runs):
                 self.run_chunk(run, n == len(runs) - 1)
             shared = sys.modules.get("mpnb.shared")

@@ -15,7 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+# the notebooks are package data, so an installed wheel finds them as a checkout does
+NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
 
 
 def _require_nbclient():
@@ -27,6 +29,25 @@ def _require_nbclient():
             "mpnb.demo runs notebooks with nbclient: pip install 'mpnb[demo]'"
         ) from None
     return nbformat, NotebookClient
+
+
+def _this_interpreter_kernel():
+    """A kernel manager class whose ``python3`` is the interpreter running the demo.
+
+    A ``python3`` kernelspec installed for the user (``ipykernel install --user``)
+    usually points at another Python, one without mpnb; looking in no kernelspec
+    directory leaves ipykernel's own spec, which is ``sys.executable``.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class ThisInterpreterKernelManager(AsyncKernelManager):
+        @default("kernel_spec_manager")
+        def _kernel_spec_manager_default(self):
+            return KernelSpecManager(parent=self, kernel_dirs=[])
+
+    return ThisInterpreterKernelManager
 
 
 def shown(cell) -> str:
@@ -42,12 +63,16 @@ def shown(cell) -> str:
     return "".join(p if p.endswith("\n") else p + "\n" for p in parts if p)
 
 
-def run(path: Path, kernel_name: str = "python3", timeout: int = 300) -> int:
+def run(path: Path, kernel_name: str | None = None, timeout: int = 300) -> int:
+    """Run ``path`` in kernel ``kernel_name`` (default: this interpreter's ipykernel)."""
     nbformat, NotebookClient = _require_nbclient()
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
-                            allow_errors=True, resources={"metadata": {"path": str(path.parent)}})
-    print(f"Running {path.name} in a real Jupyter kernel ({sys.executable})\n")
+    options = {"kernel_name": kernel_name} if kernel_name else {
+        "kernel_name": "python3", "kernel_manager_class": _this_interpreter_kernel()}
+    client = NotebookClient(nb, timeout=timeout, allow_errors=True,
+                            resources={"metadata": {"path": str(path.parent)}}, **options)
+    where = f"kernel {kernel_name!r}" if kernel_name else sys.executable
+    print(f"Running {path.name} in a real Jupyter kernel ({where})\n")
     client.execute()
     failures = 0
     for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), start=1):
@@ -66,7 +91,8 @@ def run(path: Path, kernel_name: str = "python3", timeout: int = 300) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpnb.demo", description=__doc__.splitlines()[0])
     parser.add_argument("notebook", nargs="?", type=Path, default=QUICKSTART)
-    parser.add_argument("--kernel", default="python3", help="kernel name (default: python3)")
+    parser.add_argument("--kernel", default=None,
+                        help="a kernelspec name (default: an ipykernel of this interpreter)")
     args = parser.parse_args(argv)
     if not args.notebook.is_file():
         parser.error(f"{args.notebook} not found; pass the path of a notebook")

@@ -2,7 +2,7 @@
 
 In a pytest process ``__main__`` is pytest itself, so the bug mpnb fixes cannot
 be reproduced there.  These helpers start a real ipykernel, either to run a
-notebook from ``notebooks/`` through nbclient or to execute cells one by one
+notebook from ``mpnb/notebooks/`` through nbclient or to execute cells one by one
 (for interrupts and timing).
 
 Every kernel started here carries a unique ``MPNB_TEST_TAG`` in its
@@ -33,7 +33,7 @@ from nbclient import NotebookClient
 from mpnb.demo import shown
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "notebooks"
+NOTEBOOKS = ROOT / "mpnb" / "notebooks"
 TAG_VAR = "MPNB_TEST_TAG"
 
 
@@ -220,7 +220,10 @@ class Kernel:
 
     def submit(self, code: str) -> str:
         """Send a cell without waiting; returns the message id."""
-        return self.kc.execute(code, store_history=True)
+        # ipykernel 6 goes on aborting requests for a moment after an error
+        # reply, so on a busy machine the next cell, sent only after that
+        # reply, could be aborted unrun; the cells here are sent one by one
+        return self.kc.execute(code, store_history=True, stop_on_error=False)
 
     def collect(self, msg_id: str, timeout: float = 120) -> Reply:
         """Gather the outputs of ``msg_id`` until the kernel is idle again."""

@@ -1,7 +1,7 @@
 """The live status widget in a real browser.
 
 JupyterLab runs on 127.0.0.1 with a temporary root holding
-``notebooks/live_status.ipynb``; Debian's chromium, driven by Playwright,
+``mpnb/notebooks/live_status.ipynb``; Debian's chromium, driven by Playwright,
 opens it, runs all cells, and the test reads the page's DOM: the contract the
 widget keeps (``.mpnb-live``, ``tr.mpnb-worker[data-pid][data-state]``,
 ``.mpnb-progress``, ``.mpnb-cancel``, ``.mpnb-errors``, ``.mpnb-summary``,

@@ -154,10 +154,13 @@ def test_by_value_keeps_definitions_in_main(kernel):
 def test_quickstart_notebook(tag):
     nb = run_notebook("quickstart.ipynb", tag=tag)
     assert notebook_errors(nb) == []
-    shown = [cell_text(c) for c in nb.cells if c.cell_type == "code"]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    shown = [cell_text(c) for c in code]
     assert "an ordinary cell + a spawn pool: BrokenProcessPool" in shown[0]
     expected = "[0.5, 3.5, 4.743, 5.696, 6.5, 7.208, 7.848, 8.437]"
-    assert shown[3].strip() == expected
+    # the cell's value; a map slower than the live view's delay also leaves a summary
+    results = [o.data["text/plain"] for o in code[3].outputs if o.output_type == "execute_result"]
+    assert results == [expected]
     assert f"multiprocessing spawn Pool: {expected}" in shown[4]
 
 

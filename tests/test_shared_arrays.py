@@ -105,6 +105,18 @@ def test_one_file_mapped_read_only_by_every_task_and_removed_after(pool):
     assert pool.map(maps_file, [path] * 8, chunksize=1) == [False] * 8
 
 
+def test_calls_back_to_back_never_find_the_previous_file_mapped(pool):
+    # the next call's chunks can reach a worker before it was ever idle
+    # (most often on a busy machine): it must let go of the arrays even then
+    still_mapped = 0
+    array = big()
+    for _ in range(10):
+        seen = pool.map(probe, [(array, i) for i in range(4)], chunksize=1)
+        (path,) = {s["path"] for s in seen}
+        still_mapped += any(pool.map(maps_file, [path] * 8, chunksize=1))
+    assert still_mapped == 0, f"{still_mapped} of 10 calls found the call before it still mapped"
+
+
 @pytest.mark.parametrize("make", [
     lambda: big(order="F"),
     lambda: big((2048, 1024))[::2, ::3],
