@@ -171,9 +171,7 @@ class Failure:
             )
         tb, exc.__traceback__ = exc.__traceback__, None
         try:
-            exc_bytes = _dumps(exc)
-        except Exception:
-            exc_bytes = None
+            exc_bytes = _exception_bytes(exc)
         finally:
             exc.__traceback__ = tb
         try:
@@ -182,6 +180,78 @@ class Failure:
             message = "<str() failed>"
         kind = type(exc)
         return cls(exc_bytes, f"{kind.__module__}.{kind.__qualname__}", message, frames, chained)
+
+
+def _exception_bytes(exc: BaseException) -> bytes | None:
+    """``exc`` pickled so that it loads as an instance of its own class.
+
+    Pickle rebuilds an exception by calling its class with ``exc.args``,
+    which fails for a class whose ``__init__`` wants other arguments
+    (``def __init__(self, a, b): super().__init__(f"{a}{b}")``).  Such an
+    exception is sent as its class, ``args`` and ``__dict__`` instead and
+    rebuilt without calling ``__init__`` (as tblib does): the parent gets the
+    same type, message, attributes and notes."""
+    try:
+        data = _dumps(exc)
+    except Exception:
+        data = None
+    if data is not None and not _customised(type(exc)):
+        return data  # a builtin's own reduce: it loads again for sure
+    if data is not None:
+        try:
+            _loads(data)
+            return data
+        except BaseException:  # SystemExit from an __init__ too: it is data here
+            pass
+    fields = {}
+    if isinstance(exc, OSError):  # kept in C fields, not in __dict__
+        fields = {name: getattr(exc, name) for name in _OSERROR_FIELDS}
+    try:
+        return _dumps(_ExceptionState(type(exc), exc.args, dict(vars(exc)), fields))
+    except Exception:
+        return None  # the parent shows the type and message as RemoteTaskError
+
+
+def _customised(cls: type) -> bool:
+    """True if a class of the user's takes part in building ``cls``'s instances."""
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins":
+            return False
+        if any(name in vars(klass) for name in _BUILDERS):
+            return True
+    return False
+
+
+_BUILDERS = ("__init__", "__new__", "__reduce__", "__reduce_ex__", "__setstate__",
+             "__getstate__", "__getnewargs__", "__getnewargs_ex__")
+
+
+_OSERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
+
+
+class _ExceptionState:
+    """Pickles as a call to :func:`_rebuild_exception`."""
+
+    def __init__(self, cls: type, args: tuple, state: dict, fields: dict):
+        self.cls, self.args, self.state, self.fields = cls, args, state, fields
+
+    def __reduce__(self):
+        return (_rebuild_exception, (self.cls, self.args, self.state, self.fields))
+
+
+def _rebuild_exception(cls: type, args: tuple, state: dict, fields: dict) -> BaseException:
+    """An instance of ``cls`` with these ``args`` and attributes, made
+    without calling ``cls.__init__``."""
+    try:
+        exc = cls.__new__(cls, *args)
+    except TypeError:  # a __new__ of the user's with its own signature
+        exc = cls.__new__(cls)
+    exc.args = args
+    for name, value in fields.items():
+        setattr(exc, name, value)
+    # straight into __dict__: a property without a setter must not stop it
+    exc.__dict__.update(state)
+    return exc
 
 
 # ------------------------------------------------------------------ worker

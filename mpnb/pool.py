@@ -178,7 +178,7 @@ def _remote_exception(failure: Failure, where: str) -> BaseException:
     if failure.exc_bytes is not None:
         try:
             exc = pickle.loads(failure.exc_bytes)
-        except Exception:
+        except BaseException:  # whatever loading raises (SystemExit too) is the task's, not ours
             exc = None
     if not isinstance(exc, BaseException):
         exc = RemoteTaskError(f"{failure.type_name}: {failure.message}")
