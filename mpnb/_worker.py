@@ -295,13 +295,28 @@ class _Worker:
             try:
                 _dumps(value)
             except Exception as exc:
-                err = pickle.PicklingError(
-                    f"the task's return value, a {type(value).__name__}, cannot be "
-                    f"sent back to the notebook: {exc}"
-                )
                 values[i] = None
-                failures[first + i] = Failure.from_exception(err)
+                failures[first + i] = Failure.from_exception(_Worker._result_error(value, exc))
         return (seq, first, values, failures, outputs, starts, end, final)
+
+    @staticmethod
+    def _result_error(value: Any, exc: BaseException) -> BaseException:
+        """The pickle doctor's account of a return value that cannot be sent back:
+        the path inside it (``result['conn']``), the type, why and the fix."""
+        try:
+            from mpnb.pickling import PicklingProblem, diagnose  # only on failure
+
+            found = diagnose(value, by_value=True, name="result")
+        except Exception:
+            found = None
+        if found is None:
+            err: BaseException = pickle.PicklingError(
+                f"the task's return value, a {type(value).__name__}, cannot be sent back "
+                f"from the worker: {exc}")
+        else:
+            err = PicklingProblem(found, found.returned())
+        err.__cause__ = exc
+        return err
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so

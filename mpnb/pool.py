@@ -60,6 +60,7 @@ from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mpnb.pickling import Diagnosis
     from mpnb.timeline import Timeline
 
 __all__ = [
@@ -519,7 +520,9 @@ class _Manager(threading.Thread):
             try:
                 chunk.data = _dump_items(chunk.items, call)
             except Exception as exc:
-                self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where, exc=exc: _pickling_error(exc, where))
+                for pos, item in enumerate(chunk.items):
+                    self._fail_chunk(chunk, [pos], None,
+                                     lambda where, exc=exc, item=item: _pickling_error(exc, where, call, item))
                 return None
         # mirror of the worker's function cache (see _worker._Worker.function)
         if call.id in state.functions:
@@ -815,10 +818,50 @@ def _ahead(chunk: _Chunk) -> int:
     return max(2, min(_MAX_AHEAD, int(_AHEAD_SECONDS / max(seconds, 1e-6))))
 
 
-def _pickling_error(exc: BaseException, where: str) -> BaseException:
-    err = pickle.PicklingError(f"the arguments of {where} cannot be sent to a worker: {exc}")
+def _pickling_error(exc: BaseException, where: str, call: _Call | None = None, item: Any = None
+                    ) -> BaseException:
+    """The error of a task whose arguments do not pickle: the pickle
+    doctor's sentence (which argument, the path inside it, why, the fix)."""
+    from mpnb.pickling import PicklingProblem, diagnose_call  # only on failure: it is slow to import
+
+    found = None
+    if call is not None:
+        args, kwargs = _arguments(call, item)
+        found = _diagnosis(lambda: diagnose_call(args, kwargs, by_value=True))
+    if found is not None:
+        err: BaseException = PicklingProblem(found)
+    else:  # the doctor finds nothing wrong on its own: say what pickle said
+        err = pickle.PicklingError(f"the arguments of {where} cannot be sent to a worker: {exc}")
     err.__cause__ = exc
     return err
+
+
+def _function_error(fn: Callable, exc: BaseException) -> BaseException:
+    """The error of a function that does not pickle, in the pickle doctor's words."""
+    from mpnb.pickling import PicklingProblem, diagnose, function_label
+
+    found = _diagnosis(lambda: diagnose(fn, by_value=True, name=function_label(fn)))
+    if found is not None:
+        return PicklingProblem(found)
+    return pickle.PicklingError(f"the function {getattr(fn, '__qualname__', fn)!r} cannot be sent to a worker: {exc}")
+
+
+def _diagnosis(run: Callable[[], Diagnosis | None]) -> Diagnosis | None:
+    # only after pickling failed, so the happy path never pays for the walk;
+    # a doctor that trips over a strange object must not hide the real error
+    try:
+        return run()
+    except Exception:
+        return None
+
+
+def _arguments(call: _Call, item: Any) -> tuple[tuple, dict]:
+    """A task's item as the ``(args, kwargs)`` its function is called with."""
+    if call.bare:
+        return (item,), {}
+    if call.with_kwargs:
+        return item
+    return tuple(item), {}
 
 
 def _crash_error(handle, exitcode: int | None) -> Callable[[str], BaseException]:
@@ -998,9 +1041,7 @@ class Pool(Executor):
         try:
             fn_bytes = cloudpickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise pickle.PicklingError(
-                f"the function {getattr(fn, '__qualname__', fn)!r} cannot be sent to a worker: {exc}"
-            ) from exc
+            raise _function_error(fn, exc) from exc
         timeout = self.timeout if timeout is None else _check_timeout(timeout)
         call = _Call(fn_bytes, timeout, style, future)
         return call
@@ -1034,7 +1075,7 @@ class Pool(Executor):
         try:
             return _Chunk(call, [index], [item], _dump_items([item], self._sharing(call)))
         except Exception as exc:
-            error = _pickling_error(exc, _describe(call, index, item))
+            error = _pickling_error(exc, _describe(call, index, item), call, item)
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
             call.deliver([index], [error], [index], {})
             return _Chunk(call, [], [], b"")  # nothing to run
