@@ -122,7 +122,20 @@ class RemoteTraceback(Exception):
 
 # ---------------------------------------------------------------- describing
 
-_repr = reprlib.Repr()
+class _Repr(reprlib.Repr):
+    """reprlib, but an object whose repr is too long shows as its type,
+    never as a cut that hides the type (``<unlocked _thread.... at 0x...>``)."""
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        text = super().repr_instance(x, level)
+        if "..." not in text or not text.startswith("<"):
+            return text
+        kind = type(x)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        return f"<{name} object>"
+
+
+_repr = _Repr()
 _repr.maxstring = 40
 _repr.maxother = 40
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
