@@ -514,12 +514,12 @@ def _explain_ctypes(obj: Any, error: BaseException, by_value: bool) -> tuple[str
     )
 
 
+MODULE_FIX = ("import the module inside the worker function instead of passing it, or use "
+              "mpnb.Pool, which sends modules by name.")
+
+
 def _explain_module(obj: Any, error: BaseException, by_value: bool) -> tuple[str, str]:
-    return (
-        f"It is the module {obj.__name__!r}; stdlib pickle cannot send modules.",
-        "import the module inside the worker function instead of passing it, or use "
-        "mpnb.Pool, which sends modules by name.",
-    )
+    return (f"It is the module {obj.__name__!r}; stdlib pickle cannot send modules.", MODULE_FIX)
 
 
 _BY_NAME = "stdlib pickle sends functions and classes by name, for the worker to import"
@@ -558,7 +558,8 @@ def _explain_main(obj: Any, error: BaseException, by_value: bool) -> tuple[str, 
         f"The {what} {obj.__qualname__} is defined in the notebook (__main__); {_BY_NAME}, "
         "and a worker started by spawn or forkserver has its own __main__ without it: it "
         f"dies with AttributeError: Can't get attribute '{obj.__qualname__}' on "
-        "<module '__main__'>.",
+        f"<module '__main__'> (from Python 3.14: module '__main__' has no attribute "
+        f"'{obj.__qualname__}').",
         "put the definition in a %%mppool cell, which makes it importable, or use "
         "mpnb.Pool, which sends notebook functions by value.",
     )
