@@ -22,7 +22,9 @@ comes off again with :func:`uninstall`.
                                      -> report "nothing cleaned": no respawn
 
 * A note after a cell that failed with ``BrokenProcessPool``, a pickling
-  error, ``Can't get attribute ... on <module '__main__'>`` or a PyTorch
+  error, ``Can't get attribute ... on <module '__main__'>`` (Python 3.14:
+  ``module '__main__' has no attribute ...``), a module object sent to a
+  stdlib pool, or a PyTorch
   ``DataLoader worker ... exited unexpectedly``: which notebook-defined names
   the cell used and the one-line fix.
 * A warning, once, when the kernel forks while other threads run.

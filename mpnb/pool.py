@@ -748,8 +748,15 @@ class _Manager(threading.Thread):
         chunk.call.deliver(indices, values, indices, {})
 
     def _drop_queue(self, error: BaseException | None = None) -> None:
+        """Fail every queued chunk with ``error``; with no error (shutdown with
+        ``cancel_futures=True``) a submitted future is cancelled, as
+        ``concurrent.futures`` does, and a map's tasks get a CancelledError."""
         queue, self.queue = self.queue, deque()
         for chunk in queue:
+            future = chunk.call.future
+            if error is None and future is not None and future.cancel():
+                chunk.call.release()
+                continue
             def make(where: str, error=error) -> BaseException:
                 if error is None:
                     return CancelledError(f"{where} was cancelled: the pool was shut down")
@@ -915,12 +922,49 @@ def _kill_all_at_exit() -> None:
         manager.stopped.wait(2.0)
 
 
+def _finish_at_exit() -> None:
+    """At interpreter exit, before threads are joined: in a script, let the
+    pools finish the work already submitted, as ``concurrent.futures`` does
+    (Ctrl-C while waiting stops it); in a kernel, which exits to shut down or
+    restart, stop everything at once."""
+    if _in_kernel():
+        _kill_all_at_exit()
+        return
+    managers = list(_live_managers)
+    for manager in managers:
+        manager.command("shutdown", False)
+    try:
+        for manager in managers:
+            while not manager.stopped.wait(_POLL):
+                pass
+    except KeyboardInterrupt:
+        _kill_all_at_exit()
+
+
+def _in_kernel() -> bool:
+    """True in a running IPython kernel (not in a script that imported ipykernel)."""
+    for module, name in (("ipykernel.kernelapp", "IPKernelApp"), ("ipykernel.zmqshell", "ZMQInteractiveShell")):
+        cls = getattr(sys.modules.get(module), name, None)
+        try:
+            if cls is not None and cls.initialized():
+                return True
+        except Exception:  # an ipykernel that differs: judge by the other one
+            continue
+    return False
+
+
 def _register_atexit() -> None:
     global _atexit_registered
     if not _atexit_registered:
         # registered after multiprocessing's own handler, so it runs first and
         # that handler's join() of our (killed) workers returns at once
         atexit.register(_kill_all_at_exit)
+        try:
+            # runs before atexit handlers, while the manager threads still work
+            # (concurrent.futures registers its own wait the same way)
+            threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # interpreter already exiting
+            pass
         _atexit_registered = True
 
 
