@@ -1327,7 +1327,10 @@ class Pool(Executor):
         self.monitor.call_started(call.id, None)
         self._running[call.id], self._last_call = call, call.id
         live = view.watch(self, call, None)
-        chunks = self._chunks(call, iterable, chunksize)
+        # an error of the input iterator is raised after the results of the
+        # items before it, as the builtin map would reach it
+        input_error: list[Exception] = []
+        chunks = self._chunks(call, _until_error(iterable, input_error), chunksize)
         ahead = 2 * self.workers * chunksize  # tasks submitted beyond those yielded
         submitted = yielded = 0
         exhausted = interrupted = False
@@ -1342,6 +1345,8 @@ class Pool(Executor):
                     submitted, chunk = pair
                     self._send_chunks(manager, [chunk])
                 if exhausted and yielded >= submitted:
+                    if input_error:
+                        raise input_error[0]
                     return
                 with call.cond:
                     if ordered:
@@ -1467,6 +1472,14 @@ class _TaskFuture(Future):
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _until_error(iterable: Iterable, error: list[Exception]) -> Iterator[Any]:
+    """The items of ``iterable`` up to an error, which is put in ``error``."""
+    try:
+        yield from iterable
+    except Exception as exc:
+        error.append(exc)
 
 
 def _snapshot(call: _Call, n: int) -> list[Any]:
