@@ -204,8 +204,10 @@ def _exception_bytes(exc: BaseException) -> bytes | None:
         except BaseException:  # SystemExit from an __init__ too: it is data here
             pass
     fields = {}
-    if isinstance(exc, OSError):  # kept in C fields, not in __dict__
-        fields = {name: getattr(exc, name) for name in _OSERROR_FIELDS}
+    if isinstance(exc, OSError):  # kept in C fields, not in __dict__; a None set
+        # explicitly would show in str() ("... -> None"), so only those given
+        fields = {name: getattr(exc, name) for name in _OSERROR_FIELDS
+                  if getattr(exc, name) is not None}
     try:
         return _dumps(_ExceptionState(type(exc), exc.args, dict(vars(exc)), fields))
     except Exception:
