@@ -110,15 +110,24 @@ def test_script_exit_waits_for_pending_futures(tag, tmp_path):
 KERNEL_WORK = """
 import os, time, mpnb
 pool = mpnb.Pool(1, live=False)
-pool.map(abs, [1])  # the worker is ready
+out = {out!r}
+
+def hold(path):
+    # out of the kernel's process group, so that ipykernel's own clean-up
+    # of its children does not reach this worker: only the pool stops it
+    os.setpgid(0, 0)
+    open(path, "w").close()
+    time.sleep(600)
 
 def write(path):
-    time.sleep(0.5)
-    with open(path, "w") as f:
-        f.write("done")
-    return path
+    open(path, "w").close()
 
-futures = [pool.submit(write, os.path.join({out!r}, f"task-{{i}}")) for i in range(4)]
+running = pool.submit(hold, os.path.join(out, "running"))
+pending = [pool.submit(write, os.path.join(out, f"pending-{{i}}")) for i in range(3)]
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(out, "running")) and time.monotonic() < deadline:
+    time.sleep(0.02)
+print(os.path.exists(os.path.join(out, "running")))
 """
 
 
@@ -129,16 +138,22 @@ def test_kernel_shutdown_and_restart_still_stop_pending_work(tag, tmp_path, how)
     out.mkdir()
     kernel = Kernel(tag)
     try:
-        kernel.run(KERNEL_WORK.format(out=str(out))).ok()
+        # the kernel must end by itself, however busy the machine: a pool that
+        # waited for its work would keep it alive until the manager kills it
+        kernel.km.shutdown_wait_time = DEADLINE
+        reply = kernel.run(KERNEL_WORK.format(out=str(out))).ok()
+        assert reply.stdout.strip() == "True", "the first task started"
+        process = kernel.km.provisioner.process
         if how == "restart":
             kernel.km.restart_kernel(now=False)
             kernel.run("print('back')").ok()
+        else:
+            kernel.shutdown()
+        assert process.wait(timeout=DEADLINE) == 0, "the kernel was killed instead of exiting"
     finally:
         kernel.shutdown()
     assert_no_leftovers(tag, within=30)
-    # a pool that waited would have written the later tasks' files before
-    # the kernel manager gave up on the kernel
-    assert len(list(out.iterdir())) <= 1, sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ["running"], "pending tasks ran"
 
 
 # ------------------------------------------------------------ imap input errors
