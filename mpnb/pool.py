@@ -127,12 +127,17 @@ class _Repr(reprlib.Repr):
     never as a cut that hides the type (``<unlocked _thread.... at 0x...>``)."""
 
     def repr_instance(self, x: Any, level: int) -> str:
-        text = super().repr_instance(x, level)
-        if "..." not in text or not text.startswith("<"):
-            return text
         kind = type(x)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        return f"<{name} object>"
+        try:
+            text = repr(x)
+        except Exception:
+            return f"<{name} object>"
+        if len(text) <= self.maxother:
+            return text
+        if text.startswith("<"):  # the default form: its middle says nothing
+            return f"<{name} object>"
+        return super().repr_instance(x, level)
 
 
 _repr = _Repr()
