@@ -165,6 +165,25 @@ class PackedValues:
         return (PackedValues, (self.blobs, self.kinds))
 
 
+def _result_error(value: Any, exc: BaseException) -> BaseException:
+    """The pickle doctor's account of a return value that cannot be sent back:
+    the path inside it (``result['conn']``), the type, why and the fix."""
+    try:
+        from mpnb.pickling import PicklingProblem, diagnose  # only on failure
+
+        found = diagnose(value, by_value=True, name="result")
+    except BaseException:  # the doctor must not hide the real error
+        found = None
+    if found is None:
+        err: BaseException = pickle.PicklingError(
+            f"the task's return value, a {type(value).__name__}, cannot be sent back "
+            f"to the notebook: {exc}")
+    else:
+        err = PicklingProblem(found, found.returned())
+    err.__cause__ = exc
+    return err
+
+
 def _pack(record: tuple) -> tuple:
     """``record`` with its values packed, unless all are plain; a value that
     cannot be pickled becomes its task's failure."""
@@ -180,12 +199,9 @@ def _pack(record: tuple) -> tuple:
             continue
         try:
             blobs.append(_dumps(value))
-        except Exception as exc:
-            err = pickle.PicklingError(
-                f"the task's return value, a {kind.__name__}, cannot be sent back to the notebook: {exc}"
-            )
+        except BaseException as exc:  # SystemExit from a __reduce__ too: the worker lives on
             blobs.append(None)
-            failures[first + i] = Failure.from_exception(err)
+            failures[first + i] = Failure.from_exception(_result_error(value, exc))
     return (seq, first, PackedValues(blobs, kinds), failures, outputs, starts, end, final)
 
 
@@ -226,9 +242,7 @@ class Failure:
             )
         tb, exc.__traceback__ = exc.__traceback__, None
         try:
-            exc_bytes = _dumps(exc)
-        except Exception:
-            exc_bytes = None
+            exc_bytes = _exception_bytes(exc)
         finally:
             exc.__traceback__ = tb
         try:
@@ -237,6 +251,80 @@ class Failure:
             message = "<str() failed>"
         kind = type(exc)
         return cls(exc_bytes, f"{kind.__module__}.{kind.__qualname__}", message, frames, chained)
+
+
+def _exception_bytes(exc: BaseException) -> bytes | None:
+    """``exc`` pickled so that it loads as an instance of its own class.
+
+    Pickle rebuilds an exception by calling its class with ``exc.args``,
+    which fails for a class whose ``__init__`` wants other arguments
+    (``def __init__(self, a, b): super().__init__(f"{a}{b}")``).  Such an
+    exception is sent as its class, ``args`` and ``__dict__`` instead and
+    rebuilt without calling ``__init__`` (as tblib does): the parent gets the
+    same type, message, attributes and notes."""
+    try:
+        data = _dumps(exc)
+    except Exception:
+        data = None
+    if data is not None and not _customised(type(exc)):
+        return data  # a builtin's own reduce: it loads again for sure
+    if data is not None:
+        try:
+            _loads(data)
+            return data
+        except BaseException:  # SystemExit from an __init__ too: it is data here
+            pass
+    fields = {}
+    if isinstance(exc, OSError):  # kept in C fields, not in __dict__; a None set
+        # explicitly would show in str() ("... -> None"), so only those given
+        fields = {name: getattr(exc, name) for name in _OSERROR_FIELDS
+                  if getattr(exc, name) is not None}
+    try:
+        return _dumps(_ExceptionState(type(exc), exc.args, dict(vars(exc)), fields))
+    except Exception:
+        return None  # the parent shows the type and message as RemoteTaskError
+
+
+def _customised(cls: type) -> bool:
+    """True if a class of the user's takes part in building ``cls``'s instances."""
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins":
+            return False
+        if any(name in vars(klass) for name in _BUILDERS):
+            return True
+    return False
+
+
+_BUILDERS = ("__init__", "__new__", "__reduce__", "__reduce_ex__", "__setstate__",
+             "__getstate__", "__getnewargs__", "__getnewargs_ex__")
+
+
+_OSERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
+
+
+class _ExceptionState:
+    """Pickles as a call to :func:`_rebuild_exception`."""
+
+    def __init__(self, cls: type, args: tuple, state: dict, fields: dict):
+        self.cls, self.args, self.state, self.fields = cls, args, state, fields
+
+    def __reduce__(self):
+        return (_rebuild_exception, (self.cls, self.args, self.state, self.fields))
+
+
+def _rebuild_exception(cls: type, args: tuple, state: dict, fields: dict) -> BaseException:
+    """An instance of ``cls`` with these ``args`` and attributes, made
+    without calling ``cls.__init__``."""
+    try:
+        exc = cls.__new__(cls, *args)
+    except TypeError:  # a __new__ of the user's with its own signature
+        exc = cls.__new__(cls)
+    exc.args = args
+    for name, value in fields.items():
+        setattr(exc, name, value)
+    # straight into __dict__: a property without a setter must not stop it
+    exc.__dict__.update(state)
+    return exc
 
 
 # ------------------------------------------------------------------ worker

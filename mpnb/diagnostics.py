@@ -22,7 +22,9 @@ comes off again with :func:`uninstall`.
                                      -> report "nothing cleaned": no respawn
 
 * A note after a cell that failed with ``BrokenProcessPool``, a pickling
-  error, ``Can't get attribute ... on <module '__main__'>`` or a PyTorch
+  error, ``Can't get attribute ... on <module '__main__'>`` (Python 3.14:
+  ``module '__main__' has no attribute ...``), a module object sent to a
+  stdlib pool, or a PyTorch
   ``DataLoader worker ... exited unexpectedly``: which notebook-defined names
   the cell used and the one-line fix.
 * A warning, once, when the kernel forks while other threads run.
@@ -41,7 +43,7 @@ import warnings
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from mpnb.pickling import PicklingProblem, diagnose, interactive_main
+from mpnb.pickling import MODULE_FIX, PicklingProblem, diagnose, interactive_main
 
 __all__ = ["BrokenPool", "ForkInThreadedKernelWarning", "install", "uninstall"]
 
@@ -127,12 +129,19 @@ def _shallow_parts(obj: Any, depth: int = 2) -> list[Any]:
 
 
 def _refuse_main(what: Any, label: str) -> None:
-    """Raise PicklingProblem if ``what`` needs a notebook definition by name."""
-    if main_definition(what) is None:
+    """Raise PicklingProblem if ``what`` needs a notebook definition by name,
+    or is or holds a module object (which stdlib pickle refuses only in the
+    pool's feeder thread, with a bare ``TypeError``)."""
+    if main_definition(what) is None and not _holds_module(what):
         return
     found = diagnose(what, by_value=False, name=label)
     if found is not None:
         raise PicklingProblem(found)
+
+
+def _holds_module(obj: Any) -> bool:
+    """True if ``obj`` is a module, or holds one where pickle will certainly go."""
+    return any(isinstance(part, types.ModuleType) for part in _shallow_parts(obj))
 
 
 def _spawns(context: Any) -> bool:
@@ -317,7 +326,8 @@ def _death_message(worker: Any, initializer: Any) -> str:
             "In a notebook the usual cause is a function or class defined in a cell "
             "(__main__): a worker started by spawn or forkserver cannot import it and "
             "dies with AttributeError: Can't get attribute '...' on <module '__main__'> "
-            "(printed above or in the Jupyter server log). A crash (segfault, out of "
+            "(from Python 3.14: module '__main__' has no attribute '...'), printed above "
+            "or in the Jupyter server log. A crash (segfault, out of "
             "memory) gives the same loss.")
     lines.append(f"Fix: {FIX}. mpnb.diagnose(obj) shows which part of an object does "
                  "not pickle.")
@@ -326,7 +336,13 @@ def _death_message(worker: Any, initializer: Any) -> str:
 
 # ------------------------------------------------------ notes after cells
 
-_MAIN_ATTR = re.compile(r"Can't get attribute '([^']+)' on <module '__main__'")
+# how a child says it cannot find a notebook definition: up to Python 3.13,
+# from 3.14 (a plain getattr), and from 3.14 for a dotted name
+_MAIN_ATTR = re.compile(
+    r"Can't get attribute '([^']+)' on <module '__main__'"
+    r"|module '__main__' has no attribute '([^']+)'"
+    r"|Can't resolve path '([^']+)' on module '__main__'")
+_MODULE_PICKLE = re.compile(r"cannot pickle 'module' object")
 _DATALOADER = re.compile(r"DataLoader worker \(pid")
 
 
@@ -355,7 +371,8 @@ def explain(error: BaseException, definitions: list[str] | None = None) -> str |
         text = str(e)
         match = _MAIN_ATTR.search(text)
         if isinstance(e, AttributeError) and match:
-            return (f"mpnb: a child process could not find {match.group(1)}: it is defined "
+            missing = next(name for name in match.groups() if name)
+            return (f"mpnb: a child process could not find {missing}: it is defined "
                     "in the notebook (__main__), and a process started by spawn or "
                     f"forkserver has its own __main__ without it. Fix: {FIX}.")
         if isinstance(e, BrokenProcessPool):
@@ -369,6 +386,10 @@ def explain(error: BaseException, definitions: list[str] | None = None) -> str |
                     "unpickles the Dataset (and collate_fn, worker_init_fn); a class defined "
                     "in the notebook (__main__) cannot be imported there when workers are "
                     f"started by spawn or forkserver.{used} Fix: {FIX}; or num_workers=0.")
+        if isinstance(e, TypeError) and _MODULE_PICKLE.search(text):
+            return ("mpnb: a module object was handed to another process; stdlib pickle "
+                    f"cannot send modules. Fix: {MODULE_FIX} mpnb.diagnose(obj) shows "
+                    "where the module sits in what you passed.")
         if _is_pickling_error(e):
             return ("mpnb: something handed to another process could not be pickled. "
                     "mpnb.diagnose(obj) names the part that fails, why, and the fix; "

@@ -39,7 +39,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["Diagnosis", "PicklingProblem", "check_call", "diagnose", "raise_for"]
+__all__ = ["Diagnosis", "PicklingProblem", "check_call", "diagnose", "diagnose_call", "raise_for"]
 
 # How long the walk may take before it reports where it got to.
 WALK_SECONDS = 1.5
@@ -62,13 +62,31 @@ class Diagnosis:
     def __str__(self) -> str:
         return f"{self.path} ({self.type}) cannot be sent to a worker process. {self.reason} Fix: {self.fix}"
 
+    def returned(self) -> str:
+        """The sentence for a part of a task's return value: it travels the
+        other way, so the fix is about what the task returns."""
+        fix = _RESULT_FIX.get(self.kind, _RESULT_FIX_ANY).format(type=self.type, fix=self.fix)
+        return (f"the task's return value cannot be sent back from the worker: {self.path} "
+                f"({self.type}) does not pickle. {self.reason} Fix: {fix}")
+
+
+_RESULT_FIX = {
+    "generator": "return list(...) of its items instead of the generator.",
+    "recursion": "{fix}",
+}
+_RESULT_FIX_ANY = ("return the plain data you need from it instead of the {type}, or drop it "
+                   "in __getstate__ of the object that holds it.")
+
 
 class PicklingProblem(pickle.PicklingError):
     """An object cannot be pickled for a worker; ``.diagnosis`` says where and why."""
 
-    def __init__(self, diagnosis: Diagnosis):
-        super().__init__(str(diagnosis))
+    def __init__(self, diagnosis: Diagnosis, message: str | None = None):
+        super().__init__(str(diagnosis) if message is None else message)
         self.diagnosis = diagnosis
+
+    def __reduce__(self):
+        return (type(self), (self.diagnosis, str(self)), self.__dict__)
 
 
 def diagnose(obj: Any, *, by_value: bool = False, name: str = "obj") -> Diagnosis | None:
@@ -103,12 +121,32 @@ def check_call(fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = N
     The function is named by its ``__name__``, the arguments ``args[i]`` and
     ``kwargs['key']``, so the message points at the call the user wrote.
     """
-    label = getattr(fn, "__name__", None) or "fn"
-    raise_for(fn, by_value=by_value, name=label)
+    raise_for(fn, by_value=by_value, name=function_label(fn))
+    found = diagnose_call(args, kwargs, by_value=by_value)
+    if found is not None:
+        raise PicklingProblem(found)
+
+
+def function_label(fn: Any) -> str:
+    """How a diagnosis names a function: its ``__name__``, else ``fn``."""
+    return getattr(fn, "__name__", None) or "fn"
+
+
+def diagnose_call(args: tuple = (), kwargs: dict | None = None, *, by_value: bool = False
+                  ) -> Diagnosis | None:
+    """The first argument of ``fn(*args, **kwargs)`` that cannot be sent, or None.
+
+    Paths start with ``args[i]`` or ``kwargs['key']``, as the call was written.
+    """
     for i, arg in enumerate(args):
-        raise_for(arg, by_value=by_value, name=f"args[{i}]")
+        found = diagnose(arg, by_value=by_value, name=f"args[{i}]")
+        if found is not None:
+            return found
     for key, arg in (kwargs or {}).items():
-        raise_for(arg, by_value=by_value, name=f"kwargs[{key!r}]")
+        found = diagnose(arg, by_value=by_value, name=f"kwargs[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 # ---------------------------------------------------------------- pickling
@@ -476,12 +514,12 @@ def _explain_ctypes(obj: Any, error: BaseException, by_value: bool) -> tuple[str
     )
 
 
+MODULE_FIX = ("import the module inside the worker function instead of passing it, or use "
+              "mpnb.Pool, which sends modules by name.")
+
+
 def _explain_module(obj: Any, error: BaseException, by_value: bool) -> tuple[str, str]:
-    return (
-        f"It is the module {obj.__name__!r}; stdlib pickle cannot send modules.",
-        "import the module inside the worker function instead of passing it, or use "
-        "mpnb.Pool, which sends modules by name.",
-    )
+    return (f"It is the module {obj.__name__!r}; stdlib pickle cannot send modules.", MODULE_FIX)
 
 
 _BY_NAME = "stdlib pickle sends functions and classes by name, for the worker to import"
@@ -520,7 +558,8 @@ def _explain_main(obj: Any, error: BaseException, by_value: bool) -> tuple[str, 
         f"The {what} {obj.__qualname__} is defined in the notebook (__main__); {_BY_NAME}, "
         "and a worker started by spawn or forkserver has its own __main__ without it: it "
         f"dies with AttributeError: Can't get attribute '{obj.__qualname__}' on "
-        "<module '__main__'>.",
+        f"<module '__main__'> (from Python 3.14: module '__main__' has no attribute "
+        f"'{obj.__qualname__}').",
         "put the definition in a %%mppool cell, which makes it importable, or use "
         "mpnb.Pool, which sends notebook functions by value.",
     )

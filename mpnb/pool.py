@@ -61,6 +61,7 @@ from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor, process_stopped
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mpnb.pickling import Diagnosis
     from mpnb.timeline import Timeline
 
 __all__ = [
@@ -125,7 +126,25 @@ class RemoteTraceback(Exception):
 
 # ---------------------------------------------------------------- describing
 
-_repr = reprlib.Repr()
+class _Repr(reprlib.Repr):
+    """reprlib, but an object whose repr is too long shows as its type,
+    never as a cut that hides the type (``<unlocked _thread.... at 0x...>``)."""
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        kind = type(x)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        try:
+            text = repr(x)
+        except Exception:
+            return f"<{name} object>"
+        if len(text) <= self.maxother:
+            return text
+        if text.startswith("<"):  # the default form: its middle says nothing
+            return f"<{name} object>"
+        return super().repr_instance(x, level)
+
+
+_repr = _Repr()
 _repr.maxstring = 40
 _repr.maxother = 40
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
@@ -182,7 +201,7 @@ def _remote_exception(failure: Failure, where: str) -> BaseException:
     if failure.exc_bytes is not None:
         try:
             exc = pickle.loads(failure.exc_bytes)
-        except Exception:
+        except BaseException:  # whatever loading raises (SystemExit too) is the task's, not ours
             exc = None
     if not isinstance(exc, BaseException):
         exc = RemoteTaskError(f"{failure.type_name}: {failure.message}")
@@ -547,7 +566,9 @@ class _Manager(threading.Thread):
             try:
                 chunk.data = _dump_items(chunk.items, call)
             except BaseException as exc:  # SystemExit too: this thread must live on
-                self._fail_chunk(chunk, range(len(chunk.indices)), None, lambda where, exc=exc: _pickling_error(exc, where))
+                for pos, item in enumerate(chunk.items):
+                    self._fail_chunk(chunk, [pos], None,
+                                     lambda where, exc=exc, item=item: _pickling_error(exc, where, call, item))
                 return None
         # mirror of the worker's function cache (see _worker._Worker.function)
         if call.id in state.functions:
@@ -803,8 +824,15 @@ class _Manager(threading.Thread):
         chunk.call.deliver(indices, values, indices, {})
 
     def _drop_queue(self, error: BaseException | None = None) -> None:
+        """Fail every queued chunk with ``error``; with no error (shutdown with
+        ``cancel_futures=True``) a submitted future is cancelled, as
+        ``concurrent.futures`` does, and a map's tasks get a CancelledError."""
         queue, self.queue = self.queue, deque()
         for chunk in queue:
+            future = chunk.call.future
+            if error is None and future is not None and future.cancel():
+                chunk.call.release()
+                continue
             def make(where: str, error=error) -> BaseException:
                 if error is None:
                     return CancelledError(f"{where} was cancelled: the pool was shut down")
@@ -918,10 +946,52 @@ def _ahead(chunk: _Chunk) -> int:
     return max(2, min(_MAX_AHEAD, int(_AHEAD_SECONDS / max(seconds, 1e-6))))
 
 
-def _pickling_error(exc: BaseException, where: str) -> BaseException:
-    err = pickle.PicklingError(f"the arguments of {where} cannot be sent to a worker: {exc}")
+def _pickling_error(exc: BaseException, where: str, call: _Call | None = None, item: Any = None
+                    ) -> BaseException:
+    """The error of a task whose arguments do not pickle: the pickle
+    doctor's sentence (which argument, the path inside it, why, the fix)."""
+    from mpnb.pickling import PicklingProblem, diagnose_call  # only on failure: it is slow to import
+
+    found = None
+    if call is not None:
+        args, kwargs = _arguments(call, item)
+        found = _diagnosis(lambda: diagnose_call(args, kwargs, by_value=True))
+    if found is not None:
+        err: BaseException = PicklingProblem(found)
+    else:  # the doctor finds nothing wrong on its own: say what pickle said
+        err = pickle.PicklingError(f"the arguments of {where} cannot be sent to a worker: {exc}")
     err.__cause__ = exc
     return err
+
+
+def _function_error(fn: Callable, exc: BaseException) -> BaseException:
+    """The error of a function that does not pickle, in the pickle doctor's words."""
+    from mpnb.pickling import PicklingProblem, diagnose, function_label
+
+    found = _diagnosis(lambda: diagnose(fn, by_value=True, name=function_label(fn)))
+    if found is not None:
+        return PicklingProblem(found)
+    return pickle.PicklingError(f"the function {getattr(fn, '__qualname__', fn)!r} cannot be sent to a worker: {exc}")
+
+
+def _diagnosis(run: Callable[[], Diagnosis | None]) -> Diagnosis | None:
+    # only after pickling failed, so the happy path never pays for the walk;
+    # a doctor that trips over a strange object must not hide the real error
+    try:
+        return run()
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # SystemExit from a __reduce__ too
+        return None
+
+
+def _arguments(call: _Call, item: Any) -> tuple[tuple, dict]:
+    """A task's item as the ``(args, kwargs)`` its function is called with."""
+    if call.bare:
+        return (item,), {}
+    if call.with_kwargs:
+        return item
+    return tuple(item), {}
 
 
 def _crash_error(handle, exitcode: int | None) -> Callable[[str], BaseException]:
@@ -993,12 +1063,49 @@ def _kill_all_at_exit() -> None:
         manager.stopped.wait(2.0)
 
 
+def _finish_at_exit() -> None:
+    """At interpreter exit, before threads are joined: in a script, let the
+    pools finish the work already submitted, as ``concurrent.futures`` does
+    (Ctrl-C while waiting stops it); in a kernel, which exits to shut down or
+    restart, stop everything at once."""
+    if _in_kernel():
+        _kill_all_at_exit()
+        return
+    managers = list(_live_managers)
+    for manager in managers:
+        manager.command("shutdown", False)
+    try:
+        for manager in managers:
+            while not manager.stopped.wait(_POLL):
+                pass
+    except KeyboardInterrupt:
+        _kill_all_at_exit()
+
+
+def _in_kernel() -> bool:
+    """True in a running IPython kernel (not in a script that imported ipykernel)."""
+    for module, name in (("ipykernel.kernelapp", "IPKernelApp"), ("ipykernel.zmqshell", "ZMQInteractiveShell")):
+        cls = getattr(sys.modules.get(module), name, None)
+        try:
+            if cls is not None and cls.initialized():
+                return True
+        except Exception:  # an ipykernel that differs: judge by the other one
+            continue
+    return False
+
+
 def _register_atexit() -> None:
     global _atexit_registered
     if not _atexit_registered:
         # registered after multiprocessing's own handler, so it runs first and
         # that handler's join() of our (killed) workers returns at once
         atexit.register(_kill_all_at_exit)
+        try:
+            # runs before atexit handlers, while the manager threads still work
+            # (concurrent.futures registers its own wait the same way)
+            threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # interpreter already exiting
+            pass
         _atexit_registered = True
 
 
@@ -1129,9 +1236,7 @@ class Pool(Executor):
         try:
             fn_bytes = serialize.dumps(fn)
         except Exception as exc:
-            raise pickle.PicklingError(
-                f"the function {getattr(fn, '__qualname__', fn)!r} cannot be sent to a worker: {exc}"
-            ) from exc
+            raise _function_error(fn, exc) from exc
         timeout = self.timeout if timeout is None else _check_timeout(timeout)
         call = _Call(fn_bytes, timeout, style, future)
         return call
@@ -1169,7 +1274,7 @@ class Pool(Executor):
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
-            error = _pickling_error(exc, _describe(call, index, item))
+            error = _pickling_error(exc, _describe(call, index, item), call, item)
             error.add_note(f"mpnb: raised by {_describe(call, index, item)}")
             call.deliver([index], [error], [index], {})
             return _Chunk(call, [], [], b"")  # nothing to run
@@ -1367,7 +1472,10 @@ class Pool(Executor):
         self.monitor.call_started(call.id, None)
         self._running[call.id], self._last_call = call, call.id
         live = view.watch(self, call, None)
-        chunks = self._chunks(call, iterable, chunksize)
+        # an error of the input iterator is raised after the results of the
+        # items before it, as the builtin map would reach it
+        input_error: list[Exception] = []
+        chunks = self._chunks(call, _until_error(iterable, input_error), chunksize)
         ahead = 2 * self.workers * chunksize  # tasks submitted beyond those yielded
         submitted = yielded = 0
         exhausted = interrupted = False
@@ -1382,6 +1490,8 @@ class Pool(Executor):
                     submitted, chunk = pair
                     self._send_chunks(manager, [chunk])
                 if exhausted and yielded >= submitted:
+                    if input_error:
+                        raise input_error[0]
                     return
                 with call.cond:
                     if ordered:
@@ -1540,6 +1650,14 @@ class _TaskFuture(Future):
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _until_error(iterable: Iterable, error: list[Exception]) -> Iterator[Any]:
+    """The items of ``iterable`` up to an error, which is put in ``error``."""
+    try:
+        yield from iterable
+    except Exception as exc:
+        error.append(exc)
 
 
 def _snapshot(call: _Call, n: int) -> list[Any]:
