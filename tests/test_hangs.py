@@ -268,10 +268,15 @@ def test_a_raising_done_callback_is_logged_and_the_pool_serves_on(pool, error, c
 def test_an_argument_whose_reduce_raises_fails_its_task(pool, error):
     future = pool.submit(square, RaisesOnPickle(error))
     failure = future.exception(timeout=DEADLINE)
-    assert isinstance(failure, pickle.PicklingError) and "task 0" in str(failure), failure
+    assert isinstance(failure, pickle.PicklingError) and "task 0" in _text(failure), failure
     results = pool.map(square, [1, RaisesOnPickle(error), 3], chunksize=3, on_error="collect")
     assert results[0] == 1 and results[2] == 9
-    assert isinstance(results[1], pickle.PicklingError) and "task 1" in str(results[1])
+    assert isinstance(results[1], pickle.PicklingError) and "task 1" in _text(results[1])
+
+
+def _text(exc: BaseException) -> str:
+    """The message and the notes: the task is named in one of them."""
+    return " ".join([str(exc), *getattr(exc, "__notes__", [])])
 
 
 # ------------------------------------------------------------ a stopped manager
