@@ -21,3 +21,9 @@ def kernel(tag):
         yield k
     finally:
         k.shutdown()
+
+
+def pytest_report_header(config):
+    import mpnb
+
+    return f"mpnb under test: {mpnb.__file__}"

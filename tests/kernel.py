@@ -32,8 +32,15 @@ from nbclient import NotebookClient
 
 from mpnb.demo import shown
 
+import mpnb
+
+# the directory above tests/: the checkout, or the copy of the tests that
+# `MPNB_INSTALL=wheel scripts/test` runs against an installed wheel
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "mpnb" / "notebooks"
+# the checkout the wheel is built from (the tests' own parent, unless told)
+SOURCE = Path(os.environ.get("MPNB_SOURCE") or ROOT)
+# the notebooks of the mpnb under test: package data, wherever it is installed
+NOTEBOOKS = Path(mpnb.__file__).resolve().parent / "notebooks"
 TAG_VAR = "MPNB_TEST_TAG"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel import NOTEBOOKS, ROOT, TAG_VAR, kernel_env
+from kernel import NOTEBOOKS, SOURCE, TAG_VAR, kernel_env
 
 # building and installing read the pip cache, or the index when it is cold
 INSTALL_SECONDS = 600
@@ -34,7 +34,7 @@ def _run(cmd: list, **options) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src") / "mpnb"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+    shutil.copytree(SOURCE, src, ignore=shutil.ignore_patterns(
         ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "artifacts", ".pytest_cache"))
     out = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", out, src],
@@ -86,3 +86,16 @@ def test_installed_wheel_runs_the_quickstart_demo(installed, tmp_path, tag):
     assert "work lives in mpnb.cells.cell_" in out
     assert out.rstrip().endswith("All cells ran."), out
     assert not list(tmp_path.iterdir()), "the demo left files in its working directory"
+
+
+def test_the_suite_tests_the_mpnb_it_was_asked_to():
+    """`MPNB_INSTALL=wheel scripts/test` runs the whole suite against the
+    installed wheel; the default runs it against the checkout (editable)."""
+    import mpnb
+
+    package = Path(mpnb.__file__).resolve().parent
+    checkout = (SOURCE / "mpnb").resolve()
+    if os.environ.get("MPNB_INSTALL") == "wheel":
+        assert package.is_relative_to(Path(sys.prefix).resolve()) and package != checkout, package
+    else:
+        assert package == checkout, package
