@@ -670,6 +670,7 @@ class _Manager(threading.Thread):
 
     def _on_death(self, state: _WorkerState) -> None:
         handle = state.handle
+        handle.kill()  # what its tasks started, before the worker is reaped
         handle.join(1.0)
         exitcode = handle.exitcode
         worker_id = handle.worker_id
@@ -941,8 +942,6 @@ class Pool(Executor):
             if initializer is not None:
                 initializer(*initargs)
             return
-        import cloudpickle
-
         from mpnb.backends.local import DEFAULT_METHOD, LocalBackend
 
         worker_env = limits.thread_env(self.workers)
@@ -950,7 +949,8 @@ class Pool(Executor):
         worker_env.update(env or {})
         config = {
             "parent": os.getpid(),
-            "initializer": cloudpickle.dumps((initializer, initargs)) if initializer is not None else None,
+            # pickled as each worker starts: queues and locks in initargs pickle only then
+            "initializer": (initializer, initargs) if initializer is not None else None,
         }
         manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor)
         _register_atexit()
