@@ -332,8 +332,9 @@ def _caller(fn, mode: int):
 
 # ----------------------------------------------------------- process setup
 
-#: set in a worker's environment, so its descendants carry it: after a worker
-#: crashed, the processes it started that left its process group are found by it
+#: in a worker's environment from its start (exec and loky launchers), so its
+#: descendants carry it: after a worker crashed, the processes it started that
+#: left its process group are found by it
 WORKER_VAR = "MPNB_WORKER"
 
 _LINUX = sys.platform.startswith("linux")

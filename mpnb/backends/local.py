@@ -63,6 +63,7 @@ class WorkerHandle:
         self.process = process
         self.conn = conn
         self.slot_path = slot_path
+        self._pidfd = _pidfd(process.pid)
         fd = os.open(slot_path, os.O_RDONLY)
         try:
             self._slot = mmap.mmap(fd, _worker.SLOT.size, prot=mmap.PROT_READ)
@@ -75,7 +76,9 @@ class WorkerHandle:
 
     @property
     def sentinel(self) -> int:
-        return self.process.sentinel
+        """Ready when the worker has ended.  A pidfd where there is one: the
+        launcher's pipe stays open while a process a task forked holds a copy."""
+        return self._pidfd if self._pidfd is not None else self.process.sentinel
 
     @property
     def exitcode(self) -> int | None:
@@ -121,6 +124,9 @@ class WorkerHandle:
             pass
         if isinstance(self.process, _ExecProcess):
             self.process.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         for path in (self.slot_path, self.slot_path + ".fault"):
             try:
                 os.unlink(path)
@@ -135,6 +141,13 @@ DEFAULT_METHOD = "exec" if os.name == "posix" else "loky"
 # boot() then puts the parent's whole sys.path in place
 _HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = f"import sys; sys.path.insert(0, {_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)  # Linux 5.3+; the worker is not reaped yet
+    except (AttributeError, OSError):
+        return None
 
 
 def _running(pid: int) -> bool:
@@ -342,11 +355,15 @@ class LocalBackend:
             finally:
                 set_spawning_popen(None)
             with self._lock:
-                process = _ExecProcess(child_end.fileno(), {**os.environ, **self._env}, spawning.fds)
+                env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
+                process = _ExecProcess(child_end.fileno(), env, spawning.fds)
             child_end.close()
             parent_end.send_bytes(setup)
             return WorkerHandle(worker_id, process, parent_end, slot_path)
-        extra = {"env": self._env} if self.method == "loky" else {}
+        # the mark is in a process's environment from its start only where the
+        # launcher takes one; spawn and forkserver workers set it themselves,
+        # which reaches what they exec but not what they fork
+        extra = {"env": {**self._env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
         process = self._context.Process(
             target=_worker.main,
             args=(child_end, slot_path, self._config),
