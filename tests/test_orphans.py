@@ -222,7 +222,7 @@ def test_stopped_worker_owner_sigkilled(tag, record, tmp_path):
     owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)], env=env)
     try:
         started = _wait_for(record)
-        worker = psutil.Process(owner.pid).children()[0]
+        worker, = [p for p in psutil.Process(owner.pid).children() if "mpnb._worker" in " ".join(p.cmdline())]
         worker.suspend()
         deadline = time.monotonic() + WAIT
         while worker.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
