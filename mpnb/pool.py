@@ -774,6 +774,7 @@ class _Manager(threading.Thread):
                 traceback.print_exc(file=sys.__stderr__)
                 state.handle.kill()
         self.workers.clear()
+        self.backend.close()  # before stopped is set: an exiting process may not wait longer
 
 
 def _chunk_seconds(chunk: _Chunk) -> float | None:
