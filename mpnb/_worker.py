@@ -459,17 +459,135 @@ def _caller(fn, mode: int):
 
 # ----------------------------------------------------------- process setup
 
+#: in a worker's environment from its start (exec and loky launchers), so its
+#: descendants carry it: after a worker crashed, the processes it started that
+#: left its process group are found by it
+WORKER_VAR = "MPNB_WORKER"
+
+_LINUX = sys.platform.startswith("linux")
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """``{parent pid: [child pids]}`` of every process on the machine."""
+    tree: dict[int, list[int]] = {}
+    if not _LINUX:
+        import psutil  # not needed on Linux, where /proc is cheaper to read
+
+        for process in psutil.process_iter(["ppid"]):
+            tree.setdefault(process.info["ppid"], []).append(process.pid)
+        return tree
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: fields follow the last ")"
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        tree.setdefault(ppid, []).append(int(name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids below ``pid``, children first."""
+    tree = _children_by_parent()
+    found, todo = [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return True  # ended (or a zombie elsewhere): the group it led may outlive it
+    except PermissionError:
+        return False
+
+
+def kill_tree(root: int, include_root: bool = True) -> None:
+    """SIGKILL everything ``root`` started, and ``root`` itself if ``include_root``.
+
+    The one way a worker is ended, from the pool (timeout, crash, Cancel,
+    shutdown) and from inside the worker (its parent is gone, or it exits).
+    Everything below ``root`` is stopped first, until no new process appears,
+    so that nothing forks while it is being killed; then its process group
+    (a worker leads its own) catches members no longer below it.
+    """
+    me = os.getpid()
+    if root != me and include_root:
+        _signal(root, signal.SIGSTOP)
+    stopped: list[int] = []
+    for _ in range(20):  # a bound, in case something keeps forking faster than we stop it
+        new = [pid for pid in descendants(root) if pid != me and pid not in stopped]
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped += new
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    if include_root:
+        if _leads_group(root):
+            try:
+                os.killpg(root, signal.SIGKILL)  # ends this process too when root is itself
+            except (ProcessLookupError, PermissionError):
+                pass
+        _signal(root, signal.SIGKILL)
+
+
+def _end_with_tree(signum=None, frame=None) -> None:
+    """The parent is gone: take everything this worker started down with it."""
+    if os.getpid() != _worker_pid:
+        # a process a task forked inherits this handler: it just ends, as by default
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGHUP)
+        return
+    kill_tree(_worker_pid)
+    os._exit(70)
+
+
+_worker_pid = 0
+
 
 def _die_with_parent(parent: int) -> None:
-    """Exit when the parent process dies, even while a task runs."""
-    if sys.platform.startswith("linux"):
+    """End, with everything the tasks started, when the parent process dies,
+    even while a task runs.
+
+    The worker leads its own process group (so the kernel's interrupts and
+    its group kill do not reach it), and on Linux it is a child subreaper:
+    processes its tasks started that lost their parent (a double-forked
+    daemon) are re-parented to it, so it finds and ends them.  Its parent's
+    death reaches it three ways: ``PR_SET_PDEATHSIG`` sends SIGHUP; the
+    kernel sends SIGHUP and SIGCONT to a stopped worker whose group it
+    orphans; and a thread watches the parent's pid, for the case where a
+    task replaced the SIGHUP handler.
+    """
+    global _worker_pid
+    _worker_pid = os.getpid()
+    signal.signal(signal.SIGHUP, _end_with_tree)
+    if _LINUX:
         try:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            # PR_SET_PDEATHSIG: the kernel SIGKILLs us when the thread that
-            # started us (the pool's manager thread) or its process ends
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+            # sent when the thread that started us (the pool's manager thread) or its process ends
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         except Exception:
             pass
 
@@ -489,19 +607,33 @@ def _die_with_parent(parent: int) -> None:
     def watch() -> None:
         while not parent_gone():
             time.sleep(0.25)
-        os._exit(70)
+        _end_with_tree()
 
     if parent_gone():
-        os._exit(70)
+        _end_with_tree()
     threading.Thread(target=watch, name="mpnb-parent-watch", daemon=True).start()
+
+
+def _lead_own_group() -> None:
+    try:
+        os.setpgid(0, 0)  # the exec launcher did it already; a session leader cannot
+    except OSError:
+        pass
 
 
 def _setup(config: dict[str, Any], slot_path: str) -> None:
     # the kernel's interrupt may reach the whole process group; the pool
     # decides what happens to tasks, so workers ignore SIGINT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _lead_own_group()
     os.environ.update(config.get("env", {}))  # loky set them already; spawn did not
+    os.environ[WORKER_VAR] = slot_path
     _die_with_parent(config["parent"])
+    if config.get("authkey"):
+        # what spawn and loky hand their children, so Manager proxies connect
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = config["authkey"]
     import faulthandler
 
     global _fault_file
@@ -537,5 +669,10 @@ def main(conn, slot_path: str, config: dict[str, Any]) -> None:
         try:
             conn.send_bytes(_dumps(("init-failed", os.getpid(), Failure.from_exception(exc))))
         finally:
+            kill_tree(os.getpid(), include_root=False)
             os._exit(3)
-    _Worker(conn, slot_path, config).serve()
+    try:
+        _Worker(conn, slot_path, config).serve()
+    finally:
+        # what the tasks started ends with the worker, also on a clean stop
+        kill_tree(os.getpid(), include_root=False)

@@ -751,6 +751,7 @@ class _Manager(threading.Thread):
 
     def _on_death(self, state: _WorkerState) -> None:
         handle = state.handle
+        handle.kill()  # what its tasks started, before the worker is reaped
         handle.join(1.0)
         exitcode = handle.exitcode
         worker_id = handle.worker_id
@@ -872,6 +873,7 @@ class _Manager(threading.Thread):
                 traceback.print_exc(file=sys.__stderr__)
                 state.handle.kill()
         self.workers.clear()
+        self.backend.close()  # before stopped is set: an exiting process may not wait longer
 
 
 def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:
@@ -1189,7 +1191,8 @@ class Pool(Executor):
         worker_env.update(env or {})
         config = {
             "parent": os.getpid(),
-            "initializer": serialize.dumps((initializer, initargs)) if initializer is not None else None,
+            # pickled as each worker starts: queues and locks in initargs pickle only then
+            "initializer": (initializer, initargs) if initializer is not None else None,
         }
         manager = _Manager(LocalBackend(worker_env, config, context or DEFAULT_METHOD), self.workers, self.monitor,
                            _qualified_name(initializer) if initializer is not None else None, start_timeout())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import shutil
 import sys
 import tempfile
 import weakref
@@ -126,16 +127,31 @@ def _sweep_dead_once() -> None:
     if _swept:
         return
     _swept = True
-    directory = _directory()
+    sweep_dead(_directory(), _PREFIX)
+
+
+def sweep_dead(directory: str, prefix: str) -> None:
+    """Remove what dead processes left in ``directory``: every file or
+    directory named ``<prefix><pid>-...`` whose process no longer exists.
+
+    mpnb names what a process must remove at exit this way (shared arrays,
+    pools' worker slots, kernels' cell modules), so that whoever comes next
+    removes it when that process was killed first.
+    """
     try:
-        names = [n for n in os.listdir(directory) if n.startswith(_PREFIX)]
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
     except OSError:
         return
     for name in names:
-        pid = name[len(_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             try:
-                os.unlink(os.path.join(directory, name))
+                os.unlink(path)
             except OSError:
                 pass
 

@@ -136,12 +136,9 @@ def remove_kernel_dir() -> None:
 
 
 def _sweep_dead(base: Path) -> None:
-    import psutil
+    from mpnb.shared import sweep_dead
 
-    for entry in base.iterdir():
-        pid, _, _ = entry.name.partition("-")
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
+    sweep_dead(str(base), "")
 
 
 def _search_dirs():

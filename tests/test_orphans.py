@@ -1,0 +1,327 @@
+"""Whatever a task starts dies with its worker, however the worker ends.
+
+A table: the task starts one process of each kind a task may start (a forked
+child, a subprocess, a spawn Pool with its worker and resource tracker, a
+double-forked daemon in its own session), records them, and its worker then
+ends one way: a timeout, a crash, Cancel, the pool's shutdown, the owner
+process SIGKILLed (also while the worker is stopped), the kernel shut down,
+restarted or SIGKILLed.  Each row checks that
+every recorded process is gone, naming the kinds that survived; the ``tag``
+fixture then checks that no process carrying the test's tag is left.
+
+This module is imported by the workers (its task function travels by
+reference), so it imports nothing that starts anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import psutil
+import pytest
+
+import mpnb
+
+TAG_VAR = "MPNB_TEST_TAG"  # kernel.TAG_VAR; importing kernel here would make every worker install a kernelspec
+TESTS = str(Path(__file__).resolve().parent)
+WAIT = 60.0
+
+_kept = []  # what a task started and must not be garbage-collected with it
+
+
+# ------------------------------------------------------------ the task
+
+
+def _forked_child() -> list[int]:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(600)
+        os._exit(0)
+    return [pid]
+
+
+def _subprocess() -> list[int]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    _kept.append(proc)
+    return [proc.pid]
+
+
+def _spawn_pool() -> list[int]:
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    _kept.append(pool)
+    pool.apply(os.getpid)
+    return [p.pid for p in pool._pool] + [resource_tracker._resource_tracker._pid]
+
+
+def _daemon() -> list[int]:
+    r, w = os.pipe()
+    first = os.fork()
+    if first == 0:
+        os.close(r)
+        os.setsid()
+        if os.fork() == 0:
+            os.write(w, str(os.getpid()).encode())
+            os.close(w)
+            time.sleep(600)
+        os._exit(0)
+    os.close(w)
+    os.waitpid(first, 0)
+    with os.fdopen(r, "rb") as f:
+        return [int(f.read())]
+
+
+KINDS = {
+    "forked child": _forked_child,
+    "subprocess": _subprocess,
+    "spawn Pool (worker, resource tracker)": _spawn_pool,
+    "double-forked daemon": _daemon,
+}
+
+
+def start_everything(record: str, then: str):
+    """Start one process of each kind, write them to ``record``, then
+    ``then``: "return", "crash" or "hang"."""
+    started = {}
+    for kind, start in KINDS.items():
+        started[kind] = [(pid, psutil.Process(pid).create_time()) for pid in start()]
+    with open(record + ".tmp", "w") as f:
+        json.dump(started, f)
+    os.rename(record + ".tmp", record)
+    if then == "crash":
+        import ctypes
+
+        ctypes.string_at(0)
+    while then == "hang":
+        time.sleep(0.1)
+    return sorted(started)
+
+
+# ------------------------------------------------------------ checking
+
+
+def _wait_for(path: Path, within: float = WAIT) -> dict:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < deadline, f"the task did not start its processes within {within} s"
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _survivors(started: dict) -> list[str]:
+    return [kind for kind, procs in started.items() if any(_alive(pid, t) for pid, t in procs)]
+
+
+def assert_all_gone(started: dict, within: float = WAIT) -> None:
+    deadline = time.monotonic() + within
+    while _survivors(started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _survivors(started)
+    for procs in started.values():  # do not let one failure poison the next tests
+        for pid, t in procs:
+            if _alive(pid, t):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, f"outlived their worker: {', '.join(left)}"
+
+
+# ------------------------------------------------------------ the table
+
+
+@pytest.fixture
+def record(tmp_path) -> Path:
+    return tmp_path / "started.json"
+
+
+def test_timeout(tag, record):
+    # generous: the task must start a spawn Pool before its time is up
+    with mpnb.Pool(1, timeout=30, live=False, env={TAG_VAR: tag}) as pool:
+        future = pool.submit(start_everything, str(record), "hang")
+        started = _wait_for(record)
+        with pytest.raises(mpnb.pool.TaskTimeoutError):
+            future.result(timeout=120)
+        assert_all_gone(started)
+
+
+def test_crash(tag, record):
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
+        future = pool.submit(start_everything, str(record), "crash")
+        with pytest.raises(mpnb.pool.WorkerCrashedError):
+            future.result(timeout=120)
+        assert_all_gone(_wait_for(record))
+        assert pool.submit(sum, [1, 2]).result(timeout=WAIT) == 3  # replaced
+
+
+def test_cancel(tag, record):
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
+        future = pool.submit(start_everything, str(record), "hang")
+        started = _wait_for(record)
+        pool.cancel()
+        with pytest.raises(CancelledError):
+            future.result(timeout=WAIT)
+        assert_all_gone(started)
+
+
+def test_shutdown(tag, record):
+    pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
+    try:
+        assert pool.submit(start_everything, str(record), "return").result(timeout=120)
+        started = _wait_for(record)
+        assert len(_survivors(started)) == len(KINDS)  # a finished task's processes live on until then
+    finally:
+        pool.shutdown()
+    assert_all_gone(started)
+
+
+OWNER = """
+import sys, time, mpnb
+sys.path.insert(0, sys.argv[1])
+from test_orphans import start_everything
+if __name__ == "__main__":
+    pool = mpnb.Pool(1, live=False)
+    pool.submit(start_everything, sys.argv[2], "hang")
+    time.sleep(600)
+"""
+
+
+def test_owner_sigkilled(tag, record, tmp_path):
+    """A plain script owns the pool and is SIGKILLed while the task runs."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    env = dict(os.environ, **{TAG_VAR: tag})
+    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)], env=env)
+    try:
+        started = _wait_for(record)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert_all_gone(started)
+
+
+def test_stopped_worker_owner_sigkilled(tag, record, tmp_path):
+    """The worker is stopped (SIGSTOP) when its owner is SIGKILLed."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    env = dict(os.environ, **{TAG_VAR: tag})
+    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)], env=env)
+    try:
+        started = _wait_for(record)
+        worker, = [p for p in psutil.Process(owner.pid).children() if "mpnb._worker" in " ".join(p.cmdline())]
+        worker.suspend()
+        deadline = time.monotonic() + WAIT
+        while worker.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
+
+
+def _kernel_pool(kernel, record: Path) -> dict:
+    kernel.run(
+        f"import sys; sys.path.insert(0, {TESTS!r})\n"
+        "import mpnb\n"
+        "from test_orphans import start_everything\n"
+        "pool = mpnb.Pool(1, live=False)\n"
+        f"future = pool.submit(start_everything, {str(record)!r}, 'hang')\n"
+    ).ok()
+    return _wait_for(record)
+
+
+def test_kernel_shutdown(kernel, record):
+    started = _kernel_pool(kernel, record)
+    kernel.shutdown()
+    assert_all_gone(started)
+
+
+def test_kernel_restart(kernel, record):
+    started = _kernel_pool(kernel, record)
+    kernel.km.restart_kernel(now=False)
+    assert_all_gone(started)
+
+
+def test_kernel_sigkilled(tag, record):
+    from kernel import Kernel
+
+    kernel = Kernel(tag)
+    try:
+        started = _kernel_pool(kernel, record)
+    except BaseException:
+        kernel.shutdown()
+        raise
+    kernel.kill()
+    assert_all_gone(started)
+
+
+# ------------------------------------------------------------ directories
+
+POOL_DIR_OWNER = """
+import sys, time, mpnb
+if __name__ == "__main__":
+    pool = mpnb.Pool(1, live=False)
+    assert pool.map(abs, [-1]) == [1]
+    print("running", flush=True)
+    if sys.argv[1] == "wait":
+        time.sleep(600)
+    pool.shutdown()
+"""
+
+
+def test_directories_of_killed_owners_are_swept(tag, tmp_path):
+    """A pool's worker directory outlives an owner that was SIGKILLed; the
+    next process that starts a pool removes it, and its own at shutdown."""
+    script = tmp_path / "owner.py"
+    script.write_text(POOL_DIR_OWNER)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = dict(os.environ, TMPDIR=str(temp), **{TAG_VAR: tag})
+    owner = subprocess.Popen([sys.executable, str(script), "wait"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "running"
+    finally:
+        owner.kill()
+        owner.wait()
+    left = list(temp.glob(f"mpnb-pool-{owner.pid}-*"))
+    assert left, f"the killed owner's pool directory is not named by its pid: {os.listdir(temp)}"
+    done = subprocess.run([sys.executable, str(script), "stop"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not [p for p in left if p.exists()], "the dead owner's directory was not swept"
+    assert not list(temp.glob("mpnb-pool-*")), os.listdir(temp)
+
+
+def test_kernel_shutdown_with_a_stopped_worker(tag, tmp_path):
+    """A busy worker stopped with SIGSTOP: kernel shutdown ends it with its
+    tree and removes the pool's directory."""
+    from kernel import Kernel
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    record = tmp_path / "started.json"
+    kernel = Kernel(tag, env={"TMPDIR": str(temp)})
+    try:
+        started = _kernel_pool(kernel, record)
+        workers = [p for p in psutil.Process(kernel.pid).children() if "mpnb._worker" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        workers[0].suspend()
+        assert list(temp.glob("mpnb-pool-*"))
+    finally:
+        kernel.shutdown()
+    assert_all_gone(dict(started, worker=[(workers[0].pid, workers[0].create_time())]))
+    assert not list(temp.glob("mpnb-pool-*")), os.listdir(temp)
