@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Pool",
+    "PicklingProblem",
     "diagnose",
     "doctor",
     "__version__",
@@ -29,6 +30,7 @@ __all__ = [
 # public name -> module that defines it; imported on first access (PEP 562)
 _LAZY = {
     "Pool": "mpnb.pool",
+    "PicklingProblem": "mpnb.pickling",
     "diagnose": "mpnb.pickling",
     "doctor": "mpnb.doctor",
 }
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
     from mpnb.doctor import doctor
-    from mpnb.pickling import diagnose
+    from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
 
 
