@@ -138,10 +138,11 @@ def _loads(data: bytes) -> Any:
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
-def _plain(values: list) -> bool:
+def is_plain(values: list) -> bool:
     """True when every value is a builtin scalar, at most in tuples: such
-    values load anywhere, so they travel in the message as they are."""
-    kinds = set(map(type, values))  # at C speed: this runs on every result
+    values pickle with plain pickle and load anywhere (task arguments, one
+    way; results, the other)."""
+    kinds = set(map(type, values))  # at C speed: this runs on every argument and result
     if kinds <= _PLAIN:
         return True
     if kinds - _PLAIN != {tuple}:
@@ -188,7 +189,7 @@ def _pack(record: tuple) -> tuple:
     """``record`` with its values packed, unless all are plain; a value that
     cannot be pickled becomes its task's failure."""
     seq, first, values, failures, outputs, starts, end, final = record
-    if _plain(values):
+    if is_plain(values):
         return record
     blobs, kinds = [], []
     for i, value in enumerate(values):

@@ -56,7 +56,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import limits, serialize, view
-from mpnb._worker import FUNCTION_CACHE_SIZE, Failure, PackedValues
+from mpnb._worker import FUNCTION_CACHE_SIZE, Failure, PackedValues, is_plain
 from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor, process_stopped
 
@@ -315,26 +315,12 @@ class _Chunk:
         self.sent = 0.0
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-def _is_plain(items: list) -> bool:
-    """True when plain pickle is safe: builtin scalars, at most in tuples."""
-    kinds = set(map(type, items))  # at C speed: this runs on every argument
-    if kinds <= _PLAIN:
-        return True
-    if kinds - _PLAIN != {tuple}:
-        return False
-    tuples = (item for item in items if type(item) is tuple)
-    return set(map(type, itertools.chain.from_iterable(tuples))) <= _PLAIN
-
-
 def _dump_items(items: list, call: _Call | None = None) -> bytes:
     """Pickle a chunk's arguments; large numpy arrays go through shared
     memory, once per ``call`` (see :mod:`mpnb.shared`)."""
     # cloudpickle is needed for anything that may be or hold a __main__
     # object; for plain data the C pickler is several times faster
-    if _is_plain(items):
+    if is_plain(items):
         return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
     if call is None or "numpy" not in sys.modules:
         return serialize.dumps(items)
