@@ -185,6 +185,10 @@ def _result_error(value: Any, exc: BaseException) -> BaseException:
     return err
 
 
+# "module.Qualname" of each result type seen, for the parent's error messages
+_TYPE_NAMES: dict = {}
+
+
 def _pack(record: tuple) -> tuple:
     """``record`` with its values packed, unless all are plain; a value that
     cannot be pickled becomes its task's failure."""
@@ -192,9 +196,13 @@ def _pack(record: tuple) -> tuple:
     if is_plain(values):
         return record
     blobs, kinds = [], []
+    names = _TYPE_NAMES
     for i, value in enumerate(values):
         kind = type(value)
-        kinds.append(f"{kind.__module__}.{kind.__qualname__}")
+        name = names.get(kind)
+        if name is None:
+            name = names[kind] = f"{kind.__module__}.{kind.__qualname__}"
+        kinds.append(name)
         if first + i in failures:
             blobs.append(None)
             continue

@@ -726,10 +726,21 @@ class _Manager(threading.Thread):
         self.queue = deque(c for c in self.queue if c.call is not call)
         doomed = set()
         for worker_id, state in self.workers.items():
-            if any(c.call is call for c in state.chunks) and state.kill_reason is None:
+            if not state.chunks or state.kill_reason is not None:
+                continue
+            if state.chunks[0].call is call:
                 state.kill_reason = ("cancel",)
                 state.handle.kill()
                 doomed.add(worker_id)
+            elif any(c.call is call for c in state.chunks):
+                # queued behind another call's task: killing the worker would
+                # run that task twice; the worker's records of these are ignored
+                kept = deque(c for c in state.chunks if c.call is not call)
+                for chunk in state.chunks:
+                    if chunk.call is call:
+                        self._fail_chunk(chunk, range(len(chunk.indices)), state,
+                                         lambda where: CancelledError(f"{where} was cancelled"))
+                state.chunks = kept
         if doomed:
             self._cancels.append((doomed, done))
         else:
@@ -835,7 +846,7 @@ class _Manager(threading.Thread):
             for n, chunk in enumerate(state.chunks):
                 start = state.next_pos if n == 0 else 0
                 self._fail_chunk(chunk, range(start, len(chunk.indices)), None,
-                                 lambda where: RuntimeError(f"{where}: {error}"))
+                                 lambda where: BrokenProcessPool(f"{where}: {error}"))
             state.chunks.clear()
         for _, done in self._cancels:
             done.set()
@@ -1224,7 +1235,9 @@ class Pool(Executor):
             raise TypeError(f"the pool needs a callable, not a {type(fn).__name__}")
         try:
             fn_bytes = serialize.dumps(fn)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit from a __reduce__ too
             raise _function_error(fn, exc) from exc
         timeout = self.timeout if timeout is None else _check_timeout(timeout)
         call = _Call(fn_bytes, timeout, style, future)

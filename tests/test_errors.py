@@ -216,6 +216,17 @@ def test_a_function_closure_names_its_path(pool):
     _assert_doctor(caught.value, "work.__closure__[0].cell_contents", "_thread.lock")
 
 
+@pytest.mark.parametrize("context", ["exec", "spawn"])
+def test_initargs_name_their_path_when_the_pool_is_made(tag, context):
+    nested = {"db": {"lock": threading.Lock()}}
+    with pytest.raises(PicklingProblem) as caught:
+        mpnb.Pool(1, context=context, initializer=identity, initargs=(1, nested), env={TAG_VAR: tag})
+    _assert_doctor(caught.value, "initargs[1]['db']['lock']", "_thread.lock")
+    with pytest.raises(PicklingProblem) as caught:
+        mpnb.Pool(1, context=context, initializer=closure_over_lock(), env={TAG_VAR: tag})
+    _assert_doctor(caught.value, "work.__closure__[0].cell_contents", "_thread.lock")
+
+
 @pytest.mark.parametrize("fn, path, type_name, fix", [
     (returns_socket, "result['conn']", "socket.socket", "return the plain data you need"),
     (returns_generator, "result", "generator", "return list(...)"),

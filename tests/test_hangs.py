@@ -274,6 +274,18 @@ def test_an_argument_whose_reduce_raises_fails_its_task(pool, error):
     assert isinstance(results[1], pickle.PicklingError) and "task 1" in _text(results[1])
 
 
+class UnpicklableFunction(RaisesOnPickle):
+    def __call__(self, x):
+        return x
+
+
+@pytest.mark.parametrize("error", [SystemExit(4), ValueError("no pickling")], ids=["SystemExit", "ValueError"])
+def test_a_function_whose_reduce_raises_is_refused_with_a_pickling_error(pool, error):
+    outcome = _ends(pool.submit, UnpicklableFunction(error), 1)
+    assert isinstance(outcome.get("error"), pickle.PicklingError), outcome
+    assert pool.submit(square, 3).result(timeout=DEADLINE) == 9
+
+
 def _text(exc: BaseException) -> str:
     """The message and the notes: the task is named in one of them."""
     return " ".join([str(exc), *getattr(exc, "__notes__", [])])
@@ -286,10 +298,14 @@ def test_a_pool_whose_manager_stopped_refuses_work_at_once(tag):
     pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
     manager = pool._manager
     pool.map(square, [1])
+    running = pool.submit(sleep_for, 600)
+    _busy_pid(pool)
     manager.command("cancel", None, None)  # a fault inside the manager thread (no such call)
     # work sent while it stops, or after, fails; none waits forever
     outcome = _ends(lambda: pool.submit(square, 2).result(timeout=DEADLINE))
     assert isinstance(outcome.get("error"), BrokenProcessPool), outcome
+    # and so does the task that was running: one exception type for all of them
+    assert isinstance(running.exception(timeout=DEADLINE), BrokenProcessPool)
     assert manager.stopped.wait(DEADLINE)
     with pytest.raises(BrokenProcessPool, match="create a new mpnb.Pool"):
         pool.submit(square, 3)

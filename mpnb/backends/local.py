@@ -266,8 +266,29 @@ class _Initializer:
         set_spawning_popen(_ExecSpawning())
         try:
             self.dumps()
+        except ValueError:  # a fork-context lock: its message names the fix
+            raise
+        except Exception as exc:
+            raise self._problem(exc) from exc
         finally:
             set_spawning_popen(None)
+
+    def _problem(self, exc: BaseException) -> BaseException:
+        """The pickle doctor's sentence for what does not pickle: the path
+        from ``initializer`` or ``initargs[i]``, the type, why, the fix."""
+        from mpnb.pickling import PicklingProblem, diagnose, function_label
+
+        initializer, initargs = self.call
+        named = [(initializer, function_label(initializer))]
+        named += [(arg, f"initargs[{i}]") for i, arg in enumerate(initargs)]
+        for obj, name in named:
+            try:
+                found = diagnose(obj, by_value=True, name=name)
+            except Exception:  # the doctor must not hide the real error
+                found = None
+            if found is not None:
+                return PicklingProblem(found)
+        return pickle.PicklingError(f"the initializer and its initargs cannot be sent to a worker: {exc}")
 
 
 class _ExecProcess:
