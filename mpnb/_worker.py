@@ -524,7 +524,8 @@ def kill_tree(root: int, include_root: bool = True) -> None:
     """SIGKILL everything ``root`` started, and ``root`` itself if ``include_root``.
 
     The one way a worker is ended, from the pool (timeout, crash, Cancel,
-    shutdown) and from inside the worker (its parent is gone, or it exits).
+    shutdown), from inside the worker (its parent is gone, or it exits) and
+    from its guardian (the worker died).
     Everything below ``root`` is stopped first, until no new process appears,
     so that nothing forks while it is being killed; then its process group
     (a worker leads its own) catches members no longer below it.

@@ -4,7 +4,8 @@ A table: the task starts one process of each kind a task may start (a forked
 child, a subprocess, a spawn Pool with its worker and resource tracker, a
 double-forked daemon in its own session), records them, and its worker then
 ends one way: a timeout, a crash, Cancel, the pool's shutdown, the owner
-process SIGKILLed (also while the worker is stopped), the kernel shut down,
+process SIGKILLed (also while the worker is stopped, or while its task holds
+the GIL in a long C call), the kernel shut down,
 restarted or SIGKILLed.  Each row checks that
 every recorded process is gone, naming the kinds that survived; the ``tag``
 fixture then checks that no process carrying the test's tag is left.
