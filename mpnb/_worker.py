@@ -624,9 +624,9 @@ def _die_with_parent(parent: int, mark: str) -> None:
         # sent when the thread that started us (the pool's manager thread) or its process ends
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    _start_guardian(mark, libc)  # before any thread starts: a fork copies only this one
-
     direct = os.getppid() == parent  # not so under forkserver
+    # before any thread starts: a fork copies only this one
+    _start_guardian(mark, libc, None if direct else parent)
 
     def parent_gone() -> bool:
         if direct:
@@ -649,9 +649,12 @@ def _die_with_parent(parent: int, mark: str) -> None:
     threading.Thread(target=watch, name="mpnb-parent-watch", daemon=True).start()
 
 
-def _start_guardian(mark: str, libc) -> None:
+def _start_guardian(mark: str, libc, owner: int | None) -> None:
     """Fork the worker's guardian: a process that waits for the worker to
-    end, however it ends, then kills what the worker left.
+    end, however it ends, then kills what the worker left.  Given ``owner``
+    (the pool's process, when it is not the worker's parent: forkserver), it
+    also ends the worker when the owner dies, which ``PR_SET_PDEATHSIG``
+    cannot see.
 
     It waits in ``os.read`` on a pipe whose write end only the worker holds
     (processes a task forks close their copy; exec closes it), so EOF means
@@ -669,7 +672,7 @@ def _start_guardian(mark: str, libc) -> None:
     if pid == 0:
         try:
             os.close(write_end)
-            _guard(read_end, _worker_pid, mark, libc)
+            _guard(read_end, _worker_pid, mark, libc, owner)
         finally:
             os._exit(0)
     os.close(read_end)
@@ -686,10 +689,10 @@ def _start_guardian(mark: str, libc) -> None:
     os.register_at_fork(after_in_child=close_in_forked_child)
 
 
-def _guard(read_end: int, worker: int, mark: str, libc) -> None:
-    """The guardian's life: wait for EOF on ``read_end``, then kill the
-    processes carrying ``mark`` and ``worker``'s tree and process group
-    (this process with it)."""
+def _guard(read_end: int, worker: int, mark: str, libc, owner: int | None) -> None:
+    """The guardian's life: wait for EOF on ``read_end`` (or for ``owner``
+    to end), then kill the processes carrying ``mark`` and ``worker``'s tree
+    and process group (this process with it)."""
     import gc
 
     gc.disable()  # a collected copy of the worker's objects would close their fds, now others
@@ -700,16 +703,35 @@ def _guard(read_end: int, worker: int, mark: str, libc) -> None:
     if libc is not None:
         libc.prctl(_PR_SET_NAME, GUARDIAN_NAME.encode(), 0, 0, 0)
     _close_all_but(read_end)
-    try:
-        while os.read(read_end, 1):
-            pass
-    except OSError:
+    if not _wait_for_end(read_end, owner):
         return  # not an EOF: the worker may live, so nothing is killed
     try:
         kill_marked(mark)  # those that left the group first: the group kill ends this process
     except Exception:
         pass
     kill_tree(worker)
+
+
+def _wait_for_end(read_end: int, owner: int | None) -> bool:
+    """Block until EOF on ``read_end`` or the end of ``owner`` (where a pidfd
+    can watch it); False on an error."""
+    import select
+
+    watched = [read_end]
+    if owner is not None:
+        try:
+            watched.append(os.pidfd_open(owner))  # Linux 5.3+: readable once it has ended
+        except (AttributeError, OSError):
+            pass
+    try:
+        while True:
+            ready = select.select(watched, [], [])[0]
+            if len(watched) > 1 and watched[1] in ready:
+                return True
+            if read_end in ready and not os.read(read_end, 1):
+                return True
+    except OSError:
+        return False
 
 
 def _close_all_but(keep: int) -> None:
