@@ -656,7 +656,7 @@ def _start_guardian(mark: str, libc, owner: int | None) -> None:
     also ends the worker when the owner dies, which ``PR_SET_PDEATHSIG``
     cannot see.
 
-    It waits in ``os.read`` on a pipe whose write end only the worker holds
+    It waits for EOF on a pipe whose write end only the worker holds
     (processes a task forks close their copy; exec closes it), so EOF means
     the worker is gone.  It stays in the worker's process group: every kill
     of that group (timeout, crash, Cancel, shutdown) ends it too, and a clean
