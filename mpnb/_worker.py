@@ -532,7 +532,8 @@ def kill_tree(root: int, include_root: bool = True) -> None:
     """SIGKILL everything ``root`` started, and ``root`` itself if ``include_root``.
 
     The one way a worker is ended, from the pool (timeout, crash, Cancel,
-    shutdown) and from inside the worker (its parent is gone, or it exits).
+    shutdown), from inside the worker (its parent is gone, or it exits) and
+    from its guardian (the worker died).
     Everything below ``root`` is stopped first, until no new process appears,
     so that nothing forks while it is being killed; then its process group
     (a worker leads its own) catches members no longer below it.
@@ -559,6 +560,24 @@ def kill_tree(root: int, include_root: bool = True) -> None:
         _signal(root, signal.SIGKILL)
 
 
+def kill_marked(mark: str) -> None:
+    """SIGKILL this user's processes whose environment carries a worker's mark
+    (``WORKER_VAR``): after the worker died, what its tasks started that left
+    its process group."""
+    import psutil  # only after a worker died
+
+    uid = os.getuid()
+    for process in psutil.process_iter(["uids"]):
+        uids = process.info["uids"]
+        if uids is None or uids.real != uid or process.pid == os.getpid():
+            continue
+        try:
+            if process.environ().get(WORKER_VAR) == mark:
+                process.kill()
+        except psutil.Error:
+            pass
+
+
 def _end_with_tree(signum=None, frame=None) -> None:
     """The parent is gone: take everything this worker started down with it."""
     if os.getpid() != _worker_pid:
@@ -572,35 +591,50 @@ def _end_with_tree(signum=None, frame=None) -> None:
 
 _worker_pid = 0
 
+#: the guardian's process name (``/proc/<pid>/comm``, what ``ps`` and
+#: ``%mpstatus`` show), set on Linux
+GUARDIAN_NAME = "mpnb-guardian"
+_PR_SET_NAME = 15
 
-def _die_with_parent(parent: int) -> None:
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except Exception:
+        return None
+
+
+def _die_with_parent(parent: int, mark: str) -> None:
     """End, with everything the tasks started, when the parent process dies,
     even while a task runs.
 
     The worker leads its own process group (so the kernel's interrupts and
     its group kill do not reach it), and on Linux it is a child subreaper:
     processes its tasks started that lost their parent (a double-forked
-    daemon) are re-parented to it, so it finds and ends them.  Its parent's
-    death reaches it three ways: ``PR_SET_PDEATHSIG`` sends SIGHUP; the
-    kernel sends SIGHUP and SIGCONT to a stopped worker whose group it
-    orphans; and a thread watches the parent's pid, for the case where a
-    task replaced the SIGHUP handler.
+    daemon) are re-parented to it, so it finds and ends them.
+
+    On Linux its parent's death ends it at once with ``PR_SET_PDEATHSIG``
+    SIGKILL, even while it is stopped or a task holds the GIL in a long C
+    call.  What it started is then ended by its guardian (see
+    :func:`_start_guardian`), which runs no Python code of the tasks and so
+    never waits for their GIL.  Elsewhere, or when the parent is not the
+    process that started it (forkserver), a thread watches the parent's pid,
+    and the SIGHUP the kernel sends a stopped worker whose group it orphans
+    ends the worker with its tree.
     """
     global _worker_pid
     _worker_pid = os.getpid()
     signal.signal(signal.SIGHUP, _end_with_tree)
-    if _LINUX:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            # sent when the thread that started us (the pool's manager thread) or its process ends
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
-            libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        except Exception:
-            pass
-
+    libc = _libc() if _LINUX else None
+    if libc is not None:
+        # sent when the thread that started us (the pool's manager thread) or its process ends
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     direct = os.getppid() == parent  # not so under forkserver
+    # before any thread starts: a fork copies only this one
+    _start_guardian(mark, libc, None if direct else parent)
 
     def parent_gone() -> bool:
         if direct:
@@ -623,6 +657,110 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="mpnb-parent-watch", daemon=True).start()
 
 
+def _start_guardian(mark: str, libc, owner: int | None) -> None:
+    """Fork the worker's guardian: a process that waits for the worker to
+    end, however it ends, then kills what the worker left.  Given ``owner``
+    (the pool's process, when it is not the worker's parent: forkserver), it
+    also ends the worker when the owner dies, which ``PR_SET_PDEATHSIG``
+    cannot see.
+
+    It waits for EOF on a pipe whose write end only the worker holds
+    (processes a task forks close their copy; exec closes it), so EOF means
+    the worker is gone.  It stays in the worker's process group: every kill
+    of that group (timeout, crash, Cancel, shutdown) ends it too, and a clean
+    stop ends it with the rest of the tree.
+    """
+    read_end, write_end = os.pipe()  # both close on exec
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return  # no guardian: the pool's kill paths still end the tree
+    if pid == 0:
+        try:
+            os.close(write_end)
+            _guard(read_end, _worker_pid, mark, libc, owner)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    pipe = os.fstat(write_end)
+
+    def close_in_forked_child() -> None:
+        # a forked copy holding the write end would keep the guardian waiting
+        try:
+            if os.path.samestat(os.fstat(write_end), pipe):
+                os.close(write_end)
+        except OSError:
+            pass
+
+    os.register_at_fork(after_in_child=close_in_forked_child)
+
+
+def _guard(read_end: int, worker: int, mark: str, libc, owner: int | None) -> None:
+    """The guardian's life: wait for EOF on ``read_end`` (or for ``owner``
+    to end), then kill the processes carrying ``mark`` and ``worker``'s tree
+    and process group (this process with it)."""
+    import gc
+
+    gc.disable()  # a collected copy of the worker's objects would close their fds, now others
+    # the kernel sends SIGHUP to a stopped group its owner's death orphans; the
+    # guardian must outlive the worker, whatever reaches the group but SIGKILL
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    if libc is not None:
+        libc.prctl(_PR_SET_NAME, GUARDIAN_NAME.encode(), 0, 0, 0)
+    _close_all_but(read_end)
+    if not _wait_for_end(read_end, owner):
+        return  # not an EOF: the worker may live, so nothing is killed
+    try:
+        kill_marked(mark)  # those that left the group first: the group kill ends this process
+    except Exception:
+        pass
+    kill_tree(worker)
+
+
+def _wait_for_end(read_end: int, owner: int | None) -> bool:
+    """Block until EOF on ``read_end`` or the end of ``owner`` (where a pidfd
+    can watch it); False on an error."""
+    import select
+
+    watched = [read_end]
+    if owner is not None:
+        try:
+            watched.append(os.pidfd_open(owner))  # Linux 5.3+: readable once it has ended
+        except (AttributeError, OSError):
+            pass
+    try:
+        while True:
+            ready = select.select(watched, [], [])[0]
+            if len(watched) > 1 and watched[1] in ready:
+                return True
+            if read_end in ready and not os.read(read_end, 1):
+                return True
+    except OSError:
+        return False
+
+
+def _close_all_but(keep: int) -> None:
+    """Close every file descriptor but ``keep``; 0, 1 and 2 become /dev/null,
+    so that no pipe a reader waits on stays open in the guardian."""
+    try:
+        fds = [int(name) for name in os.listdir("/dev/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd not in (keep, null):
+            os.dup2(null, fd)
+
+
 def _lead_own_group() -> None:
     try:
         os.setpgid(0, 0)  # the exec launcher did it already; a session leader cannot
@@ -637,7 +775,7 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     _lead_own_group()
     os.environ.update(config.get("env", {}))  # loky set them already; spawn did not
     os.environ[WORKER_VAR] = slot_path
-    _die_with_parent(config["parent"])
+    _die_with_parent(config["parent"], slot_path)
     if config.get("authkey"):
         # what spawn and loky hand their children, so Manager proxies connect
         import multiprocessing.process

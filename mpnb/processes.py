@@ -23,6 +23,8 @@ live objects in this process which of them they account for:
   itself are judged this way: a grandchild's owner lives in another process.
   Each leftover says why, and :func:`kill_leftovers` stops them, each with its
   whole subtree (SIGTERM, then SIGKILL).
+- Each mpnb worker has a guardian child (process name ``mpnb-guardian``,
+  kind "mpnb worker guardian"), shown with its worker's pool as owner.
 - Orphans are found because :func:`mark_lineage` (run by ``%load_ext mpnb``)
   puts a token of this kernel in the environment, which every process started
   later inherits, and because a kernel started by Jupyter leads its own
@@ -50,6 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import psutil
+
+from mpnb._worker import GUARDIAN_NAME
 
 __all__ = [
     "ACTION_VAR",
@@ -91,6 +95,8 @@ COST = 0.01
 STOP_REPORTS = 5
 
 MPNB_WORKER = "mpnb worker"
+# forked by each mpnb worker to end what the worker leaves; part of its pool
+MPNB_GUARDIAN = "mpnb worker guardian"
 LOKY_WORKER = "loky worker"
 SPAWN_WORKER = "multiprocessing spawn worker"
 FORKSERVER = "forkserver"
@@ -169,6 +175,7 @@ class _Seen:
     process: psutil.Process
     ppid: int
     cmdline: tuple[str, ...]
+    name: str
     state: str
     rss: int | None
     created: float
@@ -214,13 +221,16 @@ def _row(seen: _Seen, depth: int, known: dict[int, tuple[str, tuple[str, ...]]],
          owners: dict[int, str], cpu_use: dict[int, float], now: float) -> ProcessRow:
     pid = seen.process.pid
     parent_kind, parent_cmdline = known.get(seen.ppid, (None, None))
-    kind = _kind(seen.cmdline, parent_kind, parent_cmdline)
-    if owners.get(pid) == MPNB_OWNER:
+    kind = _kind(seen.cmdline, parent_kind, parent_cmdline, seen.name)
+    owner = owners.get(pid)
+    if owner == MPNB_OWNER:
         kind = MPNB_WORKER  # also the spawn/forkserver workers of an mpnb.Pool
+    elif kind == MPNB_GUARDIAN:
+        owner = owners.get(seen.ppid)  # its worker's pool
     known[pid] = (kind, seen.cmdline)
     reason, fix = _judge(seen, kind, parent_kind, owners, now)
     return ProcessRow(pid, seen.ppid, depth, kind, _short(seen.cmdline), seen.state,
-                      cpu_use.get(pid), seen.rss, now - seen.created, owners.get(pid),
+                      cpu_use.get(pid), seen.rss, now - seen.created, owner,
                       reason, fix, process=seen.process)
 
 
@@ -230,7 +240,7 @@ def _orphan_row(seen: _Seen, depth: int, known: dict[int, tuple[str, tuple[str, 
     parent_kind, parent_cmdline = known.get(seen.ppid, (None, None))
     if parent_kind is None:  # re-parented: compare with the kernel, which it may be a fork of
         parent_kind, parent_cmdline = known[os.getpid()]
-    kind = _kind(seen.cmdline, parent_kind, parent_cmdline)
+    kind = _kind(seen.cmdline, parent_kind, parent_cmdline, seen.name)
     known[pid] = (kind, seen.cmdline)
     if depth == 1:
         reason = (f"started from this kernel, but its parent died and it was re-parented "
@@ -266,8 +276,10 @@ def _judge(seen: _Seen, kind: str, parent_kind: str | None, owners: dict[int, st
 
 
 def _kind(cmdline: tuple[str, ...], parent_kind: str | None,
-          parent_cmdline: tuple[str, ...] | None) -> str:
-    """What a process is, from its command line and its parent."""
+          parent_cmdline: tuple[str, ...] | None, name: str = "") -> str:
+    """What a process is, from its command line, its parent and its name."""
+    if name == GUARDIAN_NAME:  # a fork of its worker: same command line
+        return MPNB_GUARDIAN
     text = " ".join(cmdline)
     if "from mpnb._worker import boot" in text:
         return MPNB_WORKER
@@ -321,10 +333,17 @@ def _see(process: psutil.Process) -> _Seen | None:
         with process.oneshot():
             state = process.status()
             rss = None if state == psutil.STATUS_ZOMBIE else process.memory_info().rss
-            return _Seen(process, process.ppid(), tuple(_cmdline(process)), state, rss,
-                         process.create_time())
+            return _Seen(process, process.ppid(), tuple(_cmdline(process)), _process_name(process),
+                         state, rss, process.create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+def _process_name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return "?"
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -583,6 +602,9 @@ def _settings_from_env() -> tuple[int, str]:
 class Guard:
     """Counts this process's descendants; warns about, or stops, runaways.
 
+    An mpnb worker's guardian (see :func:`mpnb._worker._start_guardian`) is
+    counted as part of its worker, not on its own.
+
     ``check()`` runs every :data:`CHECK_INTERVAL` seconds in a daemon thread.
     An *episode* starts when the count of live descendants passes ``limit``
     and ends after :data:`CALM_CHECKS` checks in a row at or below it; each
@@ -632,8 +654,9 @@ class Guard:
         """Count once; announce a new episode; stop processes if asked to."""
         try:
             processes = self._kernel.children(recursive=True)
-            if len(processes) > self.limit:  # zombies hold no resources but a pid
-                processes = [p for p in processes if _running(p)]
+            if len(processes) > self.limit:
+                # zombies hold no resources but a pid; a worker's guardian is part of the worker
+                processes = [p for p in processes if _running(p) and _process_name(p) != GUARDIAN_NAME]
             if len(processes) <= self.limit:
                 self._calm += 1
                 if self._calm >= CALM_CHECKS:

@@ -189,6 +189,45 @@ def test_guard_kill_stops_the_newest(tag):
         k.shutdown()
 
 
+def test_an_mpnb_pools_guardians_are_part_of_the_pool(tag):
+    """Each mpnb worker forks a guardian, which ends what the worker leaves
+    when it dies: the census shows it below its worker, owned by the pool;
+    pool.pids and the runaway guard count the workers alone; a shutdown
+    leaves no guardian."""
+    k = guarded_kernel(tag, limit=3, action="warn")
+    try:
+        reply = k.run(
+            "import time, mpnb\n"
+            "from mpnb import processes\n"
+            "pool = mpnb.Pool(2, live=False)\n"
+            "assert pool.map(abs, [-1, -2]) == [1, 2]\n"
+            "guard = processes.guard()\n"
+            "seen, deadline = guard.checks, time.monotonic() + 60\n"
+            "while guard.checks < seen + 4 and time.monotonic() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "print(sorted(pool.pids), guard.warnings)"
+        ).ok()
+        assert reply.stdout.split("]")[1].strip() == "0", reply.stdout + reply.stderr
+        workers = json.loads(reply.stdout.split("]")[0] + "]")
+        assert len(workers) == 2
+        rows = rows_of(k)
+        guardians = [r for r in rows.values() if r["kind"] == "mpnb worker guardian"]
+        assert sorted(r["ppid"] for r in guardians) == workers, rows
+        for row in guardians + [rows[pid] for pid in workers]:
+            assert row["owner"] == "mpnb.Pool" and row["leftover"] is None, row
+        assert all(rows[pid]["kind"] == "mpnb worker" for pid in workers)
+        shown = k.run("%mpstatus").ok().text
+        assert "0 leftover" in shown and "mpnb worker guardian" in shown
+
+        k.run("pool.shutdown()").ok()
+        deadline = time.monotonic() + 60
+        while k.descendants() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not k.descendants(), [" ".join(p.cmdline()) for p in k.descendants()]
+    finally:
+        k.shutdown()
+
+
 CENSUS_SCRIPT = """\
 import json, multiprocessing, subprocess, time
 import psutil

@@ -4,7 +4,8 @@ A table: the task starts one process of each kind a task may start (a forked
 child, a subprocess, a spawn Pool with its worker and resource tracker, a
 double-forked daemon in its own session), records them, and its worker then
 ends one way: a timeout, a crash, Cancel, the pool's shutdown, the owner
-process SIGKILLed (also while the worker is stopped), the kernel shut down,
+process SIGKILLed (also while the worker is stopped, or while its task holds
+the GIL in a long C call), the kernel shut down,
 restarted or SIGKILLed.  Each row checks that
 every recorded process is gone, naming the kinds that survived; the ``tag``
 fixture then checks that no process carrying the test's tag is left.
@@ -90,7 +91,8 @@ KINDS = {
 
 def start_everything(record: str, then: str):
     """Start one process of each kind, write them to ``record``, then
-    ``then``: "return", "crash" or "hang"."""
+    ``then``: "return", "crash", "hang", or "hold the GIL" (a C call that
+    runs for hours and never lets another thread or a signal handler run)."""
     started = {}
     for kind, start in KINDS.items():
         started[kind] = [(pid, psutil.Process(pid).create_time()) for pid in start()]
@@ -103,6 +105,8 @@ def start_everything(record: str, then: str):
         ctypes.string_at(0)
     while then == "hang":
         time.sleep(0.1)
+    if then == "hold the GIL":
+        sum(range(10**12))
     return sorted(started)
 
 
@@ -195,9 +199,14 @@ sys.path.insert(0, sys.argv[1])
 from test_orphans import start_everything
 if __name__ == "__main__":
     pool = mpnb.Pool(1, live=False)
-    pool.submit(start_everything, sys.argv[2], "hang")
+    pool.submit(start_everything, sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "hang")
     time.sleep(600)
 """
+
+
+def _worker_of(owner: int) -> psutil.Process:
+    worker, = [p for p in psutil.Process(owner).children() if "mpnb._worker" in " ".join(p.cmdline())]
+    return worker
 
 
 def test_owner_sigkilled(tag, record, tmp_path):
@@ -222,11 +231,28 @@ def test_stopped_worker_owner_sigkilled(tag, record, tmp_path):
     owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)], env=env)
     try:
         started = _wait_for(record)
-        worker, = [p for p in psutil.Process(owner.pid).children() if "mpnb._worker" in " ".join(p.cmdline())]
+        worker = _worker_of(owner.pid)
         worker.suspend()
         deadline = time.monotonic() + WAIT
         while worker.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
             time.sleep(0.05)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
+
+
+def test_owner_sigkilled_while_the_task_holds_the_gil(tag, record, tmp_path):
+    """The task is inside a C call that holds the GIL for hours when its
+    owner is SIGKILLed: no Python code of the worker can run, yet the worker
+    and everything it started end."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    env = dict(os.environ, **{TAG_VAR: tag})
+    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record), "hold the GIL"], env=env)
+    try:
+        started = _wait_for(record)
+        worker = _worker_of(owner.pid)
     finally:
         owner.kill()
         owner.wait()

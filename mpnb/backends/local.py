@@ -99,7 +99,7 @@ class WorkerHandle:
         _worker.kill_tree(self.pid)
         if not running and not self._tree_ended:
             # it ended by itself (a crash): what left its group is found by its mark
-            _kill_marked(self.slot_path)
+            _worker.kill_marked(self.slot_path)
         self._tree_ended = True
 
     def join(self, timeout: float | None = None) -> None:
@@ -165,22 +165,6 @@ def _running(pid: int) -> bool:
             return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
-
-
-def _kill_marked(mark: str) -> None:
-    """SIGKILL this user's processes whose environment carries a worker's mark."""
-    import psutil
-
-    uid = os.getuid()
-    for process in psutil.process_iter(["uids"]):
-        uids = process.info["uids"]
-        if uids is None or uids.real != uid or process.pid == os.getpid():
-            continue
-        try:
-            if process.environ().get(_worker.WORKER_VAR) == mark:
-                process.kill()
-        except psutil.Error:
-            pass
 
 
 # ---------------------------------------------------------------- initargs
