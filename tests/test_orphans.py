@@ -16,6 +16,7 @@ reference), so it imports nothing that starts anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -199,7 +200,7 @@ sys.path.insert(0, sys.argv[1])
 from test_orphans import start_everything
 if __name__ == "__main__":
     pool = mpnb.Pool(1, live=False)
-    pool.submit(start_everything, sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "hang")
+    pool.submit(start_everything, sys.argv[2], sys.argv[3])
     time.sleep(600)
 """
 
@@ -209,36 +210,37 @@ def _worker_of(owner: int) -> psutil.Process:
     return worker
 
 
-def test_owner_sigkilled(tag, record, tmp_path):
-    """A plain script owns the pool and is SIGKILLed while the task runs."""
+@contextlib.contextmanager
+def _owner(tag: str, record: Path, tmp_path: Path, mode: str = "hang"):
+    """A plain script that owns a 1-worker pool whose task starts everything;
+    SIGKILLed when the block ends."""
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
     env = dict(os.environ, **{TAG_VAR: tag})
-    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)], env=env)
+    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record), mode], env=env)
     try:
-        started = _wait_for(record)
+        yield owner
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_owner_sigkilled(tag, record, tmp_path):
+    """A plain script owns the pool and is SIGKILLed while the task runs."""
+    with _owner(tag, record, tmp_path):
+        started = _wait_for(record)
     assert_all_gone(started)
 
 
 def test_stopped_worker_owner_sigkilled(tag, record, tmp_path):
     """The worker is stopped (SIGSTOP) when its owner is SIGKILLed."""
-    script = tmp_path / "owner.py"
-    script.write_text(OWNER)
-    env = dict(os.environ, **{TAG_VAR: tag})
-    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)], env=env)
-    try:
+    with _owner(tag, record, tmp_path) as owner:
         started = _wait_for(record)
         worker = _worker_of(owner.pid)
         worker.suspend()
         deadline = time.monotonic() + WAIT
         while worker.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        owner.kill()
-        owner.wait()
     assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
 
 
@@ -246,16 +248,9 @@ def test_owner_sigkilled_while_the_task_holds_the_gil(tag, record, tmp_path):
     """The task is inside a C call that holds the GIL for hours when its
     owner is SIGKILLed: no Python code of the worker can run, yet the worker
     and everything it started end."""
-    script = tmp_path / "owner.py"
-    script.write_text(OWNER)
-    env = dict(os.environ, **{TAG_VAR: tag})
-    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record), "hold the GIL"], env=env)
-    try:
+    with _owner(tag, record, tmp_path, "hold the GIL") as owner:
         started = _wait_for(record)
         worker = _worker_of(owner.pid)
-    finally:
-        owner.kill()
-        owner.wait()
     assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
 
 
