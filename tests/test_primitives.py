@@ -48,7 +48,8 @@ def report(x):
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_manager_proxies_as_task_arguments(tag, launcher):
-    with multiprocessing.Manager() as manager:
+    # spawn: forking this multi-threaded test process to start the manager could deadlock
+    with multiprocessing.get_context("spawn").Manager() as manager:
         d, lst, q = manager.dict(), manager.list(), manager.Queue()
         with mpnb.Pool(2, context=launcher, live=False, env={TAG_VAR: tag}) as pool:
             assert pool.starmap(fill, [(d, lst, q, x) for x in range(4)]) == [0, 1, 2, 3]
