@@ -268,6 +268,15 @@ class Kernel:
     def run(self, code: str, timeout: float = 120) -> Reply:
         return self.collect(self.submit(code), timeout)
 
+    def restart(self) -> None:
+        """Restart the kernel as Jupyter's restart button does, then wait for it.
+
+        A request sent while the old kernel goes away can be lost with its
+        socket, so wait until the new kernel answers before the next cell.
+        """
+        self.km.restart_kernel(now=False)
+        self.kc.wait_for_ready(timeout=60)
+
     def interrupt(self) -> None:
         self.km.interrupt_kernel()
 

@@ -145,7 +145,7 @@ def test_kernel_shutdown_and_restart_still_stop_pending_work(tag, tmp_path, how)
         assert reply.stdout.strip() == "True", "the first task started"
         process = kernel.km.provisioner.process
         if how == "restart":
-            kernel.km.restart_kernel(now=False)
+            kernel.restart()
             kernel.run("print('back')").ok()
         else:
             kernel.shutdown()

@@ -273,7 +273,7 @@ def test_kernel_shutdown(kernel, record):
 
 def test_kernel_restart(kernel, record):
     started = _kernel_pool(kernel, record)
-    kernel.km.restart_kernel(now=False)
+    kernel.restart()
     assert_all_gone(started)
 
 

@@ -122,8 +122,8 @@ def test_kernel_restart_leaves_no_worker(kernel):
     pids = _worker_pids(kernel)
     assert len(pids) == 2
     procs = [psutil.Process(p) for p in pids]
-    kernel.km.restart_kernel(now=False)
-    gone, alive = psutil.wait_procs(procs, timeout=5)
+    kernel.restart()
+    gone, alive = psutil.wait_procs(procs, timeout=30)
     assert not alive, f"workers outlived the restart: {alive}"
 
 
