@@ -1,0 +1,71 @@
+"""The wire between the local engine and its worker processes.
+
+Every message is pickled into one ``send_bytes``; every field has a name
+here, and both ends use these names, never positions.  This module imports
+nothing heavy: it is loaded by every worker at start-up.
+
+::
+
+    engine                                           worker
+    ------                                           ------
+    (RUNS, [Run, ...])  ------------------------->   run each chunk in turn
+    STOP (None)         ------------------------->   leave the serve loop
+                        <-------------------------   (HELLO, pid, monotonic time)
+                        <-------------------------   (INIT_FAILED, pid, Failure)
+                        <-------------------------   (RECORDS, [Record, ...])
+
+Besides messages, a worker writes ``(chunk seq, position, start time)`` into
+its shared-memory slot (:data:`SLOT`) before each task: the engine reads it
+for timeouts, and after a crash to name the task that was running.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import namedtuple
+
+
+class Mode(enum.IntEnum):
+    """How a task's item becomes a call of its function."""
+
+    ARG = 0  #: ``fn(item)``: map and imap over one iterable
+    STAR = 1  #: ``fn(*item)``: starmap, and map over several iterables
+    KWARGS = 2  #: ``fn(*item[0], **item[1])``: submit and apply
+
+
+class Kind(enum.IntEnum):
+    """The first field of every message."""
+
+    RUNS = 1  #: engine -> worker: chunks to run, of one call
+    HELLO = 2  #: worker -> engine: ready to run tasks
+    INIT_FAILED = 3  #: worker -> engine: its set-up (the initializer) raised
+    RECORDS = 4  #: worker -> engine: outcomes of tasks
+
+
+#: what the engine sends to make a worker leave its loop
+STOP = None
+
+#: one chunk to run.  ``call`` keys the worker's function cache; ``fn_data``
+#: is the pickled function, or None when the worker has it cached (the engine
+#: mirrors that cache, :data:`FUNCTION_CACHE_SIZE` entries, least recently
+#: used first out); ``items_data`` the pickled list of items; ``flush_each``
+#: asks for a record after every task (the call has a timeout);
+#: ``mode`` is a :class:`Mode`.
+Run = namedtuple("Run", "seq count call fn_data items_data flush_each mode")
+
+#: outcomes of the tasks of chunk ``seq`` from position ``first`` on:
+#: ``values`` (a list, or a :class:`mpnb._task.PackedValues`), ``failures``
+#: and ``outputs`` by position in the chunk, each task's start time, the time
+#: the last one ended (the worker's ``time.monotonic``), and ``final`` when
+#: the chunk has no more tasks to report.
+Record = namedtuple("Record", "seq first values failures outputs starts end final")
+
+#: (chunk seq, position in chunk, start time) of the task running now
+SLOT = struct.Struct("<qqd")
+
+#: how many shipped functions a worker keeps
+FUNCTION_CACHE_SIZE = 8
+
+#: a chunk that has run this long sends the records it has so far
+FLUSH_SECONDS = 0.2
