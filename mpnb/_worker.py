@@ -31,6 +31,8 @@ import threading
 import time
 from collections import OrderedDict
 
+from mpnb._protocol import Kind, Record
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a worker 3 ms of start-up
     from typing import Any
@@ -358,7 +360,7 @@ class _Worker:
         now = time.monotonic()
         if flush or now - self.last_sent > FLUSH_SECONDS:
             records, self.pending, self.last_sent = self.pending, [], now
-            self.conn.send_bytes(_dumps(("records", [_pack(r) for r in records])))
+            self.conn.send_bytes(_dumps((Kind.RECORDS, [Record(*_pack(r)) for r in records])))
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so
@@ -431,7 +433,7 @@ class _Worker:
         self.report((seq, first, values, failures, outputs, starts, monotonic(), True), last)
 
     def serve(self) -> None:
-        self.conn.send_bytes(_dumps(("hello", os.getpid(), time.monotonic())))
+        self.conn.send_bytes(_dumps((Kind.HELLO, os.getpid(), time.monotonic())))
         call = None
         while True:
             try:
@@ -814,7 +816,7 @@ def main(conn, slot_path: str, config: dict[str, Any]) -> None:
         _setup(config, slot_path)
     except BaseException as exc:
         try:
-            conn.send_bytes(_dumps(("init-failed", os.getpid(), Failure.from_exception(exc))))
+            conn.send_bytes(_dumps((Kind.INIT_FAILED, os.getpid(), Failure.from_exception(exc))))
         finally:
             kill_tree(os.getpid(), include_root=False)
             os._exit(3)

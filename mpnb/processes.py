@@ -320,11 +320,10 @@ def _owners() -> dict[int, str]:
         pid = getattr(getattr(sys.modules.get(name), instance, None), attribute, None)
         if pid is not None:
             owners[pid] = owner
-    pool = sys.modules.get("mpnb.pool")
-    for manager in list(getattr(pool, "_live_managers", ())):
-        # local pools only: a dask engine's rows are the cluster's processes
-        if isinstance(manager, pool._Manager) and not manager.stopped.is_set():
-            owners.update((row.pid, MPNB_OWNER) for row in manager.monitor.snapshot() if row.pid is not None)
+    base = sys.modules.get("mpnb.backends.base")
+    for engine in base.live_engines() if base is not None else ():
+        # what runs on this machine only: a dask engine's rows are the cluster's processes
+        owners.update((pid, MPNB_OWNER) for pid in engine.worker_pids())
     return owners
 
 
