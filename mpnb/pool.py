@@ -1320,7 +1320,7 @@ class Pool(Executor):
         self.monitor.call_started(call.id, 1)
         self._running[call.id] = call
         future.add_done_callback(lambda _, running=self._running, key=call.id: running.pop(key, None))
-        view.watch_background(self, call, [(args, kwargs)])
+        view.watch_background(_watched(self, call, [(args, kwargs)]), call.id, self.live, future.done)
         self._send_chunks(manager, [self._single_chunk(call, 0, (args, kwargs))])
         return future
 
@@ -1380,7 +1380,7 @@ class Pool(Executor):
         call.total = n
         self.monitor.call_started(call.id, n)
         self._running[call.id], self._last_call = call, call.id
-        live = view.watch(self, call, items)
+        live = view.watch(_watched(self, call, items), call.id, self.live)
         self._send_chunks(manager, [chunk for _, chunk in self._chunks(call, items, chunksize)])
         shown = 0
         interrupted = False
@@ -1473,7 +1473,7 @@ class Pool(Executor):
         __tracebackhide__ = True
         self.monitor.call_started(call.id, None)
         self._running[call.id], self._last_call = call, call.id
-        live = view.watch(self, call, None)
+        live = view.watch(_watched(self, call, None), call.id, self.live)
         # an error of the input iterator is raised after the results of the
         # items before it, as the builtin map would reach it
         input_error: list[Exception] = []
@@ -1598,6 +1598,32 @@ def _stop_submitted(manager: _Manager, call: _Call) -> None:
     if future is not None and not future.done():
         future.cancel()
         manager.command("cancel", call, threading.Event())
+
+
+def _watched(pool: Pool, call: _Call, items: list | None) -> view.Watched:
+    """What the live view of ``call`` needs from ``pool``; the pool only weakly."""
+    owner = weakref.ref(pool)
+    engine = getattr(pool._manager, "backend", None)
+
+    def describe(call_id: int, index: int) -> str:
+        if items is None or not 0 <= index < len(items):
+            return f"task {index}"
+        label = _describe(call, index, items[index])
+        return label.replace("task 0", "submitted task", 1) if call.future is not None else label
+
+    def worker_traceback(call_id: int, index: int) -> str:
+        with call.cond:
+            exc = call.results.get(index) if index in call.failed else None
+        cause = exc.__cause__ if isinstance(exc, BaseException) else None
+        return "" if cause is None else str(cause).strip("\n")
+
+    def cancel() -> None:
+        alive = owner()
+        if alive is not None:
+            alive.cancel()
+
+    return view.Watched(pool.monitor, pool.workers, pool.backend, str(getattr(engine, "method", "") or ""),
+                        describe, worker_traceback, cancel, owner=pool)
 
 
 _callback_log = logging.getLogger("concurrent.futures")
