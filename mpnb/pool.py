@@ -222,14 +222,6 @@ class Pool(Executor):
         chunksize, extra = divmod(n, self.workers * 4)
         return max(1, chunksize + bool(extra))
 
-    def _watched(self, items: list | None) -> view.Watched:
-        """What the live view of a call needs, without the pool itself."""
-        engine = self._engine
-        return view.Watched(
-            monitor=self.monitor, size=self.workers, backend=engine.backend, method=engine.method,
-            describe=functools.partial(_label, self._running, items), traceback=functools.partial(
-                _traceback, self._running), cancel=self.cancel, owner=self)
-
     # ---------------------------------------------------------- Executor
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
@@ -246,7 +238,7 @@ class Pool(Executor):
         self.monitor.call_started(call.id, 1)
         self._running[call.id] = call
         future.add_done_callback(functools.partial(_submitted_done, self._running, self._engine, call))
-        view.watch_background(self._watched([(args, kwargs)]), call.id, self.live, future.done)
+        view.watch_background(_watched(self, call, [(args, kwargs)]), call.id, self.live, future.done)
         self._send([self._single_chunk(call, 0, (args, kwargs))])
         return future
 
@@ -302,7 +294,7 @@ class Pool(Executor):
         self.last_results = None
         self.monitor.call_started(call.id, n)
         self._running[call.id], self._last_call = call, call.id
-        live = view.watch(self._watched(items), call.id, self.live)
+        live = view.watch(_watched(self, call, items), call.id, self.live)
         interrupted = False
         try:
             self._send([chunk for _, chunk in self._chunks(call, items, chunksize)])
@@ -403,7 +395,7 @@ class Pool(Executor):
         __tracebackhide__ = True
         self.monitor.call_started(call.id, None)
         self._running[call.id], self._last_call = call, call.id
-        live = view.watch(self._watched(None), call.id, self.live)
+        live = view.watch(_watched(self, call, None), call.id, self.live)
         # an error of the input iterator is raised after the results of the
         # items before it, as the builtin map would reach it
         input_error: list[Exception] = []
@@ -542,6 +534,32 @@ def _submitted_done(running: dict[int, Call], engine: backends.Engine, call: Cal
         engine.cancel(call)
 
 
+def _watched(pool: Pool, call: Call, items: list | None) -> view.Watched:
+    """What the live view of ``call`` needs from ``pool``; the pool only weakly."""
+    owner = weakref.ref(pool)
+    engine = pool._engine
+
+    def label(call_id: int, index: int) -> str:
+        if items is None or not 0 <= index < len(items):
+            return f"task {index}"
+        label = describe(call, index, items[index])
+        return label.replace("task 0", "submitted task", 1) if call.future is not None else label
+
+    def worker_traceback(call_id: int, index: int) -> str:
+        with call.cond:
+            exc = call.results.get(index) if index in call.failed else None
+        cause = exc.__cause__ if isinstance(exc, BaseException) else None
+        return "" if cause is None else str(cause).strip("\n")
+
+    def cancel() -> None:
+        alive = owner()
+        if alive is not None:
+            alive.cancel()
+
+    return view.Watched(pool.monitor, pool.workers, engine.backend, engine.method,
+                        label, worker_traceback, cancel, owner=pool)
+
+
 _callback_log = logging.getLogger("concurrent.futures")
 
 
@@ -594,27 +612,6 @@ class _TaskFuture(Future):
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _label(running: dict[int, Call], items: list | None, call_id: int, index: int) -> str:
-    """How the live view names a task of a call it watches."""
-    call = running.get(call_id)
-    if call is None or items is None or not 0 <= index < len(items):
-        return f"task {index}"
-    label = describe(call, index, items[index])
-    return label.replace("task 0", "submitted task", 1) if call.future is not None else label
-
-
-def _traceback(running: dict[int, Call], call_id: int, index: int) -> str:
-    """The worker's traceback of a failed task, for the live view."""
-    call = running.get(call_id)
-    if call is None:
-        return ""
-    with call.cond:
-        exc = call.results.get(index) if index in call.failed else None
-    if not isinstance(exc, BaseException) or exc.__cause__ is None:
-        return ""
-    return str(exc.__cause__).strip("\n")
 
 
 def _replay(segments) -> None:
