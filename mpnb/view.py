@@ -49,7 +49,7 @@ from mpnb.facts import Facts, Failure, Row, status_line, summary_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb.comms import CommPump
-    from mpnb.monitor import CallStatus, Monitor, WorkerStatus
+    from mpnb.monitor import Monitor, WorkerStatus
 
 __all__ = ["Session", "TextView", "Watched", "check_live", "choose_mode", "watch", "watch_background"]
 
