@@ -359,10 +359,11 @@ def explain(error: BaseException, definitions: list[str] | None = None) -> str |
     """A short explanation of a foreign pool failure, or None if it is not one."""
     chain = []
     seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     if any(isinstance(e, (PicklingProblem, BrokenPool)) for e in chain):
         return None  # already explains itself
     names = ", ".join(definitions or [])
