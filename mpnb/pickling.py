@@ -447,10 +447,6 @@ def _defines_reduce(cls: type) -> bool:
     return False
 
 
-def _name_of(obj: Any) -> str:
-    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
-
-
 def _explain_lock(obj: Any, error: BaseException, by_value: bool) -> tuple[str, str]:
     return (
         f"A {_type_name(obj)} coordinates the threads of one process; a copy in another "
