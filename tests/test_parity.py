@@ -55,7 +55,6 @@ import pytest
 
 import mpnb
 from kernel import TAG_VAR
-from mpnb.pickling import PicklingProblem
 from mpnb.pool import RemoteTraceback
 
 # generous: these wait for conditions, never for a speed
@@ -157,7 +156,7 @@ class Run:
         self.release_file.touch()
 
     def block(self) -> tuple[Future, Path]:
-        """Submit a task that runs until :meth:`release`; wait until it starts."""
+        """Submit a task that runs until :meth:`release`, and the file it writes as it starts."""
         started = self.tmp / f"started-{self._blocked}"
         self._blocked += 1
         caller = (os.getpid(), threading.get_ident())
@@ -333,7 +332,7 @@ def unpicklable_result(run: Run) -> None:
     outcome = run.pool.submit(make_generator, 3)
     if run.engine.elsewhere:
         error = outcome.exception(timeout=DEADLINE)
-        assert isinstance(error, PicklingProblem), repr(error)
+        assert isinstance(error, mpnb.PicklingProblem), repr(error)
         assert "return value" in str(error) and "(generator) does not pickle" in str(error)
         assert "Fix: return list(...)" in str(error)
     else:
