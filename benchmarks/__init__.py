@@ -12,5 +12,6 @@ ratio to mpnb's.
 - :mod:`benchmarks.measure`: the memory sampler and the table.
 - :mod:`benchmarks.kernel_side`: what runs inside a real Jupyter kernel
   (the live widget, the ``%%mppool`` cell overhead).
-- :mod:`benchmarks.run`: the rounds, the workloads, the report.
+- :mod:`benchmarks.workloads`: the workloads, and one round of them.
+- :mod:`benchmarks.run`: the rounds, the report.
 """
