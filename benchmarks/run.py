@@ -23,11 +23,13 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import psutil
 
+from benchmarks.baseline import Baseline
 from benchmarks.contenders import WORKERS, all_contenders, import_all
 from benchmarks.measure import Figure, table
 from benchmarks.workloads import FULL, QUICK, UNITS, Sizes, columns, large_array, one_round
@@ -35,6 +37,10 @@ from benchmarks.workloads import FULL, QUICK, UNITS, Sizes, columns, large_array
 ROOT = Path(__file__).resolve().parents[1]
 _T0 = time.perf_counter()
 REFERENCE = "mpnb.Pool (exec)"  # the ratios are to this contender
+KERNEL_ROWS = ["mpnb.Pool (exec) in a kernel", "mpnb.Pool (exec) in a kernel, live widget"]
+#: in the environment of every process the run starts, so the leftover check
+#: finds them even when their parent has gone (a baseline child's workers)
+TAG_VAR = "MPNB_BENCH_TAG"
 
 
 # ------------------------------------------------------------------ kernel
@@ -90,7 +96,7 @@ class BenchKernel:
 def kernel_rounds(sizes: Sizes) -> tuple[dict[str, dict[str, Figure]], dict[str, Figure], bool]:
     """mpnb in a kernel with and without the live widget; ``%%mppool`` cells."""
     pools = {name: {key: Figure(UNITS[key]) for key in ("cold", "warm", "cs1", "auto")}
-             for name in ("mpnb.Pool (exec) in a kernel", "mpnb.Pool (exec) in a kernel, live widget")}
+             for name in KERNEL_ROWS}
     cells = {name: Figure("ms") for name in ("plain cell: def", "%%mppool cell: def",
                                              "%%mppool -n 2 cell: def + map of 2 tasks (warm pool)")}
     kernel = BenchKernel()
@@ -113,7 +119,7 @@ def kernel_rounds(sizes: Sizes) -> tuple[dict[str, dict[str, Figure]], dict[str,
     finally:
         kernel.close()
     if not live:
-        del pools["mpnb.Pool (exec) in a kernel, live widget"]
+        del pools[KERNEL_ROWS[1]]
     return pools, cells, live
 
 
@@ -143,24 +149,45 @@ def _private_tempdir() -> str:
     return path
 
 
-def _leftovers(tmp: str, shm_before: set[str], within: float = 15.0) -> list[str]:
-    """Child processes still alive; files left in ``tmp``; new ``/dev/shm``
-    entries named after this process (mpnb's and joblib's carry its pid).
-    The empty per-user directory ``%load_ext mpnb`` keeps is not counted."""
+def _leftovers(tmp: str, shm_before: set[str], pids: set[int], within: float = 15.0) -> list[str]:
+    """Processes still alive that this process started or that carry the run's
+    tag; files left in ``tmp``; new ``/dev/shm`` entries named after one of
+    ``pids`` (mpnb's and joblib's carry their creator's pid).  The empty
+    per-user directory ``%load_ext mpnb`` keeps is not counted."""
     deadline = time.monotonic() + within
     while True:
-        found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in psutil.Process().children(recursive=True)
-                 if p.status() != psutil.STATUS_ZOMBIE]
+        found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in _our_processes()]
         for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
             # %load_ext mpnb keeps its per-user directory, empty, by design
             if name == f"mpnb-{os.getuid()}" and not os.listdir(path):
                 continue
             found.append(f"file {path}")
-        found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before) if str(os.getpid()) in name]
+        found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before)
+                  if any(str(pid) in name for pid in pids)]
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def _our_processes() -> list[psutil.Process]:
+    """Live descendants of this process, and live processes carrying the run's tag."""
+    me, tag = psutil.Process(), os.environ[TAG_VAR]
+    found = {p.pid: p for p in me.children(recursive=True)}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me.pid and proc.environ().get(TAG_VAR) == tag:
+                found[proc.pid] = proc
+        except psutil.Error:
+            pass  # another user's process, or one that just ended
+    alive = []
+    for proc in found.values():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
 
 
 def _shm() -> set[str]:
@@ -184,68 +211,119 @@ def versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in names)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, small sizes")
     parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-kernel", action="store_true", help="skip the workloads in a Jupyter kernel")
-    args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    if args.rounds:
-        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
-    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
-    tmp, shm_before = _private_tempdir(), _shm()
-    started = datetime.datetime.now()
+    parser.add_argument("--baseline", metavar="REV",
+                        help="add mpnb at this git revision (a branch, tag or commit of this repository) "
+                             "as the contender 'mpnb.Pool (exec) @REV', run in a child interpreter")
+    parser.add_argument("--only", metavar="NAME", action="append",
+                        help="run only the contenders whose name contains NAME (any case; may be repeated), "
+                             "for example --only mpnb")
+    return parser.parse_args(argv)
 
+
+def _chosen(names: list[str], only: list[str] | None) -> list[str]:
+    """The names ``--only`` keeps (all without it)."""
+    if not only:
+        return names
+    kept = [name for name in names if any(word.lower() in name.lower() for word in only)]
+    if not kept:
+        raise SystemExit(f"--only {' '.join(only)}: no contender's name contains it; the names are: "
+                         + "; ".join(names) + ".")
+    return kept
+
+
+def _rounds(contenders: list, sizes: Sizes, figures: dict[str, dict[str, Figure]]) -> None:
+    """Every contender every round, interleaved; the baseline's round runs in its child."""
     array, expected = large_array(sizes)
-    import_all()
-    contenders = all_contenders()
-    keys = list(columns(sizes))
-    figures = {c.name: {key: Figure(UNITS[key]) for key in keys} for c in contenders}
     for n in range(sizes.rounds):
         # each round starts one contender later, so none always runs first
         shift = n % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             print(f"round {n + 1}/{sizes.rounds}: {contender.name}", file=sys.stderr, flush=True)
-            one_round(contender, sizes, array, expected, figures[contender.name])
-    del array
+            if isinstance(contender, Baseline):
+                contender.round(figures[contender.name])
+            else:
+                one_round(contender, sizes, array, expected, figures[contender.name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
+    os.environ[TAG_VAR] = uuid.uuid4().hex  # every process of this run inherits it
+    tmp, shm_before = _private_tempdir(), _shm()
+    started = datetime.datetime.now()
+
+    import_all()
+    contenders: list = all_contenders()
+    baseline = Baseline(args.baseline) if args.baseline else None
+    if baseline:
+        contenders.insert(1, baseline)  # beside the mpnb it is compared with
+    names = _chosen([c.name for c in contenders] + KERNEL_ROWS, args.only)
+    contenders = [c for c in contenders if c.name in names]
+    figures = {c.name: {key: Figure(UNITS[key]) for key in columns(sizes)} for c in contenders}
     cells: dict[str, Figure] = {}
     live = False
-    if not args.no_kernel:
-        print("kernel rounds", file=sys.stderr, flush=True)
-        pools, cells, live = kernel_rounds(sizes)
-        for name, row in pools.items():
-            figures[name] = row
+    try:
+        if baseline in contenders:
+            baseline.start(sizes)
+        _rounds(contenders, sizes, figures)
+        if not args.no_kernel and set(KERNEL_ROWS) & set(names):
+            print("kernel rounds", file=sys.stderr, flush=True)
+            pools, cells, live = kernel_rounds(sizes)
+            figures.update(pools)
+    finally:
+        if baseline:
+            baseline.close()
     _stop_helpers()
-    left = _leftovers(tmp, shm_before)
+    left = _leftovers(tmp, shm_before, {os.getpid(), baseline.pid if baseline else 0} - {0})
     if not left:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report = render(sizes, figures, cells, live, left, started, args)
+    report = render(sizes, figures, cells, live, left, started, args, baseline)
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
     return 1 if left else 0
 
 
-def render(sizes, figures, cells, live, left, started, args) -> str:
+def _command(args: argparse.Namespace) -> str:
+    words = ["python -m benchmarks"]
+    words += ["--quick"] if args.quick else []
+    words += [f"--rounds {args.rounds}"] if args.rounds else []
+    words += [f"--baseline {args.baseline}"] if args.baseline else []
+    words += [f"--only {word}" for word in args.only or []]
+    words += ["--no-kernel"] if args.no_kernel else []
+    return " ".join(words)
+
+
+def render(sizes, figures, cells, live, left, started, args, baseline: Baseline | None) -> str:
     heads = columns(sizes)
-    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
-        f" --rounds {args.rounds}" if args.rounds else "")
     lines = [
         f"# Benchmark {started:%Y-%m-%d %H:%M}",
         "",
-        f"`{command}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
+        f"`{_command(args)}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
         f"median (min–max); **×r** = the figure ÷ {REFERENCE}'s.",
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
+    ]
+    if baseline and baseline.name in figures:
+        lines.append(f"{baseline.name}: mpnb at {baseline.commit[:12]} ({baseline.subject}), in a child "
+                     "interpreter that times the same calls itself; its memory is that child's process tree.")
+    lines += [
         "",
         table([heads[k] for k in heads], {name: {heads[k]: f for k, f in row.items()} for name, row in figures.items()},
               REFERENCE),
         "",
     ]
-    if not args.no_kernel:
+    if cells:
         if not live:
             lines += ["The live widget is not in this mpnb (Pool has no `live=`): measured without it only.", ""]
         lines += ["In a kernel (round trip of an execute request, client side):", "",
