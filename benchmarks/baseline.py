@@ -157,8 +157,8 @@ class Baseline:
             reply = self._conn.recv()
         except EOFError:
             code = self._child.wait(timeout=30) if self._child else None
-            raise RuntimeError(f"{self.name}: the child interpreter ended (exit code {code}); "
-                               "its error is above, on stderr") from None
+            raise RuntimeError(f"{self.name}: the child interpreter ended (exit code {code}) before it "
+                               "answered; whatever it printed is above, on stderr") from None
         if isinstance(reply, Failed):
             raise RuntimeError(f"{self.name} failed in the child interpreter:\n{reply.traceback}")
         assert isinstance(reply, answer), reply
