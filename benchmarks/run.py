@@ -5,9 +5,14 @@ The workloads are in :mod:`benchmarks.workloads`.
 In a real kernel, mpnb alone: the same pool workloads with and without the
 live widget, and the overhead of a ``%%mppool`` cell over a plain one.
 
+With ``--baseline REV``, mpnb at that git revision is one more contender,
+run in a child interpreter that times its own calls (:mod:`benchmarks.baseline`);
+``--only NAME`` keeps the contenders whose name contains NAME.
+
 Rounds interleave the contenders (A B C ... B C A ... C A B ...).  At the end every
 pool is shut down, the stdlib's and loky's helper processes are stopped, and
-the run fails if any child process or new file in ``/dev/shm`` or the temp
+the run fails if any child process (or any process carrying the run's tag in
+its environment) or new file in ``/dev/shm`` or the temp
 directory is left.
 """
 
