@@ -84,14 +84,21 @@ class Stop:
 # ------------------------------------------------------------------ parent side
 
 
-def extract(rev: str, into: str) -> tuple[str, str]:
-    """``mpnb/`` at ``rev`` under ``into`` (byte-compiled); returns (commit, its subject)."""
+def resolve(rev: str) -> tuple[str, str]:
+    """The commit ``rev`` names in this repository, and its subject."""
     found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
                            capture_output=True, text=True)
     if found.returncode:
         raise SystemExit(f"--baseline {rev}: this repository ({ROOT}) has no such revision; "
                          "give a branch, tag or commit it has, for example --baseline main.")
     commit = found.stdout.strip()
+    subject = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%s", commit],
+                             capture_output=True, text=True).stdout.strip()
+    return commit, subject
+
+
+def extract(rev: str, commit: str, into: str) -> None:
+    """``mpnb/`` at ``commit`` (which ``rev`` names) under ``into``, byte-compiled."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "mpnb"], capture_output=True)
     if archive.returncode:
         raise SystemExit(f"--baseline {rev}: revision {commit[:12]} has no mpnb/ directory to compare with "
@@ -102,15 +109,13 @@ def extract(rev: str, into: str) -> tuple[str, str]:
 
     # the installed mpnb has its bytecode cached; the baseline must not pay for compiling
     compileall.compile_dir(os.path.join(into, "mpnb"), quiet=2)
-    subject = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%s", commit],
-                             capture_output=True, text=True).stdout.strip()
-    return commit, subject
 
 
 class Baseline:
     """The contender ``mpnb.Pool (exec) @REV``, driven in a child interpreter.
 
-    ``start()`` extracts the revision and starts the child; ``round(figures)``
+    Creating it resolves the revision (a wrong one stops the run before it
+    starts anything); ``start()`` extracts it and starts the child; ``round(figures)``
     appends one value to each of ``figures``; ``close()`` stops the child and
     removes the directory.
     """
@@ -118,7 +123,7 @@ class Baseline:
     def __init__(self, rev: str):
         self.rev = rev
         self.name = f"mpnb.Pool (exec) @{rev}"
-        self.commit = self.subject = ""
+        self.commit, self.subject = resolve(rev)
         self.pid = 0
         self._dir = ""
         self._child: subprocess.Popen | None = None
@@ -126,7 +131,7 @@ class Baseline:
 
     def start(self, sizes: Sizes) -> None:
         self._dir = tempfile.mkdtemp(prefix="mpnb-bench-baseline-")
-        self.commit, self.subject = extract(self.rev, self._dir)
+        extract(self.rev, self.commit, self._dir)
         ours, theirs = Pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [self._dir, str(ROOT), env.get("PYTHONPATH")]))

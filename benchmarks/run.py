@@ -5,8 +5,10 @@ The workloads are in :mod:`benchmarks.workloads`.
 In a real kernel, mpnb alone: the same pool workloads with and without the
 live widget, and the overhead of a ``%%mppool`` cell over a plain one.
 
-With ``--baseline REV``, mpnb at that git revision is one more contender,
-run in a child interpreter that times its own calls (:mod:`benchmarks.baseline`);
+With ``--baseline REV`` (repeatable), mpnb at that git revision is one more
+contender, run in a child interpreter that times its own calls
+(:mod:`benchmarks.baseline`); ``--baseline HEAD`` puts this revision under
+the same conditions as the earlier one;
 ``--only NAME`` keeps the contenders whose name contains NAME.
 
 Rounds interleave the contenders (A B C ... B C A ... C A B ...).  At the end every
@@ -222,9 +224,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-kernel", action="store_true", help="skip the workloads in a Jupyter kernel")
-    parser.add_argument("--baseline", metavar="REV",
+    parser.add_argument("--baseline", metavar="REV", action="append",
                         help="add mpnb at this git revision (a branch, tag or commit of this repository) "
-                             "as the contender 'mpnb.Pool (exec) @REV', run in a child interpreter")
+                             "as the contender 'mpnb.Pool (exec) @REV', run in a child interpreter; "
+                             "may be repeated")
     parser.add_argument("--only", metavar="NAME", action="append",
                         help="run only the contenders whose name contains NAME (any case; may be repeated), "
                              "for example --only mpnb")
@@ -263,36 +266,35 @@ def main(argv: list[str] | None = None) -> int:
         sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
     os.environ[TAG_VAR] = uuid.uuid4().hex  # every process of this run inherits it
-    tmp, shm_before = _private_tempdir(), _shm()
-    started = datetime.datetime.now()
-
-    import_all()
     contenders: list = all_contenders()
-    baseline = Baseline(args.baseline) if args.baseline else None
-    if baseline:
-        contenders.insert(1, baseline)  # beside the mpnb it is compared with
+    baselines = [Baseline(rev) for rev in dict.fromkeys(args.baseline or [])]
+    contenders[1:1] = baselines  # beside the mpnb they are compared with
     names = _chosen([c.name for c in contenders] + KERNEL_ROWS, args.only)
     contenders = [c for c in contenders if c.name in names]
+    tmp, shm_before = _private_tempdir(), _shm()
+    started = datetime.datetime.now()
+    import_all()
     figures = {c.name: {key: Figure(UNITS[key]) for key in columns(sizes)} for c in contenders}
     cells: dict[str, Figure] = {}
     live = False
     try:
-        if baseline in contenders:
-            baseline.start(sizes)
+        for baseline in baselines:
+            if baseline in contenders:
+                baseline.start(sizes)
         _rounds(contenders, sizes, figures)
         if not args.no_kernel and set(KERNEL_ROWS) & set(names):
             print("kernel rounds", file=sys.stderr, flush=True)
             pools, cells, live = kernel_rounds(sizes)
             figures.update(pools)
     finally:
-        if baseline:
+        for baseline in baselines:
             baseline.close()
     _stop_helpers()
-    left = _leftovers(tmp, shm_before, {os.getpid(), baseline.pid if baseline else 0} - {0})
+    left = _leftovers(tmp, shm_before, {os.getpid(), *(b.pid for b in baselines)} - {0})
     if not left:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report = render(sizes, figures, cells, live, left, started, args, baseline)
+    report = render(sizes, figures, cells, live, left, started, args, baselines)
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
@@ -303,13 +305,13 @@ def _command(args: argparse.Namespace) -> str:
     words = ["python -m benchmarks"]
     words += ["--quick"] if args.quick else []
     words += [f"--rounds {args.rounds}"] if args.rounds else []
-    words += [f"--baseline {args.baseline}"] if args.baseline else []
+    words += [f"--baseline {rev}" for rev in args.baseline or []]
     words += [f"--only {word}" for word in args.only or []]
     words += ["--no-kernel"] if args.no_kernel else []
     return " ".join(words)
 
 
-def render(sizes, figures, cells, live, left, started, args, baseline: Baseline | None) -> str:
+def render(sizes, figures, cells, live, left, started, args, baselines: list[Baseline]) -> str:
     heads = columns(sizes)
     lines = [
         f"# Benchmark {started:%Y-%m-%d %H:%M}",
@@ -319,7 +321,7 @@ def render(sizes, figures, cells, live, left, started, args, baseline: Baseline 
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
     ]
-    if baseline and baseline.name in figures:
+    for baseline in (b for b in baselines if b.name in figures):
         lines.append(f"{baseline.name}: mpnb at {baseline.commit[:12]} ({baseline.subject}), in a child "
                      "interpreter that times the same calls itself; its memory is that child's process tree.")
     lines += [
