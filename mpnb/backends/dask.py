@@ -34,6 +34,7 @@ task fails at once in the notebook, and its thread finishes on its own.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import itertools
@@ -483,9 +484,9 @@ class DaskEngine(EngineBase):
             self._ship_cell_modules()
         except Exception as exc:
             for chunk in chunks:
-                self._fail(chunk, range(len(chunk.indices)), lambda where, exc=exc: _shipping_error(exc))
+                self._fail(chunk, range(len(chunk.indices)), functools.partial(_shipping_error, exc))
             return
-        ready = []
+        ready: list[Chunk] = []
         for chunk in chunks:
             if chunk.call.cancelled or (chunk.call.future is not None and chunk.call.future.cancelled()):
                 continue
@@ -661,7 +662,7 @@ def _task_lost(where: str, error: BaseException | None) -> BaseException:
     return exc
 
 
-def _shipping_error(error: BaseException) -> BaseException:
+def _shipping_error(error: BaseException, where: str = "") -> BaseException:
     exc = DaskBackendError(
         f"the notebook's %%mppool modules could not be sent to the dask workers: "
         f"{type(error).__name__}: {error}"
