@@ -56,7 +56,8 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import limits, serialize, view
-from mpnb._worker import FUNCTION_CACHE_SIZE, Failure, PackedValues, is_plain
+from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Mode, Record, Run
+from mpnb._task import Failure, PackedValues, is_plain
 from mpnb.shared import SharedArrays
 from mpnb.monitor import Monitor, process_stopped
 
@@ -528,7 +529,7 @@ class _Manager(threading.Thread):
 
     def _send(self, state: _WorkerState, room: int) -> None:
         """Send up to ``room`` queued chunks of one call to a worker, in one message."""
-        runs: list[tuple] = []
+        runs: list[Run] = []
         while len(runs) < room:
             chunk = self._next_chunk()
             if chunk is None:
@@ -541,11 +542,11 @@ class _Manager(threading.Thread):
         if not runs:
             return
         try:
-            state.handle.conn.send_bytes(pickle.dumps(("runs", runs), pickle.HIGHEST_PROTOCOL))
+            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, runs), pickle.HIGHEST_PROTOCOL))
         except OSError:
             state.open = False  # dead: its sentinel fires and the chunks are requeued
 
-    def _prepare(self, state: _WorkerState, chunk: _Chunk) -> tuple | None:
+    def _prepare(self, state: _WorkerState, chunk: _Chunk) -> Run | None:
         """The message part that runs ``chunk``; the chunk is then the worker's."""
         call = chunk.call
         if chunk.data is None:
@@ -571,10 +572,9 @@ class _Manager(threading.Thread):
         chunk.sent = now
         state.chunks.append(chunk)
         self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
-        return (
-            chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data,
-            call.timeout is not None, 2 if call.with_kwargs else (0 if call.bare else 1),
-        )
+        mode = Mode.KWARGS if call.with_kwargs else (Mode.ARG if call.bare else Mode.STAR)
+        return Run(seq=chunk.seq, count=len(chunk.indices), call=call.id, fn_data=fn_data,
+                   items_data=chunk.data, flush_each=call.timeout is not None, mode=mode)
 
     def _wait_and_handle(self) -> None:
         by_object: dict[Any, _WorkerState] = {}
@@ -630,14 +630,14 @@ class _Manager(threading.Thread):
                 self._unreadable(state, exc)
                 return
             kind = message[0]
-            if kind == "records":
+            if kind == Kind.RECORDS:
                 for record in message[1]:
-                    self._on_records(state, *record)
-            elif kind == "hello":
+                    self._on_records(state, record)
+            elif kind == Kind.HELLO:
                 state.ready = True
                 self._start_failures = 0
                 self.monitor.worker_started(state.handle.worker_id, message[1], message[2])
-            elif kind == "init-failed":
+            elif kind == Kind.INIT_FAILED:
                 state.init_failure = message[2]
 
     def _unreadable(self, state: _WorkerState, exc: BaseException) -> None:
@@ -652,37 +652,23 @@ class _Manager(threading.Thread):
         state.kill_reason = ("unreadable",)
         state.handle.kill()
 
-    def _on_records(self, state, seq, first, values, failures, output, starts, end, final) -> None:
-        if not state.chunks or state.chunks[0].seq != seq:
+    def _on_records(self, state: _WorkerState, record: Record) -> None:
+        if not state.chunks or state.chunks[0].seq != record.seq:
             return
         chunk = state.chunks[0]
-        call, pid = chunk.call, state.handle.pid
-        unloadable: dict[int, tuple[str, BaseException]] = {}
-        if type(values) is PackedValues:
-            values = _unpack(values, first, unloadable)
-        indices = chunk.indices[first : first + len(values)]
-        errors: dict[int, str] = {}
-        failed = []
-        for pos, failure in itertools.chain(failures.items(), unloadable.items()):
-            index = chunk.indices[pos]
-            where = f"{_describe(call, index, chunk.items[pos])} in worker pid {pid}"
-            exc = _failure_here(failure, where)
-            values[pos - first] = exc
-            failed.append(index)
-            errors[index] = f"{type(exc).__name__}: {exc}"
-        if output:
-            output = {chunk.indices[pos]: segments for pos, segments in output.items()}
+        call, pid, first, final = chunk.call, state.handle.pid, record.first, record.final
+        indices, values, failed, errors, output = _read_record(chunk, record, f"in worker pid {pid}")
         state.next_pos = first + len(values)
         state.since = time.monotonic()
         # recorded before delivered: a summary made when the caller wakes counts them
-        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, end, errors)
+        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, record.starts, record.end, errors)
         call.deliver(indices, values, failed, output)
         if final:
             if first == 0:
-                self._learn_pace(call, (end - starts[0]) / len(values))
+                self._learn_pace(call, (record.end - record.starts[0]) / len(values))
             state.chunks.popleft()
             state.next_pos, state.since = 0, state.since
-            self.monitor.chunk_ended(state.handle.worker_id, seq)
+            self.monitor.chunk_ended(state.handle.worker_id, record.seq)
 
     def _learn_pace(self, call: _Call, seconds: float) -> None:
         """Update the call's seconds per task, and remember it for its function."""
@@ -854,7 +840,7 @@ class _Manager(threading.Thread):
     def _stop_workers(self) -> None:
         for state in self.workers.values():
             try:
-                state.handle.conn.send_bytes(pickle.dumps(None))
+                state.handle.conn.send_bytes(pickle.dumps(STOP))
             except OSError:
                 pass
         deadline = time.monotonic() + 1.0
@@ -871,6 +857,27 @@ class _Manager(threading.Thread):
                 state.handle.kill()
         self.workers.clear()
         self.backend.close()  # before stopped is set: an exiting process may not wait longer
+
+
+def _read_record(chunk: _Chunk, record: Record, where: str) -> tuple[list, list, list, dict, dict]:
+    """What a worker's ``record`` of ``chunk`` says, in the call's terms: the
+    indices it covers, their values (a failed task's is its exception), the
+    failed indices, each failure in one line (for the monitor), and the
+    output by index.  ``where`` follows a task's name in its error message."""
+    call, first = chunk.call, record.first
+    values, unloadable = record.values, {}
+    if type(values) is PackedValues:
+        values = _unpack(values, first, unloadable)
+    errors: dict[int, str] = {}
+    failed = []
+    for pos, failure in itertools.chain(record.failures.items(), unloadable.items()):
+        index = chunk.indices[pos]
+        exc = _failure_here(failure, f"{_describe(call, index, chunk.items[pos])} {where}")
+        values[pos - first] = exc
+        failed.append(index)
+        errors[index] = f"{type(exc).__name__}: {exc}"
+    output = {chunk.indices[pos]: segments for pos, segments in record.outputs.items()}
+    return chunk.indices[first : first + len(values)], values, failed, errors, output
 
 
 def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:

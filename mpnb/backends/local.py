@@ -48,7 +48,7 @@ from multiprocessing import Pipe
 from multiprocessing.context import set_spawning_popen
 from typing import Any
 
-from mpnb import _worker
+from mpnb import _protocol, _worker
 from mpnb.shared import sweep_dead
 
 POOL_DIR_PREFIX = "mpnb-pool-"
@@ -66,7 +66,7 @@ class WorkerHandle:
         self._pidfd = _pidfd(process.pid)
         fd = os.open(slot_path, os.O_RDONLY)
         try:
-            self._slot = mmap.mmap(fd, _worker.SLOT.size, prot=mmap.PROT_READ)
+            self._slot = mmap.mmap(fd, _protocol.SLOT.size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
 
@@ -90,7 +90,7 @@ class WorkerHandle:
         Written by the worker before each task; ``seq`` is -1 before the
         first one.
         """
-        return _worker.SLOT.unpack_from(self._slot, 0)
+        return _protocol.SLOT.unpack_from(self._slot, 0)
 
     def kill(self) -> None:
         """End the worker and everything its tasks started; every path that
@@ -353,7 +353,7 @@ class LocalBackend:
     def start_worker(self, worker_id: int) -> WorkerHandle:
         slot_path = os.path.join(self._dir, f"worker-{worker_id}")
         with open(slot_path, "wb") as f:
-            f.write(_worker.SLOT.pack(-1, -1, 0.0))
+            f.write(_protocol.SLOT.pack(-1, -1, 0.0))
         parent_end, child_end = Pipe(duplex=True)
         if self.method == "exec":
             spawning = _ExecSpawning()
