@@ -14,7 +14,9 @@ small shared-memory slot.  That costs a few hundred nanoseconds and lets the
 parent see, without any message, which task a worker is running: for
 per-task timeouts, and after a crash to name the task that was running.
 
-This module imports nothing heavy: it is the first thing a worker loads.
+The messages are :mod:`mpnb._protocol`'s; what a dask worker runs the same
+way (calling, failures, packing values) is in :mod:`mpnb._task`.  This module
+imports nothing heavy: it is the first thing a worker loads.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import cloudpickle
 
 from mpnb import cells, serialize
+from mpnb.facts import byte_size
 
 __all__ = [
     "CellModule",
@@ -507,8 +508,8 @@ def build(source: str, namespace: Mapping[str, Any], directory: Path,
         sizes = {n: len(cloudpickle.dumps(v)) for n, v in resolution.captured.items()}
         biggest = max(sizes, key=sizes.__getitem__)
         warnings.warn(
-            f"The cell module captures {len(captured) / 2**20:.0f} MiB from the notebook "
-            f"(`{biggest}`: {sizes[biggest] / 2**20:.0f} MiB); every worker loads it when it "
+            f"The cell module captures {byte_size(len(captured))} from the notebook "
+            f"(`{biggest}`: {byte_size(sizes[biggest])}); every worker loads it when it "
             f"imports the module. Pass large data as task arguments, or load it inside "
             f"the worker.",
             stacklevel=2,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mpnb.facts import byte_size
+
 __all__ = ["Check", "Report", "doctor", "remove_leaked_shm"]
 
 SHM = Path("/dev/shm")
@@ -171,15 +173,15 @@ def _memory() -> Check:
 
     vm = psutil.virtual_memory()
     limit = _cgroup_memory_limit()
-    found = f"{_size(vm.total)} in the machine, {_size(vm.available)} available"
+    found = f"{byte_size(vm.total)} in the machine, {byte_size(vm.available)} available"
     if limit is not None and limit < vm.total:
-        found += f"; cgroup limit {_size(limit)}"
+        found += f"; cgroup limit {byte_size(limit)}"
         return Check("memory", "Memory", "note", found,
                      "the cgroup limit is what counts: each worker holds its own copy of "
                      "its data, and going over the limit kills a worker without a traceback")
     if vm.available < 2**30:
         return Check("memory", "Memory", "warn", found,
-                     "under 1 GB available: use fewer workers or smaller chunks")
+                     "under 1 GiB available: use fewer workers or smaller chunks")
     return Check("memory", "Memory", "ok", found)
 
 
@@ -199,7 +201,7 @@ def _shm() -> Check:
 
     usage = shutil.disk_usage(SHM)
     leaked = _leaked_shm()
-    found = f"{_size(usage.total)}, {_size(usage.free)} free"
+    found = f"{byte_size(usage.total)}, {byte_size(usage.free)} free"
     advice = []
     verdict = "ok"
     if usage.total < SMALL_SHM:
@@ -210,7 +212,7 @@ def _shm() -> Check:
         verdict = "warn"
         size = sum(p.stat().st_size for p in leaked if p.exists())
         names = ", ".join(p.name for p in leaked[:3]) + (", ..." if len(leaked) > 3 else "")
-        found += f"; {len(leaked)} leaked segment(s) ({_size(size)}) that no process uses: {names}"
+        found += f"; {len(leaked)} leaked segment(s) ({byte_size(size)}) that no process uses: {names}"
         advice.append("processes that died without cleaning up left them; free the memory "
                       "with mpnb.doctor.remove_leaked_shm()")
     return Check("shm", "Shared memory (/dev/shm)", verdict, found, "; ".join(advice))
@@ -357,14 +359,6 @@ def _read(path: str) -> str | None:
         return Path(path).read_text().strip()
     except OSError:
         return None
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 _PROBES: tuple[Callable[[], Check], ...] = (

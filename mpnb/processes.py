@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable
 import psutil
 
 from mpnb._worker import GUARDIAN_NAME
+from mpnb.facts import byte_size
 
 __all__ = [
     "ACTION_VAR",
@@ -320,11 +321,10 @@ def _owners() -> dict[int, str]:
         pid = getattr(getattr(sys.modules.get(name), instance, None), attribute, None)
         if pid is not None:
             owners[pid] = owner
-    pool = sys.modules.get("mpnb.pool")
-    for manager in list(getattr(pool, "_live_managers", ())):
-        # local pools only: a dask engine's rows are the cluster's processes
-        if isinstance(manager, pool._Manager) and not manager.stopped.is_set():
-            owners.update((row.pid, MPNB_OWNER) for row in manager.monitor.snapshot() if row.pid is not None)
+    base = sys.modules.get("mpnb.backends.base")
+    for engine in base.live_engines() if base is not None else ():
+        # what runs on this machine only: a dask engine's rows are the cluster's processes
+        owners.update((pid, MPNB_OWNER) for pid in engine.worker_pids())
     return owners
 
 
@@ -838,10 +838,6 @@ def _short(cmdline: tuple[str, ...] | list[str], width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _size(rss: int | None) -> str:
-    return "-" if rss is None else f"{rss / 2**20:.1f} MB"
-
-
 def _age(seconds: float) -> str:
     seconds = int(max(0.0, seconds))
     if seconds < 60:
@@ -875,7 +871,7 @@ def _text(census: Status) -> str:
     header = ("pid", "parent", "kind", "state", "CPU %", "memory", "age", "owner", "command")
     table = [header] + [
         ("  " * (row.depth - 1) + str(row.pid), str(row.ppid), row.kind, row.state,
-         _cpu(row.cpu_percent), _size(row.rss), _age(row.age), _note(row), row.command)
+         _cpu(row.cpu_percent), byte_size(row.rss), _age(row.age), _note(row), row.command)
         for row in census.rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -911,7 +907,7 @@ def _html(census: Status) -> str:
         indent = "&nbsp;" * 3 * (row.depth - 1) + ("&#8627; " if row.depth > 1 else "")
         rows.append(
             f"<tr{style}><td>{indent}{row.pid}</td><td>{row.ppid}</td><td>{esc(row.kind)}</td>"
-            f"<td>{esc(row.state)}</td><td>{_cpu(row.cpu_percent)}</td><td>{_size(row.rss)}</td>"
+            f"<td>{esc(row.state)}</td><td>{_cpu(row.cpu_percent)}</td><td>{byte_size(row.rss)}</td>"
             f"<td>{_age(row.age)}</td><td>{note}</td><td><code>{esc(row.command)}</code></td></tr>"
         )
     foot = ""

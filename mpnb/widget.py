@@ -16,8 +16,8 @@ the errors only when a task failed since the last one.
 
 When the work ends the widget's display is replaced by :class:`Summary`,
 plain HTML (``div.mpnb-summary``) with a ``text/plain`` twin, so a saved
-notebook shows it without a kernel.  The facts come from :mod:`mpnb.view`;
-this module only draws them.
+notebook shows it without a kernel.  The facts (:mod:`mpnb.facts`) come
+from :mod:`mpnb.view`, which this module never imports: it only draws them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import html
 from typing import Any, Callable
 
-from mpnb.view import Facts, Row, _bytes, _seconds, summary_text
+from mpnb.facts import Facts, Row, byte_size, seconds, summary_text
 
 __all__ = ["LiveWidget", "Summary", "header_html", "rows_html"]
 
@@ -50,14 +50,14 @@ def header_html(facts: Facts) -> str:
     """The header line: pool, workers, progress, rate, elapsed and ETA, failures."""
     method = f" ({_e(facts.method)})" if facts.method else ""
     rate = f"{facts.rate:.1f} tasks/s" if facts.rate else "– tasks/s"
-    eta = f", ETA {_seconds(facts.eta)}" if facts.eta is not None else ""
+    eta = f", ETA {seconds(facts.eta)}" if facts.eta is not None else ""
     failed_style = "color:#cf222e;font-weight:bold" if facts.failed else ""
     return (
         f'<div style="font-size:13px"><b>{_e(facts.name)}</b> · {_e(facts.backend)}{method}'
         f" · workers {facts.alive}/{facts.size}"
         f' · <span class="mpnb-progress" data-done="{facts.ended}" data-total="{_e(_total(facts))}">'
         f"{_e(facts.progress)}</span>"
-        f" · {rate} · {_seconds(facts.elapsed)} elapsed{eta}"
+        f" · {rate} · {seconds(facts.elapsed)} elapsed{eta}"
         f' · <span style="{failed_style}">{facts.failed} failed</span></div>'
     )
 
@@ -87,14 +87,14 @@ def _row_html(row: Row, summary: bool, addresses: bool) -> str:
     if addresses:
         cells.insert(1, _e(row.address or ""))
     if summary:
-        busy = "–" if row.busy is None else _seconds(row.busy)
+        busy = "–" if row.busy is None else seconds(row.busy)
         cells += [str(row.done), str(row.failed), busy]
         if row.state == "dead":
             cells[-1] += f" ({_e(row.task)})"
     else:
-        running = "" if row.running is None else _seconds(row.running)
+        running = "" if row.running is None else seconds(row.running)
         cells += [_e(row.task), running, str(row.done)]
-    cells += [cpu, _bytes(row.rss)]
+    cells += [cpu, byte_size(row.rss)]
     tds = "".join(f'<td style="{_CELL}">{c}</td>' for c in cells)
     return f'<tr class="mpnb-worker" data-pid="{row.pid}" data-state="{_e(row.state)}">{tds}</tr>'
 
@@ -187,7 +187,7 @@ class Summary:
             f' style="border-left:3px solid {colour};padding:2px 8px">'
             f'<div style="font-size:13px"><b>{_e(f.name)}</b> · {_e(f.backend)}{method} · '
             f'<span style="color:{colour}">{state}</span>: {f.done} of {_e(_total(f) or "?")} tasks returned'
-            f" · {f.failed} failed · {_seconds(f.elapsed)}{rate} · {f.size} workers</div>"
+            f" · {f.failed} failed · {seconds(f.elapsed)}{rate} · {f.size} workers</div>"
             f"{rows_html(f.rows, summary=True)}{errors}</div>"
         )
 

@@ -24,7 +24,7 @@ import pytest
 import mpnb
 from kernel import TAG_VAR, Kernel
 from mpnb import view
-from mpnb.view import Facts, Failure, Row
+from mpnb.facts import Facts, Failure, Row
 from mpnb.widget import LiveWidget, Summary
 
 

@@ -1,31 +1,111 @@
-"""Where workers run: the mechanics under :class:`mpnb.Pool`.
+"""Engines: where a pool's tasks run.
 
-A backend starts worker processes and moves bytes to and from them; it makes
-no decisions.  The pool (``mpnb/pool.py``) decides what to send, when to give
-up on a task and what the notebook sees.
+:func:`create` makes the engine a pool's options ask for; it is the only
+place that chooses between them:
 
-A backend offers:
+- ``local`` (:mod:`mpnb.backends.local`): worker processes on this machine,
+  started by :mod:`mpnb.backends.launcher`;
+- ``dask`` (:mod:`mpnb.backends.dask`): a dask.distributed cluster, imported
+  only when asked for, since ``distributed`` is an optional extra;
+- ``inline`` (:mod:`mpnb.backends.inline`): this process, for a pool
+  created inside a worker at the nesting limit.
 
-``start_worker(worker_id) -> handle``
-    Start one worker.  The handle has ``pid``, ``conn`` (a
-    ``multiprocessing.connection.Connection``: ``send_bytes``/``recv_bytes``
-    and waitable), ``sentinel`` (waitable; ready when the process ended),
-    ``current()`` (the task the worker runs now, read from shared memory),
-    ``kill()``, ``join(timeout)``, ``exitcode`` and ``crash_report()``.
-``close()``
-    Release what the backend holds (files, directories) after every worker
-    ended.
-
-The local backend runs worker processes on this machine, started with loky's
-process launcher.  A dask.distributed cluster is not a backend of this kind:
-its workers are already running and shared, so :mod:`mpnb.backends.dask`
-replaces the pool's manager thread as a whole (``Pool(backend="dask")``),
-taking the same commands, and is imported only when asked for, since
-``distributed`` is an optional extra.
+Every engine implements :class:`mpnb.backends.base.Engine`; see
+``docs/architecture.md`` for how to add one.
 """
 
 from __future__ import annotations
 
-from mpnb.backends.local import LocalBackend
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-__all__ = ["LocalBackend"]
+from mpnb import limits
+from mpnb.backends.base import Engine
+
+__all__ = ["BACKENDS", "Engine", "Options", "create"]
+
+BACKENDS = ("local", "dask")
+
+# how long a worker may take to start (its initializer included), in seconds
+_DEFAULT_START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a pool was asked for, as far as its engine is concerned."""
+
+    backend: str = "local"
+    address: Any = None
+    workers: int | None = None
+    initializer: Callable[..., Any] | None = None
+    initargs: tuple = ()
+    env: dict[str, str] = field(default_factory=dict)
+    context: str | None = None
+
+
+def check(backend: str, address: Any) -> str:
+    """Refuse a backend name or an address that does not fit it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: use 'local' (processes on this machine) or 'dask'")
+    if backend == "local" and address is not None:
+        raise ValueError(f"address={address!r} is for a dask cluster: pass backend='dask' with it")
+    return backend
+
+
+def create(options: Options) -> Engine:
+    """The engine for ``options``, started."""
+    check(options.backend, options.address)
+    if options.backend == "dask":
+        from mpnb.backends.dask import connect
+
+        return connect(options.address, workers=options.workers, initializer=options.initializer,
+                       env=options.env, context=options.context)
+    workers = limits.resolve_workers(options.workers)
+    if limits.runs_inline():
+        from mpnb.backends.inline import InlineEngine
+
+        return InlineEngine(workers, options.initializer, options.initargs)
+    return _local(options, workers)
+
+
+def _local(options: Options, workers: int) -> Engine:
+    from mpnb.backends.launcher import DEFAULT_METHOD, Launcher
+    from mpnb.backends.local import LocalEngine
+
+    worker_env = limits.thread_env(workers)
+    worker_env[limits.DEPTH_VAR] = str(limits.current_depth() + 1)
+    worker_env.update(options.env)
+    config = {
+        "parent": os.getpid(),
+        # pickled as each worker starts: queues and locks in initargs pickle only then
+        "initializer": (options.initializer, options.initargs) if options.initializer is not None else None,
+    }
+    initializer = _qualified_name(options.initializer) if options.initializer is not None else None
+    seconds = start_timeout()  # a bad setting is refused before anything starts
+    launcher = Launcher(worker_env, config, options.context or DEFAULT_METHOD)
+    engine = LocalEngine(launcher, workers, initializer, seconds)
+    engine.start()
+    return engine
+
+
+def start_timeout() -> float:
+    """Seconds a worker may take to start, from ``MPNB_START_TIMEOUT`` (default 60)."""
+    from mpnb.errors import START_TIMEOUT_VAR
+
+    raw = os.environ.get(START_TIMEOUT_VAR, "")
+    if not raw.strip():
+        return _DEFAULT_START_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{START_TIMEOUT_VAR}={raw!r}: give a number of seconds above 0, or unset it for 60")
+    return seconds
+
+
+def _qualified_name(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name

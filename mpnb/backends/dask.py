@@ -43,13 +43,14 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from queue import Empty, SimpleQueue
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import cells
-from mpnb._protocol import Mode
+from mpnb.backends.base import EngineBase
+from mpnb.calls import Call, Chunk, dump_items, read_record
+from mpnb.errors import WorkerCrashedError, cancelled, timeout_error
 from mpnb.monitor import Monitor, WorkerStatus
 
 INSTALL_HINT = 'the dask backend needs dask.distributed: pip install "mpnb[dask]"'
@@ -202,81 +203,52 @@ class _Running:
         self.started: float | None = None  # when its start event arrived
 
 
-class DaskEngine(threading.Thread):
-    """Runs a pool's chunks as dask tasks; the dask counterpart of the local manager.
+class DaskEngine(EngineBase):
+    """Runs a pool's chunks as dask tasks (see the module docstring).
 
-    It takes the same commands as the local manager (``command("chunks",
-    chunks)``, ``command("cancel", call, done)``, ``command("shutdown",
-    cancel)``) and sets ``stopped`` when it has ended.  Dask's done callbacks
-    and events only post messages to its inbox: one thread decides.
+    Dask's done callbacks and start events only post messages to the
+    engine's inbox: one thread decides.  A submitted future is running once
+    its task's start event arrives; a future cancelled before that is
+    dropped from the cluster and never runs.
     """
 
+    backend = "dask"
+
     def __init__(self, client: Any, owns_client: bool, pids: dict[str, int]):
-        super().__init__(name="mpnb-dask-engine", daemon=True)
+        monitor = ClusterMonitor(client, pids)
+        super().__init__("mpnb-dask-engine", monitor, max(1, monitor.threads()))
+        self.cluster_monitor = monitor
         self.client = client
         self.owns_client = owns_client
-        self.address: str = client.scheduler.address
-        self.monitor = ClusterMonitor(client, pids)
-        self.size = max(1, self.monitor.threads())
-        self.inbox: SimpleQueue = SimpleQueue()
+        self.address = client.scheduler.address
         self.topic = f"mpnb-{uuid.uuid4().hex}"
         self.running: dict[int, _Running] = {}
         self.keys: dict[str, int] = {}  # dask key -> chunk seq
         self.shipped: set[str] = set()
-        self.stopping = False
-        self.stopped = threading.Event()
-        self.error: BaseException | None = None
         client.subscribe_topic(self.topic, self._on_event)
 
-    # -- commands from other threads
-
-    def command(self, *message: Any) -> None:
-        self.inbox.put(message)
-        if self.stopped.is_set():  # nobody will read it: answer it here
-            self._refuse_after_stop()
-
-    def kill_all_now(self) -> None:
-        """Called at exit: drop everything; running tasks end on their own."""
-        self.command("shutdown", True)
-
     def _on_event(self, event: tuple) -> None:
-        _, message = event
-        self.inbox.put((*message, time.monotonic()))
+        _, (kind, seq, pid, address) = event
+        self.inbox.put(_Started(seq, pid, address, time.monotonic()))
 
     def _on_done(self, future: Any) -> None:
-        self.inbox.put(("done", future))
+        self.inbox.put(_Done(future))
 
     # -- the loop
 
-    def run(self) -> None:
-        try:
-            while not (self.stopping and not self.running):
-                self._act_on(self._next_messages())
-                self._check_running()
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            self.error = exc
-            self._fail_everything(RuntimeError(f"the mpnb dask engine stopped working: {exc!r}"))
-        finally:
-            self._close()
-            self.stopped.set()
-            self._refuse_after_stop()
+    def _loop(self) -> None:
+        while not (self.stopping and not self.running):
+            finished = []
+            for message in self._next_messages():
+                if isinstance(message, _Done):
+                    finished.append(message.future)
+                else:
+                    self._take(message)
+            if finished:
+                self._finish(finished)
+            self._check_running()
 
-    def _refuse_after_stop(self) -> None:
-        """Fail the work that reached the inbox after the loop ended."""
-        error = self.error or RuntimeError("the pool was shut down")
-        while True:
-            try:
-                message = self.inbox.get_nowait()
-            except Empty:
-                return
-            if message[0] == "chunks":
-                for chunk in message[1]:
-                    self._fail(chunk, None, range(len(chunk.indices)),
-                               lambda where: RuntimeError(f"{where} was not run: {error!r}"))
-            elif message[0] == "cancel":
-                message[2].set()
-
-    def _next_messages(self) -> list[tuple]:
+    def _next_messages(self) -> list[Any]:
         try:
             messages = [self.inbox.get(timeout=_TICK if self.running else None)]
         except Empty:
@@ -287,50 +259,59 @@ class DaskEngine(threading.Thread):
             except Empty:
                 return messages
 
-    def _act_on(self, messages: list[tuple]) -> None:
-        finished = []
-        for message in messages:
-            kind = message[0]
-            if kind == "chunks":
-                self._submit(message[1])
-            elif kind == "done":
-                finished.append(message[1])
-            elif kind == "start":
-                self._on_start(*message[1:])
-            elif kind == "cancel":
-                message[1].cancelled = True
-                self._cancel([r for r in self.running.values() if r.chunk.call is message[1]])
-                message[2].set()
-            elif kind == "shutdown":
-                self.stopping = True
-                if message[1]:
-                    self._cancel(list(self.running.values()))
-        if finished:
-            self._finish(finished)
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, _Started):
+            self._on_start(message)
+        else:
+            super()._on_message(message)
+
+    def _on_cancel(self, call: Call, done: threading.Event) -> None:
+        self._cancel([r for r in self.running.values() if r.chunk.call is call])
+        done.set()
+
+    def _on_shutdown(self, cancel_pending: bool) -> None:
+        if cancel_pending:
+            self._cancel(list(self.running.values()))
+
+    def _held(self) -> Iterator[tuple[Chunk, Iterable[int]]]:
+        running, self.running = self.running, {}
+        for entry in running.values():
+            yield entry.chunk, range(len(entry.chunk.indices))
+
+    def _close(self) -> None:
+        try:
+            self.client.unsubscribe_topic(self.topic)
+        except Exception:
+            pass
+        if self.owns_client:
+            try:
+                self.client.close(timeout=5)
+            except Exception:
+                pass
 
     # -- submitting
 
-    def _submit(self, chunks: list[Any]) -> None:
-        from mpnb.pool import _Chunk, _dump_items
-
+    def _on_submit(self, chunks: list[Chunk]) -> None:
         try:
             self._ship_cell_modules()
         except Exception as exc:
             for chunk in chunks:
-                self._fail(chunk, None, range(len(chunk.indices)), lambda where, exc=exc: _shipping_error(exc))
+                self._fail(chunk, range(len(chunk.indices)), lambda where, exc=exc: _shipping_error(exc))
             return
         ready = []
         for chunk in chunks:
-            if chunk.call.cancelled:
+            if chunk.call.cancelled or (chunk.call.future is not None and chunk.call.future.cancelled()):
                 continue
             if chunk.call.timeout is not None and len(chunk.indices) > 1:
                 # a timeout is per task: each runs alone, so its start is known
-                ready.extend(_Chunk(chunk.call, [i], [item], _dump_items([item]))
+                ready.extend(Chunk(chunk.call, [i], [item], dump_items([item]))
                              for i, item in zip(chunk.indices, chunk.items))
             else:
                 ready.append(chunk)
-        if not ready:
-            return
+        if ready:
+            self._run_on_cluster(ready)
+
+    def _run_on_cluster(self, ready: list[Chunk]) -> None:
         keys = [f"mpnb-{chunk.call.id}-{chunk.seq}-{uuid.uuid4().hex[:8]}" for chunk in ready]
         futures = self.client.map(
             run_chunk,
@@ -339,7 +320,7 @@ class DaskEngine(threading.Thread):
             [len(c.indices) for c in ready],
             [c.call.fn_bytes for c in ready],
             [c.data for c in ready],
-            [int(_mode(c.call)) for c in ready],
+            [int(c.call.mode) for c in ready],
             key=keys,
             pure=False,
         )
@@ -360,12 +341,18 @@ class DaskEngine(threading.Thread):
 
     # -- results
 
-    def _on_start(self, seq: int, pid: int, address: str, when: float) -> None:
-        entry = self.running.get(seq)
+    def _on_start(self, started: _Started) -> None:
+        entry = self.running.get(started.seq)
         if entry is None:
             return
-        entry.address, entry.started = address, when
-        self.monitor.chunk_started(address, pid, seq, entry.chunk.call.id, entry.chunk.indices[0])
+        entry.address, entry.started = started.address, started.when
+        future = entry.chunk.call.future
+        if future is not None and not future.set_running_or_notify_cancel():
+            # cancelled while pending: its thread runs on, its result is dropped
+            self._cancel([entry])
+            return
+        self.cluster_monitor.chunk_started(started.address, started.pid, started.seq, entry.chunk.call.id,
+                                           entry.chunk.indices[0])
 
     def _finish(self, futures: list[Any]) -> None:
         entries = []
@@ -385,30 +372,26 @@ class DaskEngine(threading.Thread):
                 self._lost(entry)
 
     def _deliver(self, entry: _Running, data: bytes) -> None:
-        from mpnb.pool import _read_record
-
         done: DaskRecord = pickle.loads(data)
         pid, address, record = done
         offset = time.monotonic() - record.end  # the worker's clock to this machine's
         chunk, call = entry.chunk, entry.chunk.call
-        indices, values, failed, errors, output = _read_record(
-            chunk, record, f"on dask worker {address} (pid {pid})")
-        self.monitor.chunk_done(address, pid, chunk.seq, call.id, indices,
-                                [s + offset for s in record.starts], record.end + offset, errors)
+        indices, values, failed, errors, output = read_record(chunk, record, f"on dask worker {address} (pid {pid})")
+        self.cluster_monitor.chunk_done(address, pid, chunk.seq, call.id, indices,
+                                        [s + offset for s in record.starts], record.end + offset, errors)
         call.deliver(indices, values, failed, output)
 
     def _lost(self, entry: _Running) -> None:
         """A chunk whose dask task failed as a whole (not one of its tasks)."""
         future = entry.future
         if future.status == "cancelled" or entry.chunk.call.cancelled:
-            self._fail(entry.chunk, entry, range(len(entry.chunk.indices)),
-                       lambda where: CancelledError(f"{where} was cancelled"))
+            self._fail_entry(entry, range(len(entry.chunk.indices)), cancelled)
             return
         try:
             error = future.exception(timeout=5)
         except Exception as exc:
             error = exc
-        self._fail(entry.chunk, entry, range(len(entry.chunk.indices)), lambda where: _task_lost(where, error))
+        self._fail_entry(entry, range(len(entry.chunk.indices)), lambda where: _task_lost(where, error))
 
     # -- timeouts and cancels
 
@@ -424,7 +407,9 @@ class DaskEngine(threading.Thread):
             del self.running[entry.chunk.seq]
             self.client.cancel([entry.future])
             seconds = now - entry.started
-            self._fail(entry.chunk, entry, [0], lambda where: _timeout_error(where, seconds, timeout, entry.address))
+            self._fail_entry(entry, [0], lambda where: timeout_error(
+                where, seconds, timeout, f"dask cannot stop a running task, so it goes on in its thread on "
+                f"{entry.address} until it returns, and its result is dropped"))
 
     def _cancel(self, entries: list[_Running]) -> None:
         if not entries:
@@ -433,58 +418,38 @@ class DaskEngine(threading.Thread):
             self.running.pop(entry.chunk.seq, None)
         self.client.cancel([e.future for e in entries])
         for entry in entries:
-            self._fail(entry.chunk, entry, range(len(entry.chunk.indices)),
-                       lambda where: CancelledError(f"{where} was cancelled"))
+            self._fail_entry(entry, range(len(entry.chunk.indices)), cancelled)
 
-    def _fail(self, chunk: Any, entry: _Running | None, positions: Any,
-              make_error: Callable[[str], BaseException]) -> None:
-        from mpnb.pool import _task_errors
+    def _fail_entry(self, entry: _Running, positions: Iterable[int],
+                    make_error: Callable[[str], BaseException]) -> None:
+        place = f" on dask worker {entry.address}" if entry.address else ""
+        self._fail(entry.chunk, positions, make_error, place, entry.address)
 
-        address = entry.address if entry is not None else None
-        indices, values, errors = _task_errors(chunk, positions, make_error,
-                                               f" on dask worker {address}" if address else "")
-        if not indices:
-            return
+    def _record_failures(self, chunk: Chunk, indices: list[int], errors: dict[int, str], worker: Any) -> None:
+        """As the base, with ``worker`` a dask worker's address."""
         now = time.monotonic()
-        if address is not None:
-            self.monitor.chunk_done(address, 0, chunk.seq, chunk.call.id, indices, [now] * len(indices), now, errors)
-        chunk.call.deliver(indices, values, indices, {})
-
-    def _fail_everything(self, error: BaseException) -> None:
-        for entry in list(self.running.values()):
-            self._fail(entry.chunk, entry, range(len(entry.chunk.indices)),
-                       lambda where: RuntimeError(f"{where}: {error}"))
-        self.running.clear()
-
-    def _close(self) -> None:
-        try:
-            self.client.unsubscribe_topic(self.topic)
-        except Exception:
-            pass
-        if self.owns_client:
-            try:
-                self.client.close(timeout=5)
-            except Exception:
-                pass
+        self.cluster_monitor.chunk_done(worker, 0, chunk.seq, chunk.call.id, indices, [now] * len(indices), now,
+                                        errors)
 
 
-def _mode(call: Any) -> Mode:
-    return Mode.KWARGS if call.with_kwargs else (Mode.ARG if call.bare else Mode.STAR)
+@dataclass(frozen=True)
+class _Started:
+    """A chunk's task started on a dask worker (its start event)."""
+
+    seq: int
+    pid: int
+    address: str
+    when: float
 
 
-def _timeout_error(where: str, seconds: float, timeout: float, address: str | None) -> BaseException:
-    from mpnb.pool import TaskTimeoutError
+@dataclass(frozen=True)
+class _Done:
+    """A chunk's dask future ended."""
 
-    return TaskTimeoutError(
-        f"{where} ran for {seconds:.1f} s, longer than the timeout of {timeout:g} s; dask cannot "
-        f"stop a running task, so it goes on in its thread on {address} until it returns, "
-        "and its result is dropped"
-    )
+    future: Any
 
 
 def _task_lost(where: str, error: BaseException | None) -> BaseException:
-    from mpnb.pool import WorkerCrashedError
-
     name = type(error).__name__
     if name == "KilledWorker":
         exc: BaseException = WorkerCrashedError(

@@ -1,397 +1,590 @@
-"""Worker processes on this machine, each a fresh Python interpreter.
+"""The local engine: worker processes on this machine, owned by one thread.
 
-Every start method starts a new interpreter (never a bare ``fork`` of the
-kernel, whose threads and ZMQ sockets must not be copied), hands it the
-parent's ``sys.path`` and sets environment variables before anything is
-imported:
+::
 
-- ``"exec"`` (the default on POSIX): ``subprocess`` starts
-  ``python -c "from mpnb._worker import boot; ..."`` (vfork+exec), which
-  imports only the worker module and reads its setup from the pipe.  It is
-  the fastest to start: no launcher module to import, nothing to unpickle
-  but the setup.
-- ``"loky"``: loky's process launcher (fork+exec), as loky's executors use.
-- ``"spawn"``, ``"forkserver"``: the standard library's.
+    pool (caller thread)           engine thread (LocalEngine.run)      worker processes
+    --------------------           -------------------------------      ----------------
+    submit(chunks) --- inbox ----> | queue --> chunks per worker,       |
+                  (+ wake pipe)    |   (RUNS, [Run...]) -- pipe ------> | capture output,
+                                   |                                    | write slot, call fn
+                                   | <---- (RECORDS, [Record...]) ----- | (values/failures,
+      <--- Call.deliver ---------- | deliver, feed the Monitor          |  output, times)
+    cancel(call) ----------------> | SIGKILL the call's workers         |
+                                   | sentinel: crash -> fail the task on the slot,
+                                   |           requeue the rest, start a new worker
+                                   | slot too old: timeout -> SIGKILL, same path
 
-Each worker gets one end of a private duplex pipe and a 24-byte shared-memory
-slot (a file in a private ``0700`` directory, ``mpnb-pool-<pid>-*`` in the
-temp directory, swept by the next pool when its process was killed) where it
-writes which task it is running.
-
-A worker leads its own process group and, on Linux, is a child subreaper, so
-everything its tasks start stays findable below it or in its group:
-:meth:`WorkerHandle.kill` ends that whole tree, and so does the worker itself
-when its parent dies or it stops (see :func:`mpnb._worker.kill_tree`).
-
-``initargs`` may hold ``multiprocessing`` queues, locks and events, which
-pickle only while a process is being started: the initializer is pickled
-then, as part of that start, and the file descriptors it needs go to the
-worker with it (the ``exec`` launcher does what ``popen_spawn_posix`` does,
-with ``subprocess``'s ``pass_fds``).
+The engine thread owns every worker; other threads only post commands.  An
+idle worker gets one chunk; once a call's tasks prove fast (its pace,
+remembered per function), each worker keeps about 10 ms of its chunks
+queued, sent several to a message, and answers with the records of several
+chunks at once: a task at chunksize 1 no longer costs a round trip, and
+still fails and reports alone.  A dead or killed worker affects only the
+chunks it held: the task on its slot fails with an error that names it, the
+tasks it had not reported run again elsewhere, and a new worker replaces it.
+Workers are started by :class:`mpnb.backends.launcher.Launcher`; the wire is
+:mod:`mpnb._protocol`.
 """
 
 from __future__ import annotations
 
-import io
-import mmap
-import multiprocessing
+import itertools
 import os
 import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
+import time
+import traceback
+import sys
 import weakref
-from collections import ChainMap
-from multiprocessing import Pipe
-from multiprocessing.context import set_spawning_popen
-from typing import Any
+from collections import OrderedDict, deque
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_for
+from typing import Any, Callable, Iterable, Iterator
 
-from mpnb import _protocol, _worker
-from mpnb.shared import sweep_dead
+from mpnb import errors
+from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Record, Run
+from mpnb.backends.base import EngineBase
+from mpnb.backends.launcher import Launcher, WorkerHandle
+from mpnb.calls import Call, Chunk, dump_items, read_record
+from mpnb.monitor import Monitor, process_stopped
 
-POOL_DIR_PREFIX = "mpnb-pool-"
+__all__ = ["LocalEngine"]
+
+# a call whose chunks take less than this may queue one more chunk on a busy
+# worker, so it never idles for a round trip; slower ones must not, or a
+# chunk could wait behind a long task while another worker idles
+_FAST = 0.05
+# how long a worker may take to load a chunk's function and arguments before
+# its first task starts, on top of the task timeout
+_LOAD_GRACE = 30.0
+# a fast call keeps about this much work (by its measured pace) queued on
+# each worker, sent in one message, so no worker waits for a round trip and
+# the last tasks still spread over the workers
+_AHEAD_SECONDS = 0.01
+# and at most this many chunks per worker
+_MAX_AHEAD = 64
+# functions whose pace the engine remembers from one call to the next
+_PACES_KEPT = 32
+# consecutive workers that die before they are ready before the engine gives up
+_MAX_START_FAILURES = 3
 
 
-class WorkerHandle:
-    """The parent's side of one worker process."""
+class _WorkerState:
+    __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
+                 "open", "started")
 
-    def __init__(self, worker_id: int, process, conn, slot_path: str):
-        self._tree_ended = False
-        self.worker_id = worker_id
-        self.process = process
-        self.conn = conn
-        self.slot_path = slot_path
-        self._pidfd = _pidfd(process.pid)
-        fd = os.open(slot_path, os.O_RDONLY)
+    def __init__(self, handle: WorkerHandle):
+        self.handle = handle
+        self.ready = False
+        self.started = time.monotonic()  # start-up is bounded (MPNB_START_TIMEOUT)
+        # chunks sent, oldest first; the first is running, more may wait
+        # in the pipe so the worker never idles for a round trip
+        self.chunks: deque[Chunk] = deque()
+        self.next_pos = 0  # first position of chunks[0] not yet reported
+        self.since = 0.0  # when chunks[0] was sent or last reported
+        self.kill_reason: tuple | None = None
+        self.functions: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
+        self.init_failure: Any = None
+        self.open = True  # the connection has not reached EOF
+
+    @property
+    def who(self) -> tuple[int, int]:
+        return self.handle.worker_id, self.handle.pid
+
+    def unreported(self) -> Iterator[tuple[int, Chunk, range]]:
+        """``(n, chunk, positions not reported yet)`` for each chunk it holds."""
+        for n, chunk in enumerate(self.chunks):
+            yield n, chunk, range(self.next_pos if n == 0 else 0, len(chunk.indices))
+
+
+class LocalEngine(EngineBase):
+    """Runs chunks on worker processes of this machine (see the module docstring)."""
+
+    backend = "local"
+    shares_memory = True
+
+    def __init__(self, launcher: Launcher, workers: int, initializer: str | None, start_timeout: float):
+        super().__init__("mpnb-pool-manager", Monitor(), workers)
+        self.launcher = launcher
+        self.method = launcher.method
+        self.initializer = initializer  # its qualified name, for errors
+        self.start_timeout = start_timeout
+        self.workers: dict[int, _WorkerState] = {}
+        self.queue: deque[Chunk] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        # closed only when nobody can write to it any more (the read end closes when run() ends)
+        weakref.finalize(self, os.close, self._wake_w)
+        self._worker_ids = itertools.count()
+        self._start_failures = 0
+        self._start_error: BaseException | None = None
+        self._cancels: list[tuple[set[int], threading.Event]] = []
+        # seconds per task of recent functions, by Call.pace_key
+        self._paces: OrderedDict[int, float] = OrderedDict()
+
+    # -- the contract
+
+    def kill_now(self) -> None:
+        for state in list(self.workers.values()):
+            state.handle.kill()
+        self.shutdown(True)
+
+    def worker_pids(self) -> list[int]:
+        return [row.pid for row in self.monitor.snapshot() if row.pid is not None]
+
+    def _wake(self) -> None:
         try:
-            self._slot = mmap.mmap(fd, _protocol.SLOT.size, prot=mmap.PROT_READ)
+            os.write(self._wake_w, b"x")
+        except OSError:  # full (it will wake anyway) or already closed
+            pass
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        self._start_missing()
+        while True:
+            self._take_waiting()
+            # dispatch first: it may drop the last queued chunks (cancelled
+            # futures), and then nothing would wake the wait below (gh-94440)
+            self._dispatch()
+            if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
+                return
+            self._wait_and_handle()
+            self._check_timeouts()
+
+    def _close(self) -> None:
+        try:
+            self._stop_workers()
         finally:
-            os.close(fd)
+            os.close(self._wake_r)
+            self.launcher.close()
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    def _held(self) -> Iterator[tuple[Chunk, Iterable[int]]]:
+        queue, self.queue = self.queue, deque()
+        for chunk in queue:
+            yield chunk, range(len(chunk.indices))
+        for state in self.workers.values():
+            for _, chunk, positions in state.unreported():
+                yield chunk, positions
+            state.chunks.clear()
+        for _, done in self._cancels:
+            done.set()
 
-    @property
-    def sentinel(self) -> int:
-        """Ready when the worker has ended.  A pidfd where there is one: the
-        launcher's pipe stays open while a process a task forked holds a copy."""
-        return self._pidfd if self._pidfd is not None else self.process.sentinel
+    # -- commands
 
-    @property
-    def exitcode(self) -> int | None:
-        return self.process.exitcode
+    def _on_submit(self, chunks: list[Chunk]) -> None:
+        self.queue.extend(chunks)
+        for chunk in chunks[:1]:
+            if chunk.call.task_seconds is None:
+                chunk.call.task_seconds = self._paces.get(chunk.call.pace_key)
+        if self._start_error is not None:  # new work: try starting workers again
+            self._start_error, self._start_failures = None, 0
+            self._start_missing()
 
-    def current(self) -> tuple[int, int, float]:
-        """``(chunk seq, position, start time)`` of the task running now.
+    def _on_shutdown(self, cancel_pending: bool) -> None:
+        if cancel_pending:
+            self._drop_queue()
 
-        Written by the worker before each task; ``seq`` is -1 before the
-        first one.
-        """
-        return _protocol.SLOT.unpack_from(self._slot, 0)
+    def _on_cancel(self, call: Call, done: threading.Event) -> None:
+        self.queue = deque(c for c in self.queue if c.call is not call)
+        doomed = set()
+        for worker_id, state in self.workers.items():
+            if not state.chunks or state.kill_reason is not None:
+                continue
+            if state.chunks[0].call is call:
+                state.kill_reason = ("cancel",)
+                state.handle.kill()
+                doomed.add(worker_id)
+            elif any(c.call is call for c in state.chunks):
+                # queued behind another call's task: killing the worker would
+                # run that task twice; the worker's records of these are ignored
+                for chunk in state.chunks:
+                    if chunk.call is call:
+                        self._fail(chunk, range(len(chunk.indices)), errors.cancelled, *self._place(state))
+                state.chunks = deque(c for c in state.chunks if c.call is not call)
+        if doomed:
+            self._cancels.append((doomed, done))
+        else:
+            done.set()
 
-    def kill(self) -> None:
-        """End the worker and everything its tasks started; every path that
-        stops a worker comes here (timeout, Cancel, crash, shutdown, exit)."""
-        running = _running(self.pid)
-        _worker.kill_tree(self.pid)
-        if not running and not self._tree_ended:
-            # it ended by itself (a crash): what left its group is found by its mark
-            _worker.kill_marked(self.slot_path)
-        self._tree_ended = True
+    def _drop_queue(self, error: BaseException | None = None) -> None:
+        """Fail every queued chunk with ``error``; with no error (shutdown with
+        ``cancel_futures=True``) a submitted future is cancelled, as
+        ``concurrent.futures`` does, and a map's tasks get a CancelledError."""
+        queue, self.queue = self.queue, deque()
+        for chunk in queue:
+            future = chunk.call.future
+            if error is None and future is not None and future.cancel():
+                chunk.call.release()
+                continue
+            if error is None:
+                self._fail(chunk, range(len(chunk.indices)), lambda where: errors.cancelled(
+                    where, ": the pool was shut down"))
+            else:
+                self._fail(chunk, range(len(chunk.indices)), _copy_of(error))
 
-    def join(self, timeout: float | None = None) -> None:
-        self.process.join(timeout)
+    # -- workers
 
-    def crash_report(self) -> str:
-        """What faulthandler wrote when the worker crashed, if anything."""
-        try:
-            with open(self.slot_path + ".fault", encoding="utf-8", errors="replace") as f:
-                return f.read().strip()
-        except OSError:
-            return ""
+    def _start_missing(self) -> None:
+        # while stopping, only to run what is still queued (a worker died meanwhile)
+        while len(self.workers) < self.size and (not self.stopping or self.queue) and self._start_error is None:
+            worker_id = next(self._worker_ids)
+            handle = self.launcher.start_worker(worker_id)
+            self.workers[worker_id] = _WorkerState(handle)
+            self.monitor.worker_starting(worker_id, handle.pid, handle.current)
 
-    def close(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        try:
-            self._slot.close()
-        except (BufferError, ValueError):
-            pass
-        if isinstance(self.process, _ExecProcess):
-            self.process.close()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        for path in (self.slot_path, self.slot_path + ".fault"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    def _place(self, state: _WorkerState) -> tuple[str, tuple[int, int]]:
+        return f" in worker pid {state.handle.pid}", state.who
 
+    # -- sending
 
-START_METHODS = ("exec", "loky", "spawn", "forkserver")
-DEFAULT_METHOD = "exec" if os.name == "posix" else "loky"
-
-# mpnb's own directory first, in case only the parent's sys.path finds it;
-# boot() then puts the parent's whole sys.path in place
-_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOT = f"import sys; sys.path.insert(0, {_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
-
-
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)  # Linux 5.3+; the worker is not reaped yet
-    except (AttributeError, OSError):
+    def _next_chunk(self) -> Chunk | None:
+        while self.queue:
+            chunk = self.queue.popleft()
+            call = chunk.call
+            if call.cancelled:
+                continue
+            future = call.future
+            if future is not None and not future.running() and not future.set_running_or_notify_cancel():
+                call.release()  # cancelled by its owner before it started: it never runs
+                continue
+            return chunk
         return None
 
+    def _dispatch(self) -> None:
+        if not self.queue:
+            return
+        usable = [w for w in self.workers.values() if w.ready and w.open and w.kill_reason is None]
+        # first every idle worker gets work, then busy ones are topped up when
+        # both their call and the next are fast (see _FAST) and have no timeout
+        now = time.monotonic()
+        for idle in (True, False):
+            for state in usable:
+                if not self.queue:
+                    return
+                if idle == bool(state.chunks):
+                    continue
+                head = self.queue[0]
+                room = _ahead(head)
+                if not idle:
+                    if not (_reserve_ok(state.chunks[0]) and _reserve_ok(head) and now - state.since < _FAST):
+                        continue
+                    room -= len(state.chunks)
+                    if room < max(1, _ahead(head) // 2):
+                        continue  # top up in batches, not a chunk per message
+                self._send(state, room)
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        import psutil
-
+    def _send(self, state: _WorkerState, room: int) -> None:
+        """Send up to ``room`` queued chunks of one call to a worker, in one message."""
+        runs: list[Run] = []
+        while len(runs) < room:
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            run = self._prepare(state, chunk)
+            if run is not None:
+                runs.append(run)
+            if not self.queue or self.queue[0].call is not chunk.call:
+                break
+        if not runs:
+            return
         try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, runs), pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            state.open = False  # dead: its sentinel fires and the chunks are requeued
 
-
-# ---------------------------------------------------------------- initargs
-
-
-class _ExecSpawning:
-    """What multiprocessing's reducers ask of a process being started, as
-    ``popen_spawn_posix.Popen`` answers it: the file descriptors a queue or
-    connection needs are collected, and keep their numbers in the worker."""
-
-    def __init__(self) -> None:
-        from multiprocessing.popen_spawn_posix import _DupFd
-
-        self.DupFd = _DupFd
-        self.fds: list[int] = []
-
-    def duplicate_for_child(self, fd: int) -> int:
-        self.fds.append(fd)
-        return fd
-
-
-def _refuse_fork_semlock(lock) -> tuple:
-    """Reduce a multiprocessing lock, refusing one the worker cannot open."""
-    import _multiprocessing
-
-    try:
-        state = lock.__getstate__()  # Python 3.12+ refuses a fork-context one here
-        if state[3] is not None:  # a named semaphore: check it still exists
-            _multiprocessing.SemLock._rebuild(*state)
-    except (FileNotFoundError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "fork" not in str(exc):
-            raise
-        kind = type(lock).__name__
-        raise ValueError(
-            f"initargs hold a multiprocessing {kind} (perhaps inside a Queue or Event) made "
-            f"by the 'fork' start method, the default context on Linux before Python 3.14; "
-            f"it cannot reach workers that start as fresh interpreters. Make it with "
-            f"multiprocessing.get_context('spawn').{kind}() (or 'forkserver'), and the same "
-            f"for the Queue or Event that holds it."
-        ) from None
-    return lock.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-
-
-def _child_pickler() -> type:
-    import cloudpickle
-    from multiprocessing import synchronize
-    from multiprocessing.reduction import ForkingPickler
-
-    from mpnb import serialize
-
-    locks = {cls: _refuse_fork_semlock for cls in
-             (synchronize.Lock, synchronize.RLock, synchronize.Semaphore, synchronize.BoundedSemaphore)}
-
-    class ChildPickler(serialize.Pickler):
-        """mpnb's pickler (notebook functions by value, their file names kept)
-        plus multiprocessing's reducers (connections and sockets as file
-        descriptors for the child)."""
-
-        dispatch_table = ChainMap(locks, ForkingPickler._extra_reducers, cloudpickle.CloudPickler.dispatch_table)
-
-    return ChildPickler
-
-
-class _Initializer:
-    """``(initializer, initargs)``, pickled only while a worker is being
-    started, the one moment multiprocessing lets queues and locks pickle;
-    the worker receives the bytes and loads them in its set-up."""
-
-    def __init__(self, initializer, initargs: tuple):
-        self.call = (initializer, tuple(initargs))
-
-    def dumps(self) -> bytes:
-        buffer = io.BytesIO()
-        _child_pickler()(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(self.call)
-        return buffer.getvalue()
-
-    def __reduce__(self):
-        return bytes, (self.dumps(),)
-
-    def check(self) -> None:
-        """Pickle it once as a start would, so that what cannot reach a
-        worker is refused when the pool is made."""
-        set_spawning_popen(_ExecSpawning())
-        try:
-            self.dumps()
-        except ValueError:  # a fork-context lock: its message names the fix
-            raise
-        except Exception as exc:
-            raise self._problem(exc) from exc
-        finally:
-            set_spawning_popen(None)
-
-    def _problem(self, exc: BaseException) -> BaseException:
-        """The pickle doctor's sentence for what does not pickle: the path
-        from ``initializer`` or ``initargs[i]``, the type, why, the fix."""
-        from mpnb.pickling import PicklingProblem, diagnose, function_label
-
-        initializer, initargs = self.call
-        named = [(initializer, function_label(initializer))]
-        named += [(arg, f"initargs[{i}]") for i, arg in enumerate(initargs)]
-        for obj, name in named:
+    def _prepare(self, state: _WorkerState, chunk: Chunk) -> Run | None:
+        """The run of ``chunk`` for this worker; the chunk is then the worker's."""
+        call = chunk.call
+        if chunk.data is None:
             try:
-                found = diagnose(obj, by_value=True, name=name)
-            except Exception:  # the doctor must not hide the real error
-                found = None
-            if found is not None:
-                return PicklingProblem(found)
-        return pickle.PicklingError(f"the initializer and its initargs cannot be sent to a worker: {exc}")
-
-
-class _ExecProcess:
-    """A worker started by ``subprocess``, with the ``Process`` attributes the
-    handle uses; its sentinel is a pipe the child holds open until it ends."""
-
-    def __init__(self, conn_fd: int, env: dict[str, str], fds: list[int]):
-        sentinel, child_sentinel = os.pipe()
-        try:
-            # process_group: leads its own group from the start (see _worker._die_with_parent)
-            self._popen = subprocess.Popen(
-                [sys.executable, "-c", _BOOT.format(fd=conn_fd)],
-                env=env, pass_fds=(conn_fd, child_sentinel, *fds), close_fds=True,
-                process_group=0,
-            )
-        except BaseException:
-            os.close(sentinel)
-            raise
-        finally:
-            os.close(child_sentinel)
-        self.sentinel = sentinel
-        self.pid = self._popen.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._popen.poll()
-
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def close(self) -> None:
-        os.close(self.sentinel)
-
-
-class LocalBackend:
-    """Starts worker processes on this machine.
-
-    ``method`` is how: ``"exec"`` (the default on POSIX), ``"loky"``, or
-    the standard library's ``"spawn"`` or ``"forkserver"`` (see the module
-    docstring).  Never ``fork``: a kernel's threads and sockets must not be
-    copied.
-
-    ``env`` is set in each worker before it imports anything but mpnb's
-    worker module (thread caps, the nesting depth); ``config`` goes to
-    :func:`mpnb._worker.main`.
-    """
-
-    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = DEFAULT_METHOD):
-        if method not in START_METHODS:
-            raise ValueError(f"start method {method!r}: use one of {', '.join(START_METHODS)}")
-        if method == "exec" and os.name != "posix":
-            method = "loky"  # subprocess cannot pass a pipe this way on Windows
-        if method == "exec":
-            self._context = None
-        elif method == "loky":
-            from loky.backend.context import get_context
-
-            self._context = get_context("loky")
+                chunk.data = dump_items(chunk.items, call)
+            except BaseException as exc:  # SystemExit too: this thread must live on
+                self._fail_unpicklable(chunk, exc)
+                return None
+        # mirror of the worker's function cache (see _worker._Worker.function)
+        if call.id in state.functions:
+            fn_data = None
         else:
-            self._context = multiprocessing.get_context(method)
-        self.method = method
-        self._env = dict(env)
-        self._config = dict(config, env=dict(env))
-        self._config["authkey"] = bytes(multiprocessing.current_process().authkey)  # for Manager proxies
-        if config.get("initializer") is not None:
-            self._config["initializer"] = _Initializer(*config["initializer"])
-            self._config["initializer"].check()
-        _sweep_dead_pools_once()
-        # the owner's pid in the name: the next pool removes it if the owner was killed
-        self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
-        # also at interpreter exit, should the manager thread not get there
-        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
-        self._lock = threading.Lock()
+            fn_data = call.fn_bytes
+            state.functions[call.id] = None
+            while len(state.functions) > FUNCTION_CACHE_SIZE:
+                state.functions.popitem(last=False)
+        state.functions.move_to_end(call.id)
+        now = time.monotonic()
+        if not state.chunks:
+            state.next_pos, state.since = 0, now
+        chunk.sent = now
+        state.chunks.append(chunk)
+        self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
+        return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None,
+                   int(call.mode))
 
-    def start_worker(self, worker_id: int) -> WorkerHandle:
-        slot_path = os.path.join(self._dir, f"worker-{worker_id}")
-        with open(slot_path, "wb") as f:
-            f.write(_protocol.SLOT.pack(-1, -1, 0.0))
-        parent_end, child_end = Pipe(duplex=True)
-        if self.method == "exec":
-            spawning = _ExecSpawning()
-            set_spawning_popen(spawning)
+    def _fail_unpicklable(self, chunk: Chunk, exc: BaseException) -> None:
+        from mpnb.calls import arguments
+
+        for pos, item in enumerate(chunk.items):
+            args, kwargs = arguments(chunk.call.mode, item)
+            self._fail(chunk, [pos], lambda where, a=args, k=kwargs: errors.pickling_error(exc, where, a, k))
+
+    # -- receiving
+
+    def _wait_and_handle(self) -> None:
+        by_object: dict[Any, _WorkerState] = {}
+        waitables: list[Any] = [self._wake_r]
+        for state in self.workers.values():
+            if state.open:
+                waitables.append(state.handle.conn)
+                by_object[state.handle.conn] = state
+            waitables.append(state.handle.sentinel)
+            by_object[state.handle.sentinel] = state
+        ready = wait_for(waitables, timeout=self._next_wakeup())
+        if self._wake_r in ready:
+            os.read(self._wake_r, 4096)
+        dead = []
+        for obj in ready:
+            state = by_object.get(obj)
+            if state is None:
+                continue
+            if obj is state.handle.conn:
+                self._read(state)
+            else:
+                dead.append(state)
+        for state in dead:
+            self._read(state)  # what it sent before it died
+            self._on_death(state)
+
+    def _next_wakeup(self) -> float | None:
+        if self._cancels or any(w.kill_reason for w in self.workers.values()):
+            return 0.05
+        timeouts = [w.chunks[0].call.timeout for w in self.workers.values()
+                    if w.chunks and w.chunks[0].call.timeout is not None]
+        if not all(w.ready for w in self.workers.values()):
+            timeouts.append(min(5.0, self.start_timeout))  # start-up is bounded too
+        if self.stopping and any(w.chunks for w in self.workers.values()):
+            timeouts.append(2.0)  # look for workers stopped by a signal (_check_timeouts)
+        if not timeouts:
+            return None
+        return max(0.01, min(0.1, min(timeouts) / 10))
+
+    def _read(self, state: _WorkerState) -> None:
+        conn = state.handle.conn
+        while state.open:
             try:
-                setup = pickle.dumps((sys.path, slot_path, self._config), pickle.HIGHEST_PROTOCOL)
-            finally:
-                set_spawning_popen(None)
-            with self._lock:
-                env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
-                process = _ExecProcess(child_end.fileno(), env, spawning.fds)
-            child_end.close()
-            parent_end.send_bytes(setup)
-            return WorkerHandle(worker_id, process, parent_end, slot_path)
-        # the mark is in a process's environment from its start only where the
-        # launcher takes one; spawn and forkserver workers set it themselves,
-        # which reaches what they exec but not what they fork
-        extra = {"env": {**self._env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
-        process = self._context.Process(
-            target=_worker.main,
-            args=(child_end, slot_path, self._config),
-            name=f"mpnb-worker-{worker_id}",
-            **extra,
-        )
-        with self._lock:
-            process.start()
-        child_end.close()
-        return WorkerHandle(worker_id, process, parent_end, slot_path)
+                if not conn.poll():
+                    return
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                state.open = False
+                return
+            try:
+                message = pickle.loads(data)
+            except BaseException as exc:  # values are loaded one by one (_unpack): not expected
+                self._unreadable(state, exc)
+                return
+            kind = message[0]
+            if kind == Kind.RECORDS:
+                for record in message[1]:
+                    self._on_record(state, record)
+            elif kind == Kind.HELLO:
+                state.ready = True
+                self._start_failures = 0
+                self.monitor.worker_started(state.handle.worker_id, message[1], message[2])
+            elif kind == Kind.INIT_FAILED:
+                state.init_failure = message[2]
 
-    def close(self) -> None:
-        self._remove_dir()
+    def _unreadable(self, state: _WorkerState, exc: BaseException) -> None:
+        """A message from a worker that does not load here: the tasks it held
+        fail, the worker is replaced, and the engine serves on."""
+        for _, chunk, positions in state.unreported():
+            self._fail(chunk, positions, lambda where: errors.failure_here(("message from its worker", exc), where),
+                       *self._place(state))
+        state.chunks.clear()
+        state.open = False
+        state.kill_reason = ("unreadable",)
+        state.handle.kill()
+
+    def _on_record(self, state: _WorkerState, record: Record) -> None:
+        if not state.chunks or state.chunks[0].seq != record.seq:
+            return  # a chunk cancelled while it waited behind another call's task
+        chunk = state.chunks[0]
+        call, pid, first = chunk.call, state.handle.pid, record.first
+        indices, values, failed, errors_by_index, output = read_record(chunk, record, f"in worker pid {pid}")
+        state.next_pos = first + len(values)
+        state.since = time.monotonic()
+        # recorded before delivered: a summary made when the caller wakes counts them
+        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, record.starts, record.end,
+                                 errors_by_index)
+        call.deliver(indices, values, failed, output)
+        if record.final:
+            if first == 0:
+                self._learn_pace(call, (record.end - record.starts[0]) / len(values))
+            state.chunks.popleft()
+            state.next_pos = 0
+            self.monitor.chunk_ended(state.handle.worker_id, record.seq)
+
+    def _learn_pace(self, call: Call, seconds: float) -> None:
+        """Update the call's seconds per task, and remember it for its function."""
+        if call.task_seconds is not None:
+            seconds = (call.task_seconds + seconds) / 2
+        call.task_seconds = self._paces[call.pace_key] = seconds
+        self._paces.move_to_end(call.pace_key)
+        while len(self._paces) > _PACES_KEPT:
+            self._paces.popitem(last=False)
+
+    # -- timeouts
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for state in self.workers.values():
+            if not state.ready and state.kill_reason is None and now - state.started > self.start_timeout:
+                state.kill_reason = ("start-timeout", now - state.started)
+                state.handle.kill()
+            if not state.chunks or state.kill_reason is not None:
+                continue
+            if self.stopping and process_stopped(state.handle.pid):
+                # stopped by a signal, it would hold the shutdown forever
+                state.kill_reason = ("stopped-by-signal",)
+                state.handle.kill()
+                continue
+            self._check_task_timeout(state, now)
+
+    def _check_task_timeout(self, state: _WorkerState, now: float) -> None:
+        chunk = state.chunks[0]
+        if chunk.call.timeout is None:
+            return
+        seq, pos, started = state.handle.current()
+        limit = chunk.call.timeout
+        if seq != chunk.seq:
+            # still loading the function and arguments (an import may take
+            # seconds): that is not the task's time, up to a grace period
+            pos, started, limit = state.next_pos, state.since, limit + _LOAD_GRACE
+        elif pos < state.next_pos:
+            pos, started = state.next_pos, state.since
+        if now - started > limit:
+            state.kill_reason = ("timeout", pos, now - started)
+            state.handle.kill()
+
+    # -- deaths
+
+    def _on_death(self, state: _WorkerState) -> None:
+        handle = state.handle
+        handle.kill()  # what its tasks started, before the worker is reaped
+        handle.join(1.0)
+        exitcode = handle.exitcode
+        self.workers.pop(handle.worker_id, None)
+        self.queue.extendleft(reversed(self._settle_chunks(state, exitcode)))
+        self._judge_start(state, exitcode)
+        reason = state.kill_reason
+        why = reason[0] if reason else ("stopped" if self.stopping else errors.signal_name(exitcode))
+        self.monitor.worker_stopped(handle.worker_id, handle.pid, exitcode, why)
+        handle.close()
+        for doomed, done in list(self._cancels):
+            doomed.discard(handle.worker_id)
+            if not doomed:
+                done.set()
+                self._cancels.remove((doomed, done))
+        self._start_missing()
+
+    def _settle_chunks(self, state: _WorkerState, exitcode: int | None) -> list[Chunk]:
+        """Fail the tasks a dead worker's end explains; the chunks of the rest, to run again."""
+        handle, reason = state.handle, state.kill_reason
+        place = self._place(state)
+        requeue = []
+        # the chunk the worker was in when it died: chunks before it ended but
+        # their records were still batched in the worker, so they run again
+        slot_seq, slot_pos, _ = handle.current()
+        crashed = next((n for n, c in enumerate(state.chunks) if c.seq == slot_seq), 0)
+        for n, chunk, unreported in state.unreported():
+            if chunk.call.cancelled:
+                self._fail(chunk, unreported, errors.cancelled, *place)
+                continue
+            if reason and reason[0] == "stopped-by-signal":
+                self._fail(chunk, unreported, lambda where: BrokenProcessPool(
+                    f"{where} did not finish: its worker (pid {handle.pid}) was stopped by a signal when the "
+                    "pool shut down, and was killed"), *place)
+                continue
+            culprit, error = None, None
+            if n == 0 and reason and reason[0] == "timeout":
+                culprit, error = reason[1], _timeout(reason[2], chunk.call.timeout, handle.pid)
+            elif n == crashed and not reason:
+                culprit = slot_pos if slot_seq == chunk.seq and slot_pos >= unreported.start else unreported.start
+                error = errors.crash_error(handle.pid, exitcode, handle.crash_report())
+            if culprit is not None and error is not None:
+                self._fail(chunk, [culprit], error, *place)
+            rest = [p for p in unreported if p != culprit]
+            if rest:
+                requeue.append(chunk.rest(rest))
+        return requeue
+
+    def _judge_start(self, state: _WorkerState, exitcode: int | None) -> None:
+        """After a worker died: give up starting workers when they cannot start."""
+        reason = state.kill_reason
+        if reason and reason[0] == "start-timeout":
+            # another try would take as long: fail the waiting work, unless
+            # other workers did start and can run it
+            if not any(w.ready for w in self.workers.values()):
+                self._start_error = errors.start_timeout_error(self.initializer, self.start_timeout)
+                self._drop_queue(self._start_error)
+        elif not state.ready and not state.chunks and not self.stopping:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                self._start_error = errors.start_error(exitcode, state.init_failure)
+                self._drop_queue(self._start_error)
+
+    def _stop_workers(self) -> None:
+        for state in self.workers.values():
+            try:
+                state.handle.conn.send_bytes(pickle.dumps(STOP))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0
+        for state in self.workers.values():
+            try:
+                state.handle.join(max(0.0, deadline - time.monotonic()))
+                if state.handle.exitcode is None:
+                    state.handle.kill()
+                    state.handle.join(1.0)
+                self.monitor.worker_stopped(state.handle.worker_id, state.handle.pid, state.handle.exitcode, "stopped")
+                state.handle.close()
+            except Exception:  # one worker's trouble must not leave the others running
+                traceback.print_exc(file=sys.__stderr__)
+                state.handle.kill()
+        self.workers.clear()
 
 
-_swept = False
+def _timeout(seconds: float, timeout: float | None, pid: int) -> Callable[[str], BaseException]:
+    return lambda where: errors.timeout_error(where, seconds, timeout or 0.0,
+                                              f"its worker (pid {pid}) was killed and replaced")
 
 
-def _sweep_dead_pools_once() -> None:
-    global _swept
-    if not _swept:
-        _swept = True
-        sweep_dead(tempfile.gettempdir(), POOL_DIR_PREFIX)
+def _copy_of(error: BaseException) -> Callable[[str], BaseException]:
+    def make(where: str) -> BaseException:
+        exc = type(error)(*error.args)
+        exc.__cause__ = error.__cause__
+        return exc
+
+    return make
+
+
+def _chunk_seconds(chunk: Chunk) -> float | None:
+    """How long ``chunk`` should take in a worker, once its call's pace is known."""
+    pace = chunk.call.task_seconds
+    return None if pace is None else pace * len(chunk.indices)
+
+
+def _reserve_ok(chunk: Chunk) -> bool:
+    """Whether ``chunk`` may wait behind another on a busy worker: it is fast,
+    and its call has no timeout (a timeout counts from when a task starts)."""
+    seconds = _chunk_seconds(chunk)
+    call = chunk.call
+    return seconds is not None and seconds < _FAST and call.timeout is None and not call.cancelled
+
+
+def _ahead(chunk: Chunk) -> int:
+    """How many chunks like ``chunk`` a worker may hold at once."""
+    seconds = _chunk_seconds(chunk)
+    if seconds is None or not _reserve_ok(chunk):
+        return 1
+    return max(2, min(_MAX_AHEAD, int(_AHEAD_SECONDS / max(seconds, 1e-6))))

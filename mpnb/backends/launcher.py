@@ -1,0 +1,398 @@
+"""Worker processes on this machine, each a fresh Python interpreter.
+
+Every start method starts a new interpreter (never a bare ``fork`` of the
+kernel, whose threads and ZMQ sockets must not be copied), hands it the
+parent's ``sys.path`` and sets environment variables before anything is
+imported:
+
+- ``"exec"`` (the default on POSIX): ``subprocess`` starts
+  ``python -c "from mpnb._worker import boot; ..."`` (vfork+exec), which
+  imports only the worker module and reads its setup from the pipe.  It is
+  the fastest to start: no launcher module to import, nothing to unpickle
+  but the setup.
+- ``"loky"``: loky's process launcher (fork+exec), as loky's executors use.
+- ``"spawn"``, ``"forkserver"``: the standard library's.
+
+Each worker gets one end of a private duplex pipe and a 24-byte shared-memory
+slot (a file in a private ``0700`` directory, ``mpnb-pool-<pid>-*`` in the
+temp directory, swept by the next pool when its process was killed) where it
+writes which task it is running.
+
+A worker leads its own process group and, on Linux, is a child subreaper, so
+everything its tasks start stays findable below it or in its group:
+:meth:`WorkerHandle.kill` ends that whole tree, and so does the worker itself
+when its parent dies or it stops (see :func:`mpnb._worker.kill_tree`).
+
+``initargs`` may hold ``multiprocessing`` queues, locks and events, which
+pickle only while a process is being started: the initializer is pickled
+then, as part of that start, and the file descriptors it needs go to the
+worker with it (the ``exec`` launcher does what ``popen_spawn_posix`` does,
+with ``subprocess``'s ``pass_fds``).
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from collections import ChainMap
+from multiprocessing import Pipe
+from multiprocessing.context import set_spawning_popen
+from typing import Any
+
+from mpnb import _worker
+from mpnb._protocol import SLOT
+from mpnb.shared import sweep_dead
+
+POOL_DIR_PREFIX = "mpnb-pool-"
+
+
+class WorkerHandle:
+    """The parent's side of one worker process."""
+
+    def __init__(self, worker_id: int, process, conn, slot_path: str):
+        self._tree_ended = False
+        self.worker_id = worker_id
+        self.process = process
+        self.conn = conn
+        self.slot_path = slot_path
+        self._pidfd = _pidfd(process.pid)
+        fd = os.open(slot_path, os.O_RDONLY)
+        try:
+            self._slot = mmap.mmap(fd, SLOT.size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def sentinel(self) -> int:
+        """Ready when the worker has ended.  A pidfd where there is one: the
+        launcher's pipe stays open while a process a task forked holds a copy."""
+        return self._pidfd if self._pidfd is not None else self.process.sentinel
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def current(self) -> tuple[int, int, float]:
+        """``(chunk seq, position, start time)`` of the task running now.
+
+        Written by the worker before each task; ``seq`` is -1 before the
+        first one.
+        """
+        return SLOT.unpack_from(self._slot, 0)
+
+    def kill(self) -> None:
+        """End the worker and everything its tasks started; every path that
+        stops a worker comes here (timeout, Cancel, crash, shutdown, exit)."""
+        running = _running(self.pid)
+        _worker.kill_tree(self.pid)
+        if not running and not self._tree_ended:
+            # it ended by itself (a crash): what left its group is found by its mark
+            _worker.kill_marked(self.slot_path)
+        self._tree_ended = True
+
+    def join(self, timeout: float | None = None) -> None:
+        self.process.join(timeout)
+
+    def crash_report(self) -> str:
+        """What faulthandler wrote when the worker crashed, if anything."""
+        try:
+            with open(self.slot_path + ".fault", encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        try:
+            self._slot.close()
+        except (BufferError, ValueError):
+            pass
+        if isinstance(self.process, _ExecProcess):
+            self.process.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        for path in (self.slot_path, self.slot_path + ".fault"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+START_METHODS = ("exec", "loky", "spawn", "forkserver")
+DEFAULT_METHOD = "exec" if os.name == "posix" else "loky"
+
+# mpnb's own directory first, in case only the parent's sys.path finds it;
+# boot() then puts the parent's whole sys.path in place
+_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = f"import sys; sys.path.insert(0, {_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)  # Linux 5.3+; the worker is not reaped yet
+    except (AttributeError, OSError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+# ---------------------------------------------------------------- initargs
+
+
+class _ExecSpawning:
+    """What multiprocessing's reducers ask of a process being started, as
+    ``popen_spawn_posix.Popen`` answers it: the file descriptors a queue or
+    connection needs are collected, and keep their numbers in the worker."""
+
+    def __init__(self) -> None:
+        from multiprocessing.popen_spawn_posix import _DupFd
+
+        self.DupFd = _DupFd
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def _refuse_fork_semlock(lock) -> tuple:
+    """Reduce a multiprocessing lock, refusing one the worker cannot open."""
+    import _multiprocessing
+
+    try:
+        state = lock.__getstate__()  # Python 3.12+ refuses a fork-context one here
+        if state[3] is not None:  # a named semaphore: check it still exists
+            _multiprocessing.SemLock._rebuild(*state)
+    except (FileNotFoundError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "fork" not in str(exc):
+            raise
+        kind = type(lock).__name__
+        raise ValueError(
+            f"initargs hold a multiprocessing {kind} (perhaps inside a Queue or Event) made "
+            f"by the 'fork' start method, the default context on Linux before Python 3.14; "
+            f"it cannot reach workers that start as fresh interpreters. Make it with "
+            f"multiprocessing.get_context('spawn').{kind}() (or 'forkserver'), and the same "
+            f"for the Queue or Event that holds it."
+        ) from None
+    return lock.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+def _child_pickler() -> type:
+    import cloudpickle
+    from multiprocessing import synchronize
+    from multiprocessing.reduction import ForkingPickler
+
+    from mpnb import serialize
+
+    locks = {cls: _refuse_fork_semlock for cls in
+             (synchronize.Lock, synchronize.RLock, synchronize.Semaphore, synchronize.BoundedSemaphore)}
+
+    class ChildPickler(serialize.Pickler):
+        """mpnb's pickler (notebook functions by value, their file names kept)
+        plus multiprocessing's reducers (connections and sockets as file
+        descriptors for the child)."""
+
+        dispatch_table = ChainMap(locks, ForkingPickler._extra_reducers, cloudpickle.CloudPickler.dispatch_table)
+
+    return ChildPickler
+
+
+class _Initializer:
+    """``(initializer, initargs)``, pickled only while a worker is being
+    started, the one moment multiprocessing lets queues and locks pickle;
+    the worker receives the bytes and loads them in its set-up."""
+
+    def __init__(self, initializer, initargs: tuple):
+        self.call = (initializer, tuple(initargs))
+
+    def dumps(self) -> bytes:
+        buffer = io.BytesIO()
+        _child_pickler()(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(self.call)
+        return buffer.getvalue()
+
+    def __reduce__(self):
+        return bytes, (self.dumps(),)
+
+    def check(self) -> None:
+        """Pickle it once as a start would, so that what cannot reach a
+        worker is refused when the pool is made."""
+        set_spawning_popen(_ExecSpawning())
+        try:
+            self.dumps()
+        except ValueError:  # a fork-context lock: its message names the fix
+            raise
+        except Exception as exc:
+            raise self._problem(exc) from exc
+        finally:
+            set_spawning_popen(None)
+
+    def _problem(self, exc: BaseException) -> BaseException:
+        """The pickle doctor's sentence for what does not pickle: the path
+        from ``initializer`` or ``initargs[i]``, the type, why, the fix."""
+        from mpnb.pickling import PicklingProblem, diagnose, function_label
+
+        initializer, initargs = self.call
+        named = [(initializer, function_label(initializer))]
+        named += [(arg, f"initargs[{i}]") for i, arg in enumerate(initargs)]
+        for obj, name in named:
+            try:
+                found = diagnose(obj, by_value=True, name=name)
+            except Exception:  # the doctor must not hide the real error
+                found = None
+            if found is not None:
+                return PicklingProblem(found)
+        return pickle.PicklingError(f"the initializer and its initargs cannot be sent to a worker: {exc}")
+
+
+class _ExecProcess:
+    """A worker started by ``subprocess``, with the ``Process`` attributes the
+    handle uses; its sentinel is a pipe the child holds open until it ends."""
+
+    def __init__(self, conn_fd: int, env: dict[str, str], fds: list[int]):
+        sentinel, child_sentinel = os.pipe()
+        try:
+            # process_group: leads its own group from the start (see _worker._die_with_parent)
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", _BOOT.format(fd=conn_fd)],
+                env=env, pass_fds=(conn_fd, child_sentinel, *fds), close_fds=True,
+                process_group=0,
+            )
+        except BaseException:
+            os.close(sentinel)
+            raise
+        finally:
+            os.close(child_sentinel)
+        self.sentinel = sentinel
+        self.pid = self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        os.close(self.sentinel)
+
+
+class Launcher:
+    """Starts worker processes on this machine (the local engine's mechanics).
+
+    ``method`` is how: ``"exec"`` (the default on POSIX), ``"loky"``, or
+    the standard library's ``"spawn"`` or ``"forkserver"`` (see the module
+    docstring).  Never ``fork``: a kernel's threads and sockets must not be
+    copied.
+
+    ``env`` is set in each worker before it imports anything but mpnb's
+    worker module (thread caps, the nesting depth); ``config`` goes to
+    :func:`mpnb._worker.main`.
+    """
+
+    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = DEFAULT_METHOD):
+        if method not in START_METHODS:
+            raise ValueError(f"start method {method!r}: use one of {', '.join(START_METHODS)}")
+        if method == "exec" and os.name != "posix":
+            method = "loky"  # subprocess cannot pass a pipe this way on Windows
+        if method == "exec":
+            self._context = None
+        elif method == "loky":
+            from loky.backend.context import get_context
+
+            self._context = get_context("loky")
+        else:
+            self._context = multiprocessing.get_context(method)
+        self.method = method
+        self._env = dict(env)
+        self._config = dict(config, env=dict(env))
+        self._config["authkey"] = bytes(multiprocessing.current_process().authkey)  # for Manager proxies
+        if config.get("initializer") is not None:
+            self._config["initializer"] = _Initializer(*config["initializer"])
+            self._config["initializer"].check()
+        _sweep_dead_pools_once()
+        # the owner's pid in the name: the next pool removes it if the owner was killed
+        self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
+        # also at interpreter exit, should the manager thread not get there
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._lock = threading.Lock()
+
+    def start_worker(self, worker_id: int) -> WorkerHandle:
+        slot_path = os.path.join(self._dir, f"worker-{worker_id}")
+        with open(slot_path, "wb") as f:
+            f.write(SLOT.pack(-1, -1, 0.0))
+        parent_end, child_end = Pipe(duplex=True)
+        if self.method == "exec":
+            spawning = _ExecSpawning()
+            set_spawning_popen(spawning)
+            try:
+                setup = pickle.dumps((sys.path, slot_path, self._config), pickle.HIGHEST_PROTOCOL)
+            finally:
+                set_spawning_popen(None)
+            with self._lock:
+                env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
+                process = _ExecProcess(child_end.fileno(), env, spawning.fds)
+            child_end.close()
+            parent_end.send_bytes(setup)
+            return WorkerHandle(worker_id, process, parent_end, slot_path)
+        # the mark is in a process's environment from its start only where the
+        # launcher takes one; spawn and forkserver workers set it themselves,
+        # which reaches what they exec but not what they fork
+        extra = {"env": {**self._env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
+        process = self._context.Process(
+            target=_worker.main,
+            args=(child_end, slot_path, self._config),
+            name=f"mpnb-worker-{worker_id}",
+            **extra,
+        )
+        with self._lock:
+            process.start()
+        child_end.close()
+        return WorkerHandle(worker_id, process, parent_end, slot_path)
+
+    def close(self) -> None:
+        self._remove_dir()
+
+
+_swept = False
+
+
+def _sweep_dead_pools_once() -> None:
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_dead(tempfile.gettempdir(), POOL_DIR_PREFIX)

@@ -1,0 +1,230 @@
+"""The records a pool and its engine share: calls, chunks, and how they pickle.
+
+A :class:`Call` is one ``map``/``imap``/``submit``/``apply``: the function
+(pickled once), the options, and the outcomes delivered so far.  A
+:class:`Chunk` is a run of a call's tasks that travel together.  The pool
+makes them; an engine runs the chunks and delivers each task's value or
+exception into its call (:meth:`Call.deliver`), from its own thread; the
+caller waits on ``Call.cond``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import pickle
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, NamedTuple
+
+from mpnb import serialize
+from mpnb._protocol import Mode, Record
+from mpnb._task import PackedValues, is_plain
+from mpnb.errors import failure_here, note, short_repr
+from mpnb.shared import SharedArrays
+
+__all__ = ["Call", "Chunk", "Outcomes", "arguments", "describe", "dump_items", "read_record", "task_errors"]
+
+
+class Call:
+    """One map/imap/submit/apply: its function, options and outcomes so far.
+
+    The engine delivers; the caller reads under ``cond``.  ``results`` maps
+    a task index to its value, or to its exception when the index is in
+    ``failed``; ``output`` holds what tasks printed, for those that did.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, fn: Callable, fn_bytes: bytes | None, timeout: float | None, mode: Mode,
+                 future: Future | None = None):
+        self.id = next(self._ids)
+        self.fn = fn  # for an engine that runs tasks in this process
+        self.fn_bytes = fn_bytes  # for the others, pickled once
+        self.timeout = timeout
+        self.mode = mode
+        self.future = future
+        self.results: dict[int, Any] = {}
+        self.failed: set[int] = set()
+        self.output: dict[int, list] = {}
+        self.contiguous = 0  # tasks 0 .. contiguous-1 have all ended
+        # a map's caller polls for progress and needs waking only at the end
+        # or on a failure; waking it per delivery would cost throughput
+        self.total: int | None = None
+        self.cancelled = False
+        # seconds a task takes in a worker (moving average), once measured or
+        # remembered from an earlier call of the same function
+        self.task_seconds: float | None = None
+        self.pace_key = hash(fn_bytes)
+        self.cond = threading.Condition(threading.Lock())
+        # large arrays in the arguments, written once to shared memory
+        self.shares: SharedArrays | None = None
+
+    def release(self) -> None:
+        """Free what the call's arguments hold outside the pickles (shared arrays)."""
+        if self.shares is not None:
+            self.shares.release()
+
+    def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
+        with self.cond:
+            self.results.update(zip(indices, values))
+            self.failed.update(failed)
+            self.output.update(output)
+            results, contiguous = self.results, self.contiguous
+            if indices and indices[0] == contiguous and indices[-1] - contiguous == len(indices) - 1:
+                contiguous += len(indices)  # the usual case: the next run of tasks
+            while contiguous in results:
+                contiguous += 1
+            self.contiguous = contiguous
+            if self.total is None or len(results) >= self.total or failed:
+                self.cond.notify_all()
+        future = self.future
+        if future is not None:
+            self.release()  # before the result is seen: nothing is left once it is
+            future._mpnb_output = output.get(0, ())  # type: ignore[attr-defined]
+            try:
+                if self.failed:
+                    future.set_exception(values[0])
+                else:
+                    future.set_result(values[0])
+            except Exception:  # already cancelled by the user
+                pass
+
+    def first_failure(self) -> int | None:
+        return min(self.failed) if self.failed else None
+
+
+class Chunk:
+    """Tasks of one call that travel together: their indices in the call,
+    their items, and the items pickled (``data``, None until needed)."""
+
+    __slots__ = ("seq", "call", "indices", "items", "data", "sent")
+    _seqs = itertools.count()
+
+    def __init__(self, call: Call, indices: list[int], items: list, data: bytes | None):
+        self.seq = next(self._seqs)
+        self.call, self.indices, self.items, self.data = call, indices, items, data
+        self.sent = 0.0
+
+    def rest(self, positions: Iterable[int]) -> "Chunk":
+        """A new chunk of the tasks at ``positions``, to run again."""
+        positions = list(positions)
+        return Chunk(self.call, [self.indices[p] for p in positions], [self.items[p] for p in positions], None)
+
+
+def arguments(mode: Mode, item: Any) -> tuple[tuple, dict]:
+    """A task's item as the ``(args, kwargs)`` its function is called with."""
+    if mode is Mode.ARG:
+        return (item,), {}
+    if mode is Mode.KWARGS:
+        return item
+    return tuple(item), {}
+
+
+def describe(call: Call, index: int, item: Any) -> str:
+    """``task 3 (argument 7)``: how errors and views name a task."""
+    args, kwargs = arguments(call.mode, item)
+    label = f"task {index}"
+    if call.mode is Mode.ARG:
+        return f"{label} (argument {short_repr(args[0])})"
+    parts = [short_repr(a) for a in args] + [f"{k}={short_repr(v)}" for k, v in kwargs.items()]
+    return f"{label} (arguments ({', '.join(parts)}))"
+
+
+def task_errors(chunk: Chunk, positions: Iterable[int], make_error: Callable[[str], BaseException],
+                place: str) -> tuple[list[int], list[BaseException], dict[int, str]]:
+    """The errors of a chunk's tasks at ``positions``: their indices, the
+    exceptions (``make_error(task description)``, noted with the task and
+    ``place``) and the one-line descriptions the monitor records."""
+    indices, values, errors = [], [], {}
+    for pos in positions:
+        index = chunk.indices[pos]
+        where = describe(chunk.call, index, chunk.items[pos])
+        exc = note(make_error(where), where + place)
+        indices.append(index)
+        values.append(exc)
+        errors[index] = f"{type(exc).__name__}: {exc}"
+    return indices, values, errors
+
+
+class Outcomes(NamedTuple):
+    """What a worker's record says of its chunk, in the call's terms."""
+
+    indices: list[int]  #: the tasks it covers
+    values: list[Any]  #: their values; a failed task's is its exception
+    failed: list[int]  #: the tasks that failed
+    errors: dict[int, str]  #: each failure in one line, for the monitor
+    output: dict[int, list]  #: what each task printed, by index
+
+
+def read_record(chunk: Chunk, record: Record, place: str) -> Outcomes:
+    """The outcomes in a worker's ``record`` of ``chunk`` (a local worker's,
+    or a dask worker's); ``place`` says where the tasks ran, for errors."""
+    call, first = chunk.call, record.first
+    unloadable: dict[int, tuple[str, BaseException]] = {}
+    values = record.values
+    if type(values) is PackedValues:
+        values = _unpack(values, first, unloadable)
+    errors: dict[int, str] = {}
+    failed = []
+    for pos, failure in itertools.chain(record.failures.items(), unloadable.items()):
+        index = chunk.indices[pos]
+        exc = failure_here(failure, f"{describe(call, index, chunk.items[pos])} {place}")
+        values[pos - first] = exc
+        failed.append(index)
+        errors[index] = f"{type(exc).__name__}: {exc}"
+    output = {chunk.indices[pos]: segments for pos, segments in record.outputs.items()}
+    return Outcomes(chunk.indices[first : first + len(values)], values, failed, errors, output)
+
+
+def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:
+    """The values of a record whose values were not all plain, each loaded
+    alone: one that cannot be loaded here is put in ``unloadable`` by its
+    position, as ``(type name, exception)``, and fails its task alone."""
+    values: list[Any] = []
+    for i, blob in enumerate(packed.blobs):
+        try:
+            values.append(None if blob is None else pickle.loads(blob))
+        except BaseException as exc:  # SystemExit too: loading runs the value's own code
+            values.append(None)
+            unloadable[first + i] = (packed.kinds[i], exc)
+    return values
+
+
+# ---------------------------------------------------------------- pickling
+
+
+def dump_items(items: list, call: Call | None = None) -> bytes:
+    """Pickle a chunk's items; large numpy arrays go through shared memory,
+    once per ``call`` (see :mod:`mpnb.shared`), when a call is given."""
+    # cloudpickle is needed for anything that may be or hold a __main__
+    # object; for plain data the C pickler is several times faster
+    if is_plain(items):
+        return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+    if call is None or "numpy" not in sys.modules:
+        return serialize.dumps(items)
+    if call.shares is None:
+        call.shares = SharedArrays()
+    buffer = io.BytesIO()
+    _sharing_pickler()(buffer, call.shares).dump(items)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _sharing_pickler() -> type:
+    class SharingPickler(serialize.Pickler):
+        """mpnb's pickler, sending large numpy arrays as shared-memory references."""
+
+        def __init__(self, file, shares: SharedArrays):
+            super().__init__(file)
+            self._shares = shares
+
+        def reducer_override(self, obj):
+            reduced = self._shares.reduce(obj)
+            if reduced is not None:
+                return reduced
+            return super().reducer_override(obj)
+
+    return SharingPickler
