@@ -118,7 +118,8 @@ def pack(record: Record) -> Record:
     values, first, failures = record.values, record.first, record.failures
     if is_plain(values):
         return record
-    blobs, kinds = [], []
+    blobs: list[bytes | None] = []
+    kinds: list[str] = []
     names = _TYPE_NAMES
     for i, value in enumerate(values):
         kind = type(value)
@@ -244,7 +245,7 @@ class _ExceptionState:
         return (_rebuild_exception, (self.cls, self.args, self.state, self.fields))
 
 
-def _rebuild_exception(cls: type, args: tuple, state: dict, fields: dict) -> BaseException:
+def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict, fields: dict) -> BaseException:
     """An instance of ``cls`` with these ``args`` and attributes, made
     without calling ``cls.__init__``."""
     try:

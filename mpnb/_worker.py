@@ -167,7 +167,8 @@ class _Worker:
         pack_slot = SLOT.pack_into
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = capture.stdout, capture.stderr
-        capture.segments = segments = []
+        segments: list[tuple[str, str]] = []
+        capture.segments = segments
         first = 0
         values: list[Any] = []
         failures: dict[int, Failure] = {}

@@ -55,7 +55,8 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
     starts: list[float] = []
     for pos, item in enumerate(items):
         starts.append(time.monotonic())
-        local.segments = segments = []
+        segments: list[tuple[str, str]] = []
+        local.segments = segments
         try:
             values.append(task(item))
         except BaseException as exc:
