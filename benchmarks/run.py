@@ -1,21 +1,20 @@
 """The benchmark: rounds of every workload for every contender, then a table.
 
-Workloads, per contender and round (2 workers each):
-
-- **cold start**: create the pool and run one trivial task, to its result;
-- **warm call**: a second call (2 trivial tasks) on that pool;
-- **chunksize 1**: 2,000 trivial tasks, one per message (tasks/s);
-- **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
-- **CPU-bound**: 16 tasks of 0.25 s of CPU each; speed-up = 4 s / wall time;
-- **large array**: 8 tasks that each read the same 200 MB numpy array (time,
-  and extra memory: peak PSS of the process tree minus the value before).
+The workloads are in :mod:`benchmarks.workloads`.
 
 In a real kernel, mpnb alone: the same pool workloads with and without the
 live widget, and the overhead of a ``%%mppool`` cell over a plain one.
 
+With ``--baseline REV`` (repeatable), mpnb at that git revision is one more
+contender, run in a child interpreter that times its own calls
+(:mod:`benchmarks.baseline`); ``--baseline HEAD`` puts this revision under
+the same conditions as the earlier one;
+``--only NAME`` keeps the contenders whose name contains NAME.
+
 Rounds interleave the contenders (A B C ... B C A ... C A B ...).  At the end every
 pool is shut down, the stdlib's and loky's helper processes are stopped, and
-the run fails if any child process or new file in ``/dev/shm`` or the temp
+the run fails if any child process (or any process carrying the run's tag in
+its environment) or new file in ``/dev/shm`` or the temp
 directory is left.
 """
 
@@ -31,94 +30,24 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import psutil
 
-from benchmarks.contenders import WORKERS, Contender, all_contenders, import_all
-from benchmarks.measure import Figure, PeakMemory, table
-from benchmarks.tasks import array_sum, burn, identity
+from benchmarks.baseline import Baseline
+from benchmarks.contenders import WORKERS, all_contenders, import_all
+from benchmarks.measure import Figure, table
+from benchmarks.workloads import FULL, QUICK, UNITS, Sizes, columns, large_array, one_round
 
 ROOT = Path(__file__).resolve().parents[1]
 _T0 = time.perf_counter()
 REFERENCE = "mpnb.Pool (exec)"  # the ratios are to this contender
-
-
-@dataclass(frozen=True)
-class Sizes:
-    rounds: int
-    tasks: int  # chunksize-1 workload
-    auto: int  # auto-chunked workload
-    cpu_tasks: int
-    cpu_seconds: float
-    array_mb: int
-    array_tasks: int = 8
-
-
-FULL = Sizes(rounds=5, tasks=2000, auto=20_000, cpu_tasks=16, cpu_seconds=0.25, array_mb=200)
-QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, array_mb=20)
-
-
-def columns(sizes: Sizes) -> dict[str, str]:
-    """Column key -> heading."""
-    return {
-        "cold": "cold start",
-        "warm": "warm call",
-        "cs1": f"{sizes.tasks:,} tasks, chunksize 1",
-        "auto": f"{sizes.auto:,} tasks, auto-chunked",
-        "cpu": f"CPU {sizes.cpu_tasks} × {sizes.cpu_seconds} s: speed-up",
-        "array": f"{sizes.array_tasks} tasks × {sizes.array_mb} MB array",
-        "array_mem": "… extra memory",
-    }
-
-
-UNITS = {"cold": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s", "array_mem": "MB"}
-
-
-def _timed(fn, *args) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn(*args)
-    return time.perf_counter() - start, result
-
-
-def one_round(contender: Contender, sizes: Sizes, array: np.ndarray, expected: list[float],
-              figures: dict[str, Figure]) -> None:
-    """Every workload once on one fresh pool of ``contender``."""
-
-    def check(got, want, what: str) -> None:
-        if list(got) != list(want):
-            raise AssertionError(f"{contender.name} returned wrong results for {what}")
-
-    def cold() -> list:
-        contender.start()
-        return contender.map(identity, [0], None)
-
-    try:  # a pool that failed any workload, even the first, is still closed
-        seconds, got = _timed(cold)
-        check(got, [0], "cold start")
-        figures["cold"].values.append(seconds * 1e3)
-        seconds, got = _timed(contender.map, identity, [1, 2], None)
-        check(got, [1, 2], "the warm call")
-        figures["warm"].values.append(seconds * 1e3)
-        seconds, got = _timed(contender.map, identity, list(range(sizes.tasks)), 1)
-        check(got, range(sizes.tasks), "chunksize 1")
-        figures["cs1"].values.append(sizes.tasks / seconds)
-        seconds, got = _timed(contender.map, identity, list(range(sizes.auto)), None)
-        check(got, range(sizes.auto), "auto-chunked")
-        figures["auto"].values.append(sizes.auto / seconds)
-        seconds, _ = _timed(contender.map, burn, [sizes.cpu_seconds] * sizes.cpu_tasks, 1)
-        figures["cpu"].values.append(sizes.cpu_tasks * sizes.cpu_seconds / seconds)
-        items = [(array, i) for i in range(sizes.array_tasks)]
-        with PeakMemory() as memory:
-            seconds, got = _timed(contender.map, array_sum, items, 1)
-        check(got, expected, "the large array")
-        figures["array"].values.append(seconds)
-        figures["array_mem"].values.append(memory.extra / 2**20)
-    finally:
-        contender.close()
+KERNEL_ROWS = ["mpnb.Pool (exec) in a kernel", "mpnb.Pool (exec) in a kernel, live widget"]
+#: in the environment of every process the run starts, so the leftover check
+#: finds them even when their parent has gone (a baseline child's workers)
+TAG_VAR = "MPNB_BENCH_TAG"
 
 
 # ------------------------------------------------------------------ kernel
@@ -174,7 +103,7 @@ class BenchKernel:
 def kernel_rounds(sizes: Sizes) -> tuple[dict[str, dict[str, Figure]], dict[str, Figure], bool]:
     """mpnb in a kernel with and without the live widget; ``%%mppool`` cells."""
     pools = {name: {key: Figure(UNITS[key]) for key in ("cold", "warm", "cs1", "auto")}
-             for name in ("mpnb.Pool (exec) in a kernel", "mpnb.Pool (exec) in a kernel, live widget")}
+             for name in KERNEL_ROWS}
     cells = {name: Figure("ms") for name in ("plain cell: def", "%%mppool cell: def",
                                              "%%mppool -n 2 cell: def + map of 2 tasks (warm pool)")}
     kernel = BenchKernel()
@@ -197,7 +126,7 @@ def kernel_rounds(sizes: Sizes) -> tuple[dict[str, dict[str, Figure]], dict[str,
     finally:
         kernel.close()
     if not live:
-        del pools["mpnb.Pool (exec) in a kernel, live widget"]
+        del pools[KERNEL_ROWS[1]]
     return pools, cells, live
 
 
@@ -227,24 +156,45 @@ def _private_tempdir() -> str:
     return path
 
 
-def _leftovers(tmp: str, shm_before: set[str], within: float = 15.0) -> list[str]:
-    """Child processes still alive; files left in ``tmp``; new ``/dev/shm``
-    entries named after this process (mpnb's and joblib's carry its pid).
-    The empty per-user directory ``%load_ext mpnb`` keeps is not counted."""
+def _leftovers(tmp: str, shm_before: set[str], pids: set[int], within: float = 15.0) -> list[str]:
+    """Processes still alive that this process started or that carry the run's
+    tag; files left in ``tmp``; new ``/dev/shm`` entries named after one of
+    ``pids`` (mpnb's and joblib's carry their creator's pid).  The empty
+    per-user directory ``%load_ext mpnb`` keeps is not counted."""
     deadline = time.monotonic() + within
     while True:
-        found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in psutil.Process().children(recursive=True)
-                 if p.status() != psutil.STATUS_ZOMBIE]
+        found = [f"process {p.pid} {' '.join(p.cmdline())[:120]}" for p in _our_processes()]
         for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
             # %load_ext mpnb keeps its per-user directory, empty, by design
             if name == f"mpnb-{os.getuid()}" and not os.listdir(path):
                 continue
             found.append(f"file {path}")
-        found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before) if str(os.getpid()) in name]
+        found += [f"file /dev/shm/{name}" for name in sorted(_shm() - shm_before)
+                  if any(str(pid) in name for pid in pids)]
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def _our_processes() -> list[psutil.Process]:
+    """Live descendants of this process, and live processes carrying the run's tag."""
+    me, tag = psutil.Process(), os.environ[TAG_VAR]
+    found = {p.pid: p for p in me.children(recursive=True)}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me.pid and proc.environ().get(TAG_VAR) == tag:
+                found[proc.pid] = proc
+        except psutil.Error:
+            pass  # another user's process, or one that just ended
+    alive = []
+    for proc in found.values():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
 
 
 def _shm() -> set[str]:
@@ -268,69 +218,119 @@ def versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in names)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, small sizes")
     parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-kernel", action="store_true", help="skip the workloads in a Jupyter kernel")
-    args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    if args.rounds:
-        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
-    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
-    tmp, shm_before = _private_tempdir(), _shm()
-    started = datetime.datetime.now()
+    parser.add_argument("--baseline", metavar="REV", action="append",
+                        help="add mpnb at this git revision (a branch, tag or commit of this repository) "
+                             "as the contender 'mpnb.Pool (exec) @REV', run in a child interpreter; "
+                             "may be repeated")
+    parser.add_argument("--only", metavar="NAME", action="append",
+                        help="run only the contenders whose name contains NAME (any case; may be repeated), "
+                             "for example --only mpnb")
+    return parser.parse_args(argv)
 
-    array = np.random.default_rng(0).random((sizes.array_mb * 2**20 // (8 * 1024), 1024))
-    expected = [float(array[i::8].sum()) for i in range(sizes.array_tasks)]
-    import_all()
-    contenders = all_contenders()
-    keys = list(columns(sizes))
-    figures = {c.name: {key: Figure(UNITS[key]) for key in keys} for c in contenders}
+
+def _chosen(names: list[str], only: list[str] | None) -> list[str]:
+    """The names ``--only`` keeps (all without it)."""
+    if not only:
+        return names
+    kept = [name for name in names if any(word.lower() in name.lower() for word in only)]
+    if not kept:
+        raise SystemExit(f"--only {' '.join(only)}: no contender's name contains it; the names are: "
+                         + "; ".join(names) + ".")
+    return kept
+
+
+def _rounds(contenders: list, sizes: Sizes, figures: dict[str, dict[str, Figure]]) -> None:
+    """Every contender every round, interleaved; the baseline's round runs in its child."""
+    array, expected = large_array(sizes)
     for n in range(sizes.rounds):
         # each round starts one contender later, so none always runs first
         shift = n % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             print(f"round {n + 1}/{sizes.rounds}: {contender.name}", file=sys.stderr, flush=True)
-            one_round(contender, sizes, array, expected, figures[contender.name])
-    del array
+            if isinstance(contender, Baseline):
+                contender.round(figures[contender.name])
+            else:
+                one_round(contender, sizes, array, expected, figures[contender.name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, on 3.12+
+    os.environ[TAG_VAR] = uuid.uuid4().hex  # every process of this run inherits it
+    contenders: list = all_contenders()
+    baselines = [Baseline(rev) for rev in dict.fromkeys(args.baseline or [])]
+    contenders[1:1] = baselines  # beside the mpnb they are compared with
+    names = _chosen([c.name for c in contenders] + KERNEL_ROWS, args.only)
+    contenders = [c for c in contenders if c.name in names]
+    tmp, shm_before = _private_tempdir(), _shm()
+    started = datetime.datetime.now()
+    import_all()
+    figures = {c.name: {key: Figure(UNITS[key]) for key in columns(sizes)} for c in contenders}
     cells: dict[str, Figure] = {}
     live = False
-    if not args.no_kernel:
-        print("kernel rounds", file=sys.stderr, flush=True)
-        pools, cells, live = kernel_rounds(sizes)
-        for name, row in pools.items():
-            figures[name] = row
+    try:
+        for baseline in baselines:
+            if baseline in contenders:
+                baseline.start(sizes)
+        _rounds(contenders, sizes, figures)
+        if not args.no_kernel and set(KERNEL_ROWS) & set(names):
+            print("kernel rounds", file=sys.stderr, flush=True)
+            pools, cells, live = kernel_rounds(sizes)
+            figures.update(pools)
+    finally:
+        for baseline in baselines:
+            baseline.close()
     _stop_helpers()
-    left = _leftovers(tmp, shm_before)
+    left = _leftovers(tmp, shm_before, {os.getpid(), *(b.pid for b in baselines)} - {0})
     if not left:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report = render(sizes, figures, cells, live, left, started, args)
+    report = render(sizes, figures, cells, live, left, started, args, baselines)
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
     return 1 if left else 0
 
 
-def render(sizes, figures, cells, live, left, started, args) -> str:
+def _command(args: argparse.Namespace) -> str:
+    words = ["python -m benchmarks"]
+    words += ["--quick"] if args.quick else []
+    words += [f"--rounds {args.rounds}"] if args.rounds else []
+    words += [f"--baseline {rev}" for rev in args.baseline or []]
+    words += [f"--only {word}" for word in args.only or []]
+    words += ["--no-kernel"] if args.no_kernel else []
+    return " ".join(words)
+
+
+def render(sizes, figures, cells, live, left, started, args, baselines: list[Baseline]) -> str:
     heads = columns(sizes)
-    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
-        f" --rounds {args.rounds}" if args.rounds else "")
     lines = [
         f"# Benchmark {started:%Y-%m-%d %H:%M}",
         "",
-        f"`{command}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
+        f"`{_command(args)}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
         f"median (min–max); **×r** = the figure ÷ {REFERENCE}'s.",
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
+    ]
+    for baseline in (b for b in baselines if b.name in figures):
+        lines.append(f"{baseline.name}: mpnb at {baseline.commit[:12]} ({baseline.subject}), in a child "
+                     "interpreter that times the same calls itself; its memory is that child's process tree.")
+    lines += [
         "",
         table([heads[k] for k in heads], {name: {heads[k]: f for k, f in row.items()} for name, row in figures.items()},
               REFERENCE),
         "",
     ]
-    if not args.no_kernel:
+    if cells:
         if not live:
             lines += ["The live widget is not in this mpnb (Pool has no `live=`): measured without it only.", ""]
         lines += ["In a kernel (round trip of an execute request, client side):", "",

@@ -29,3 +29,10 @@ def array_sum(args: tuple) -> float:
     """Read a large array (every 8th row from row ``i``): it must reach the worker."""
     array, i = args
     return float(array[i::8].sum())
+
+
+def mpnb_file(_: Any) -> str:
+    """Where this worker's mpnb comes from: a baseline's workers must run the baseline."""
+    import mpnb
+
+    return mpnb.__file__

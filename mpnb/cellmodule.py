@@ -55,7 +55,6 @@ _MODULE_DUNDERS = frozenset(
     {"__name__", "__file__", "__doc__", "__spec__", "__loader__", "__package__",
      "__builtins__", "__cached__", "__annotations__", "__dict__", "__path__"}
 )
-_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _LITERAL_NODES = (
     ast.Constant, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.UnaryOp, ast.BinOp,
     ast.unaryop, ast.operator, ast.Load, ast.expr_context,

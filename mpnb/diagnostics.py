@@ -166,7 +166,6 @@ def _patch_stdlib_pools() -> list[Callable[[], None]]:
     import concurrent.futures.process as cf_process
     import multiprocessing.pool as mp_pool
 
-    Pool = mp_pool.Pool
     restore: list[Callable[[], None]] = []
 
     def patch(owner: type, name: str, make: Callable[[Any], Any]) -> None:
@@ -176,69 +175,80 @@ def _patch_stdlib_pools() -> list[Callable[[], None]]:
         setattr(owner, name, make(original))
         restore.append(lambda: setattr(owner, name, original))
 
-    def checked(method: Callable[..., Any]) -> Callable[..., Any]:
-        keyword = "args" if method.__name__ == "apply_async" else "iterable"
-
-        @functools.wraps(method)
-        def run(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-            if not isinstance(self, mp_pool.ThreadPool):
-                work = args[0] if args else kwargs.get(keyword, ())
-                _check_pool_call(self, func, work, method.__name__)
-            return method(self, func, *args, **kwargs)
-
-        return run
-
     for name in ("apply_async", "_map_async", "imap", "imap_unordered"):
-        patch(Pool, name, checked)
-
-    def checked_submit(submit: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(submit)
-        def run(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-            if _spawns(self._mp_context):
-                if getattr(fn, "func", None) is cf_process._process_chunk:  # from map()
-                    _refuse_main(fn.args[0], _label(fn.args[0]))
-                else:
-                    _refuse_main(args, "args")
-                    _refuse_main(fn, _label(fn))
-            return submit(self, fn, *args, **kwargs)
-
-        return run
-
-    patch(cf_process.ProcessPoolExecutor, "submit", checked_submit)
-
-    def watched_handler(original: classmethod) -> classmethod:
-        def handle(cls: type, cache: Any, taskqueue: Any, ctx: Any, Process: Any,
-                   processes: int, pool: list, inqueue: Any, outqueue: Any,
-                   initializer: Any, *rest: Any) -> Any:
-            if cls is not mp_pool.ThreadPool:
-                _watched[id(pool)] = _Watch(id(pool), cache, threading.current_thread(),
-                                            initializer)
-            try:
-                return original.__func__(cls, cache, taskqueue, ctx, Process, processes,
-                                         pool, inqueue, outqueue, initializer, *rest)
-            finally:
-                _watched.pop(id(pool), None)
-                _broken.pop(id(pool), None)
-
-        return classmethod(handle)
-
-    patch(Pool, "_handle_workers", watched_handler)
-
-    def watched_join(original: staticmethod) -> staticmethod:
-        join = original.__func__
-
-        def join_exited(pool: list) -> bool:
-            watch = _watched.get(id(pool))
-            if watch is None:
-                return join(pool)
-            dead = [w for w in pool if w.exitcode not in (None, 0)]
-            cleaned = join(pool)
-            return watch.after_join(dead, cleaned)
-
-        return staticmethod(join_exited)
-
-    patch(Pool, "_join_exited_workers", watched_join)
+        patch(mp_pool.Pool, name, _checked)
+    patch(cf_process.ProcessPoolExecutor, "submit", _checked_submit)
+    patch(mp_pool.Pool, "_handle_workers", _watched_handler)
+    patch(mp_pool.Pool, "_join_exited_workers", _watched_join)
     return restore
+
+
+def _checked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``multiprocessing.Pool``'s ``method``, refusing notebook functions first."""
+    import multiprocessing.pool as mp_pool
+
+    keyword = "args" if method.__name__ == "apply_async" else "iterable"
+
+    @functools.wraps(method)
+    def run(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(self, mp_pool.ThreadPool):
+            work = args[0] if args else kwargs.get(keyword, ())
+            _check_pool_call(self, func, work, method.__name__)
+        return method(self, func, *args, **kwargs)
+
+    return run
+
+
+def _checked_submit(submit: Callable[..., Any]) -> Callable[..., Any]:
+    """``ProcessPoolExecutor.submit``, refusing notebook functions first."""
+    import concurrent.futures.process as cf_process
+
+    @functools.wraps(submit)
+    def run(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if _spawns(self._mp_context):
+            if getattr(fn, "func", None) is cf_process._process_chunk:  # from map()
+                _refuse_main(fn.args[0], _label(fn.args[0]))
+            else:
+                _refuse_main(args, "args")
+                _refuse_main(fn, _label(fn))
+        return submit(self, fn, *args, **kwargs)
+
+    return run
+
+
+def _watched_handler(original: classmethod) -> classmethod:
+    """``Pool._handle_workers``, with its pool watched while the thread runs."""
+    import multiprocessing.pool as mp_pool
+
+    def handle(cls: type, cache: Any, taskqueue: Any, ctx: Any, Process: Any,
+               processes: int, pool: list, inqueue: Any, outqueue: Any,
+               initializer: Any, *rest: Any) -> Any:
+        if cls is not mp_pool.ThreadPool:
+            _watched[id(pool)] = _Watch(id(pool), cache, threading.current_thread(),
+                                        initializer)
+        try:
+            return original.__func__(cls, cache, taskqueue, ctx, Process, processes,
+                                     pool, inqueue, outqueue, initializer, *rest)
+        finally:
+            _watched.pop(id(pool), None)
+            _broken.pop(id(pool), None)
+
+    return classmethod(handle)
+
+
+def _watched_join(original: staticmethod) -> staticmethod:
+    """``Pool._join_exited_workers``, telling a watched pool which workers died."""
+    join = original.__func__
+
+    def join_exited(pool: list) -> bool:
+        watch = _watched.get(id(pool))
+        if watch is None:
+            return join(pool)
+        dead = [w for w in pool if w.exitcode not in (None, 0)]
+        cleaned = join(pool)
+        return watch.after_join(dead, cleaned)
+
+    return staticmethod(join_exited)
 
 
 def _label(obj: Any) -> str:
@@ -359,10 +369,11 @@ def explain(error: BaseException, definitions: list[str] | None = None) -> str |
     """A short explanation of a foreign pool failure, or None if it is not one."""
     chain = []
     seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     if any(isinstance(e, (PicklingProblem, BrokenPool)) for e in chain):
         return None  # already explains itself
     names = ", ".join(definitions or [])

@@ -156,12 +156,12 @@ def failure_here(failure: Failure | tuple[str, BaseException], where: str) -> Ba
             return remote_exception(failure, where)
         except BaseException as exc:  # the exception itself does not load here
             failure = (failure.type_name, exc)
-    kind, exc = failure
+    kind, problem = failure
     error = pickle.UnpicklingError(
         f"{where} ended, but what it returned or raised, a {kind}, cannot be loaded in this process "
-        f"({type(exc).__name__}: {exc}); make it a type this process can import, or return plain data"
+        f"({type(problem).__name__}: {problem}); make it a type this process can import, or return plain data"
     )
-    error.__cause__ = exc
+    error.__cause__ = problem
     return note(error, where)
 
 

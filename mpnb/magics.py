@@ -49,6 +49,7 @@ class MpnbMagics(Magics):
         __tracebackhide__ = True
         args = _parse(self.mppool, line)
         shell = self.shell
+        assert shell is not None, "load() registers the magics on a shell"
         raw = f"%%mppool {line}\n{cell}"
         filename = shell.compile.cache(raw, shell.execution_count, raw_code=raw)
         source = "\n" + _transform(shell, cell)

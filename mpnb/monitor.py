@@ -182,6 +182,9 @@ class Monitor:
 
         rows = []
         for status in self.snapshot():
+            if status.pid is None:  # psutil.Process(None) would measure this process
+                rows.append(status)
+                continue
             try:
                 proc = self._psutil.get(status.pid)
                 if proc is None:

@@ -284,6 +284,10 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
+# the reconstructors of protocol 2+ (undeclared in the stubs, hence getattr)
+_NEWOBJ = (getattr(copyreg, "__newobj__"), getattr(copyreg, "__newobj_ex__", None))
+
+
 def _reduced_parts(obj: Any) -> Iterator[tuple[str, Any]]:
     reducer = copyreg.dispatch_table.get(type(obj))
     try:
@@ -293,7 +297,7 @@ def _reduced_parts(obj: Any) -> Iterator[tuple[str, Any]]:
     if not isinstance(reduced, tuple):
         return  # a global name
     func, args, state, items, dict_items = (tuple(reduced) + (None,) * 5)[:5]
-    if func in (copyreg.__newobj__, getattr(copyreg, "__newobj_ex__", None)) and args:
+    if func in _NEWOBJ and args:
         yield ".__class__", args[0]
         args = args[1:]
     else:
@@ -441,10 +445,6 @@ def _defines_reduce(cls: type) -> bool:
                ("__reduce__", "__reduce_ex__", "__getstate__", "__getnewargs__")):
             return getattr(klass, "__module__", "") not in ("builtins",)
     return False
-
-
-def _name_of(obj: Any) -> str:
-    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
 
 
 def _explain_lock(obj: Any, error: BaseException, by_value: bool) -> tuple[str, str]:

@@ -305,7 +305,8 @@ def _owners() -> dict[int, str]:
     multiprocessing's children, and the pids of the resource trackers and the
     forkserver.  Modules not imported yet own nothing.
     """
-    owners = {p.pid: f"multiprocessing {p.name}" for p in multiprocessing.active_children()}
+    owners: dict[int, str] = {p.pid: f"multiprocessing {p.name}"
+                              for p in multiprocessing.active_children() if p.pid is not None}
     for name in ("loky.process_executor", "joblib.externals.loky.process_executor"):
         module = sys.modules.get(name)
         for thread in list(getattr(module, "_threads_wakeups", {}).keys()):
@@ -804,7 +805,7 @@ def _cell_writer(shell: Any) -> Callable[[str], None]:
     kernel = getattr(shell, "kernel", None)
 
     def write(text: str) -> None:
-        stream = sys.stderr
+        stream: Any = sys.stderr  # in a kernel, ipykernel's OutStream
         set_parent = getattr(stream, "set_thread_parent", None)
         token = None
         if kernel is not None and set_parent is not None:

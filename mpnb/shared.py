@@ -34,12 +34,15 @@ import shutil
 import sys
 import tempfile
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["SHARE_BYTES", "backing_file"]
 
 #: arrays of at least this many bytes are shared rather than pickled per task
 SHARE_BYTES = int(os.environ.get("MPNB_SHARE_BYTES", 1 << 20))
+
+#: an array's memory layout, as numpy names it
+Order = Literal["C", "F"]
 
 _PREFIX = "mpnb-shared-"
 _names = itertools.count()
@@ -87,7 +90,7 @@ class SharedArrays:
     def _write(self, array: Any) -> tuple:
         import numpy
 
-        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        order: Order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
         path = os.path.join(_directory(), f"{_PREFIX}{os.getpid()}-{next(_names)}-{os.urandom(4).hex()}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -172,7 +175,7 @@ def _alive(pid: int) -> bool:
 _attached: dict[str, Any] = {}
 
 
-def attach(path: str, dtype: Any, shape: tuple, order: str) -> Any:
+def attach(path: str, dtype: Any, shape: tuple, order: Order) -> Any:
     """Map a shared array read-only (called by unpickling, in a worker)."""
     array = _attached.get(path)
     if array is None:

@@ -49,7 +49,7 @@ from mpnb.facts import Facts, Failure, Row, status_line, summary_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb.comms import CommPump
-    from mpnb.monitor import CallStatus, Monitor, WorkerStatus
+    from mpnb.monitor import Monitor, WorkerStatus
 
 __all__ = ["Session", "TextView", "Watched", "check_live", "choose_mode", "watch", "watch_background"]
 
@@ -276,13 +276,13 @@ class Session:
                         self._dead.pop(next(iter(self._dead)))
             elif isinstance(event, (TaskFinished, TaskFailed)) and event.call in calls:
                 failed = isinstance(event, TaskFailed)
-                if failed and event.error.startswith("CancelledError"):
+                if isinstance(event, TaskFailed) and event.error.startswith("CancelledError"):
                     self._cancelled_tasks += 1  # cancelled, not failed: no row counts it
                     continue
                 done, fails, seconds = self._work.get(event.pid, (0, 0, 0.0))
                 self._work[event.pid] = (done + (not failed), fails + failed,
                                          seconds + event.finished - event.started)
-                if failed:
+                if isinstance(event, TaskFailed):
                     self._on_failure(event, calls[event.call])
 
     def _on_failure(self, event: TaskFailed, watched: Watched) -> None:

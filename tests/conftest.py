@@ -23,6 +23,23 @@ def kernel(tag):
         k.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A real dask.distributed scheduler and two one-thread workers on
+    127.0.0.1, one per test module; its processes carry their own tag, and
+    none may be left once the module's tests are done."""
+    pytest.importorskip("distributed")
+    from daskcluster import Cluster
+
+    tag = new_tag()
+    running = Cluster(tag, workers=2, threads=1)
+    try:
+        yield running
+    finally:
+        running.stop()
+        assert_no_leftovers(tag)
+
+
 def pytest_report_header(config):
     import mpnb
 

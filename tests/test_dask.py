@@ -1,6 +1,6 @@
 """The dask backend against a real cluster: a scheduler and two workers,
 separate processes on 127.0.0.1 that never saw a notebook (one cluster for
-the module; see ``daskcluster.py``).
+the module: the ``cluster`` fixture of ``conftest.py``).
 
 Tests in this process send stdlib functions, which every worker imports;
 notebook functions and ``%%mppool`` cells run in real kernels.
@@ -21,19 +21,8 @@ pytest.importorskip("distributed")
 
 import mpnb  # noqa: E402
 from daskcluster import Cluster  # noqa: E402
-from kernel import assert_no_leftovers, cell_text, new_tag, notebook_errors, run_notebook  # noqa: E402
+from kernel import cell_text, notebook_errors, run_notebook  # noqa: E402
 from mpnb.pool import RemoteTraceback, TaskTimeoutError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    tag = new_tag()
-    running = Cluster(tag, workers=2, threads=1)
-    try:
-        yield running
-    finally:
-        running.stop()
-        assert_no_leftovers(tag)
 
 
 @pytest.fixture

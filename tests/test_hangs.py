@@ -208,7 +208,7 @@ def test_shutdown_right_after_a_cancelled_future_ends(tag, tmp_path):
     """As CPython's gh-94440: the cancelled task is dropped only when the busy
     worker frees up, after shutdown() began; nothing must be left to wait for."""
     pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
-    manager = pool._manager
+    engine = pool._engine
     go = tmp_path / "go"
     try:
         busy = pool.submit(square_when_exists, 2, str(go))
@@ -217,10 +217,10 @@ def test_shutdown_right_after_a_cancelled_future_ends(tag, tmp_path):
         assert late.cancel()
         pool.shutdown(wait=False)
         go.touch()
-        assert manager.stopped.wait(DEADLINE), "shutdown after a cancelled future never ended"
+        assert engine.stopped.wait(DEADLINE), "shutdown after a cancelled future never ended"
         assert busy.result(timeout=DEADLINE) == 4 and late.cancelled()
     finally:
-        manager.kill_all_now()
+        engine.kill_now()
 
 
 # --------------------------------------------------------- results that do not load
@@ -296,17 +296,17 @@ def _text(exc: BaseException) -> str:
 
 def test_a_pool_whose_manager_stopped_refuses_work_at_once(tag):
     pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
-    manager = pool._manager
+    engine = pool._engine
     pool.map(square, [1])
     running = pool.submit(sleep_for, 600)
     _busy_pid(pool)
-    manager.command("cancel", None, None)  # a fault inside the manager thread (no such call)
+    engine.cancel(None)  # a fault inside the engine thread (no such call)
     # work sent while it stops, or after, fails; none waits forever
     outcome = _ends(lambda: pool.submit(square, 2).result(timeout=DEADLINE))
     assert isinstance(outcome.get("error"), BrokenProcessPool), outcome
     # and so does the task that was running: one exception type for all of them
     assert isinstance(running.exception(timeout=DEADLINE), BrokenProcessPool)
-    assert manager.stopped.wait(DEADLINE)
+    assert engine.stopped.wait(DEADLINE)
     with pytest.raises(BrokenProcessPool, match="create a new mpnb.Pool"):
         pool.submit(square, 3)
     _ends(pool.shutdown)
@@ -340,7 +340,7 @@ def test_start_timeout_must_be_a_positive_number(monkeypatch):
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_a_stopped_worker_shows_times_out_and_is_killed_at_shutdown(tag, context):
     pool = mpnb.Pool(2, context=context, live=False, env={TAG_VAR: tag})
-    manager = pool._manager
+    engine = pool._engine
     try:
         pool.map(square, range(4))
         # a task timeout fires for a stopped worker like for any other
@@ -356,8 +356,8 @@ def test_a_stopped_worker_shows_times_out_and_is_killed_at_shutdown(tag, context
         victim = _busy_pid(pool)
         os.kill(victim, signal.SIGSTOP)
         pool.shutdown(wait=False)
-        assert manager.stopped.wait(DEADLINE), "shutdown waited for a stopped worker"
+        assert engine.stopped.wait(DEADLINE), "shutdown waited for a stopped worker"
         error = running.exception(timeout=DEADLINE)
         assert isinstance(error, BrokenProcessPool) and "stopped by a signal" in str(error), error
     finally:
-        manager.kill_all_now()
+        engine.kill_now()

@@ -1,5 +1,6 @@
 """The live status view: widget state and message rate, the static summary,
-the text view, Pool.cancel(), and the widget in a real kernel.
+the text view, a view built from a monitor alone, Pool.cancel(), and the
+widget in a real kernel.
 
 Without a browser, ipywidgets talks to a recording comm (ipywidgets 8
 creates its comms through ``comm.create_comm``) and the tests read what
@@ -10,12 +11,17 @@ frontend would receive, and clicks Cancel by sending the button's
 
 from __future__ import annotations
 
+import gc
+import importlib
 import io
 import itertools
 import json
+import os
 import queue
+import re
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError
 
 import comm
@@ -23,8 +29,9 @@ import pytest
 
 import mpnb
 from kernel import TAG_VAR, Kernel
-from mpnb import view
+from mpnb import facts as facts_module, view
 from mpnb.facts import Facts, Failure, Row
+from mpnb.monitor import Monitor
 from mpnb.widget import LiveWidget, Summary
 
 
@@ -216,6 +223,101 @@ def test_script_with_live_true_prints_the_summary(capsys, tag):
     assert "task 3 (argument 3) failed in pid" in err and "ValueError: bad input 3" in err
 
 
+# ------------------------------------------------------------ a view of a monitor alone
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def watched_record(monitor: Monitor, cancels: list, owner=None) -> view.Watched:
+    return view.Watched(
+        monitor, size=2, backend="local", method="exec",
+        describe=lambda call, index: f"task {index} (argument {index * 10}) of call {call}",
+        traceback=lambda call, index: "Traceback (most recent call last):\n  worker frame" if index == 1 else "",
+        cancel=lambda: cancels.append("cancel"), owner=owner,
+    )
+
+
+def test_a_view_needs_only_a_monitor_and_a_watched_record(capsys):
+    # no pool and no process: this process stands in as worker 0, a made-up pid as worker 1
+    monitor, cancels, me, gone = Monitor(), [], os.getpid(), 2**22 + 1
+    session = view.watch(watched_record(monitor, cancels), 5, live=True)
+    assert session is not None and session.name == "pool"
+    now = time.monotonic()
+    monitor.call_started(5, 3)
+    monitor.worker_starting(0, me, lambda: (1, 2, now))  # slot: chunk 1, position 2 runs now
+    monitor.worker_started(0, me, now)
+    monitor.worker_starting(1, gone, lambda: (0, -1, 0.0))
+    monitor.chunk_sent(0, 1, 5, [0, 1, 2], now)
+    monitor.tasks_ended(0, me, 5, [0, 1], [now, now + 0.5], now + 1.0, {1: "ValueError: bad input 10"})
+    monitor.tasks_ended(0, me, 9, [0], [now], now + 0.1, {0: "KeyError: another call's"})
+    monitor.worker_stopped(1, gone, -9, "timeout")
+
+    seen = session.facts()
+    assert (seen.name, seen.backend, seen.method, seen.size) == ("pool", "local", "exec", 2)
+    assert (seen.done, seen.failed, seen.total, seen.alive) == (1, 1, 3, 1)
+    assert seen.failures == (Failure(1, "task 1 (argument 10) of call 5", me, "ValueError: bad input 10",
+                                     "Traceback (most recent call last):\n  worker frame"),)
+    busy, dead = seen.rows
+    assert (busy.pid, busy.state, busy.task, busy.done, busy.failed) == (me, "busy", "task 2 (argument 20) of call 5", 1, 1)
+    assert busy.busy == pytest.approx(1.0) and busy.rss is not None
+    assert (dead.pid, dead.state, dead.task) == (gone, "dead", "killed: task timed out")
+
+    wait_for(lambda: session.view is not None, "text view")
+    session.cancel()
+    assert cancels == ["cancel"]
+    session.finish()
+    summary = capsys.readouterr().err
+    assert "mpnb pool (local, exec): cancelled, 1 of 3 tasks returned, 1 failed" in summary
+    assert f"task 1 (argument 10) of call 5 failed in pid {me}: ValueError: bad input 10" in summary
+    assert f"pid {gone}: dead, 0 done, 0 failed, killed: task timed out" in summary
+
+
+class Owner:
+    """Anything that runs work; the view holds it weakly."""
+
+
+def test_background_view_gathers_an_owners_submits_and_ends_when_they_are_done(capsys):
+    monitor, cancels, owner = Monitor(), [], Owner()
+    finished: list[int] = []
+    for call in (1, 2):
+        monitor.call_started(call, 1)
+        view.watch_background(watched_record(monitor, cancels, owner), call, True, lambda c=call: c in finished)
+    session = view._background[owner]
+    assert set(session._calls) == {1, 2}, "a second submit of the same owner joins the running view"
+    wait_for(lambda: session.view is not None, "text view")
+    now = time.monotonic()
+    monitor.tasks_ended(0, 101, 1, [0], [now], now + 0.2, {})
+    finished.append(1)
+    monitor.tasks_ended(0, 101, 2, [0], [now], now + 0.2, {0: "ZeroDivisionError: division by zero"})
+    finished.append(2)
+    wait_for(lambda: owner not in view._background, "end of the background view")
+    session._thread.join(60)
+    summary = capsys.readouterr().err
+    assert "mpnb pool (local, exec): done, 1 of 2 tasks returned, 1 failed" in summary
+    assert "task 0 (argument 0) of call 2 failed in pid 101: ZeroDivisionError" in summary
+    assert all(c.owner is None for c in session._calls.values()), "the session must not hold its owner"
+    watcher = view.watch_background(watched_record(monitor, cancels, owner), 3, False, lambda: True)
+    assert watcher is None and owner not in view._background, "live=False shows nothing"
+    held = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert held() is None, "nothing in the view keeps the owner alive"
+
+
+def test_sizes_read_in_one_unit_style():
+    size = facts_module.byte_size
+    assert [size(None), size(0), size(1023), size(1024), size(40 << 20), size(23.5 * 2**30)] == [
+        "-", "0 B", "1023 B", "1.0 KiB", "40.0 MiB", "23.5 GiB"]
+    assert re.fullmatch(r"\d+\.\d [KMGT]iB in the machine, \d+\.\d [KMGT]iB available.*",
+                        importlib.import_module("mpnb.doctor")._memory().found)
+    assert facts_module.seconds(2) == "2.0 s" and facts_module.seconds(125) == "2:05 min"
+
+
 # ------------------------------------------------------------ Pool.cancel
 
 
@@ -350,6 +452,18 @@ def test_widget_in_a_real_kernel_shows_pids_and_leaves_a_summary(kernel):
     for pid in pids:
         assert f'data-pid="{pid}"' in page
     assert "done, 16 of 16 tasks returned, 0 failed" in final["data"]["text/plain"]
+
+
+def test_comm_pump_finds_the_kernels_shell_stream(kernel):
+    # Cancel clicks during a blocking call rely on ipykernel's private shell
+    # stream; this fails loudly when a new ipykernel moves it
+    reply = kernel.run(
+        "from mpnb.comms import CommPump, main_shell_stream\n"
+        "k = get_ipython().kernel\n"
+        "stream = main_shell_stream(k)\n"
+        "print(stream is not None, hasattr(stream, '_recv_callback'), CommPump.create(k, {}) is not None)\n"
+    ).ok()
+    assert reply.stdout == "True True True\n", reply.stdout
 
 
 def test_cancel_click_stops_a_blocking_map_in_a_real_kernel(kernel):

@@ -36,6 +36,7 @@ What runs on the dask workers is in :mod:`mpnb.backends._dask_worker`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pickle
@@ -296,9 +297,9 @@ class DaskEngine(EngineBase):
             self._ship_cell_modules()
         except Exception as exc:
             for chunk in chunks:
-                self._fail(chunk, range(len(chunk.indices)), lambda where, exc=exc: _shipping_error(exc))
+                self._fail(chunk, range(len(chunk.indices)), functools.partial(_shipping_error, exc))
             return
-        ready = []
+        ready: list[Chunk] = []
         for chunk in chunks:
             if chunk.call.cancelled or (chunk.call.future is not None and chunk.call.future.cancelled()):
                 continue
@@ -463,7 +464,7 @@ def _task_lost(where: str, error: BaseException | None) -> BaseException:
     return exc
 
 
-def _shipping_error(error: BaseException) -> BaseException:
+def _shipping_error(error: BaseException, where: str = "") -> BaseException:
     exc = DaskBackendError(
         f"the notebook's %%mppool modules could not be sent to the dask workers: "
         f"{type(error).__name__}: {error}"

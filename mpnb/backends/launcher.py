@@ -46,7 +46,7 @@ import weakref
 from collections import ChainMap
 from multiprocessing import Pipe
 from multiprocessing.context import set_spawning_popen
-from typing import Any
+from typing import Any, cast
 
 from mpnb import _worker
 from mpnb._protocol import SLOT
@@ -224,7 +224,9 @@ def _child_pickler() -> type:
         plus multiprocessing's reducers (connections and sockets as file
         descriptors for the child)."""
 
-        dispatch_table = ChainMap(locks, ForkingPickler._extra_reducers, cloudpickle.CloudPickler.dispatch_table)
+        # ForkingPickler's reducers for connections and sockets (a private table, checked by test_primitives)
+        dispatch_table = ChainMap(locks, getattr(ForkingPickler, "_extra_reducers"),
+                                  cloudpickle.CloudPickler.dispatch_table)
 
     return ChildPickler
 
@@ -248,7 +250,7 @@ class _Initializer:
     def check(self) -> None:
         """Pickle it once as a start would, so that what cannot reach a
         worker is refused when the pool is made."""
-        set_spawning_popen(_ExecSpawning())
+        set_spawning_popen(cast(Any, _ExecSpawning()))
         try:
             self.dumps()
         except ValueError:  # a fork-context lock: its message names the fix
@@ -358,7 +360,7 @@ class Launcher:
         parent_end, child_end = Pipe(duplex=True)
         if self.method == "exec":
             spawning = _ExecSpawning()
-            set_spawning_popen(spawning)
+            set_spawning_popen(cast(Any, spawning))
             try:
                 setup = pickle.dumps((sys.path, slot_path, self._config), pickle.HIGHEST_PROTOCOL)
             finally:
@@ -373,6 +375,7 @@ class Launcher:
         # launcher takes one; spawn and forkserver workers set it themselves,
         # which reaches what they exec but not what they fork
         extra = {"env": {**self._env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
+        assert self._context is not None
         process = self._context.Process(
             target=_worker.main,
             args=(child_end, slot_path, self._config),

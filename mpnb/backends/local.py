@@ -28,6 +28,7 @@ Workers are started by :class:`mpnb.backends.launcher.Launcher`; the wire is
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pickle
@@ -46,7 +47,7 @@ from mpnb import errors
 from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Record, Run
 from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
-from mpnb.calls import Call, Chunk, dump_items, read_record
+from mpnb.calls import Call, Chunk, arguments, dump_items, read_record
 from mpnb.monitor import Monitor, process_stopped
 
 __all__ = ["LocalEngine"]
@@ -322,11 +323,10 @@ class LocalEngine(EngineBase):
                    int(call.mode))
 
     def _fail_unpicklable(self, chunk: Chunk, exc: BaseException) -> None:
-        from mpnb.calls import arguments
-
+        """Each task of a chunk whose items do not pickle fails with the doctor's sentence."""
         for pos, item in enumerate(chunk.items):
             args, kwargs = arguments(chunk.call.mode, item)
-            self._fail(chunk, [pos], lambda where, a=args, k=kwargs: errors.pickling_error(exc, where, a, k))
+            self._fail(chunk, [pos], functools.partial(_pickling_error, exc, args=args, kwargs=kwargs))
 
     # -- receiving
 
@@ -342,15 +342,15 @@ class LocalEngine(EngineBase):
         ready = wait_for(waitables, timeout=self._next_wakeup())
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
-        dead = []
+        dead: list[_WorkerState] = []
         for obj in ready:
-            state = by_object.get(obj)
-            if state is None:
+            found = by_object.get(obj)
+            if found is None:
                 continue
-            if obj is state.handle.conn:
-                self._read(state)
+            if obj is found.handle.conn:
+                self._read(found)
             else:
-                dead.append(state)
+                dead.append(found)
         for state in dead:
             self._read(state)  # what it sent before it died
             self._on_death(state)
@@ -552,6 +552,10 @@ class LocalEngine(EngineBase):
                 traceback.print_exc(file=sys.__stderr__)
                 state.handle.kill()
         self.workers.clear()
+
+
+def _pickling_error(exc: BaseException, where: str, args: tuple, kwargs: dict) -> BaseException:
+    return errors.pickling_error(exc, where, args, kwargs)
 
 
 def _timeout(seconds: float, timeout: float | None, pid: int) -> Callable[[str], BaseException]:
