@@ -93,7 +93,7 @@ def _route_logging() -> None:
         """A ``StreamHandler`` that follows the per-task capture instead of
         keeping the stream it was created with."""
 
-        @property  # type: ignore[override]
+        @property
         def stream(self):  # noqa: D102
             return sys.stderr
 
