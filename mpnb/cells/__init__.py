@@ -223,7 +223,7 @@ def files_to_ship(module: Any) -> dict[str, bytes]:
 
 
 class _CellFinder(importlib.abc.MetaPathFinder):
-    """Finds ``mpnb.cells.cell_*`` in the kernel's private directory."""
+    """Finds ``mpnb.cells.cell_*`` in the directories :func:`_search_dirs` gives."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None):
         if not fullname.startswith(__name__ + "." + PREFIX):
