@@ -14,40 +14,31 @@ small shared-memory slot.  That costs a few hundred nanoseconds and lets the
 parent see, without any message, which task a worker is running: for
 per-task timeouts, and after a crash to name the task that was running.
 
-This module imports nothing heavy: it is the first thing a worker loads.
+The messages are :mod:`mpnb._protocol`'s; what a dask worker runs the same
+way (calling, failures, packing values) is in :mod:`mpnb._task`.  This module
+imports nothing heavy: it is the first thing a worker loads.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import mmap
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
 
-from mpnb._protocol import Kind, Record
+from mpnb._protocol import FLUSH_SECONDS, FUNCTION_CACHE_SIZE, SLOT, STOP, Kind, Record, Run
+from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a worker 3 ms of start-up
     from typing import Any
 
-# (chunk seq, position in chunk, start time); read by the parent
-SLOT = struct.Struct("<qqd")
-
-# a chunk that has run this long sends what it has so far
-FLUSH_SECONDS = 0.2
-
-# how many shipped functions a worker keeps; the parent mirrors this cache
-FUNCTION_CACHE_SIZE = 8
-
-_HERE = os.path.abspath(__file__)
-
+hide_frames_of(__file__)
 
 # ------------------------------------------------------------------ output
 
@@ -102,7 +93,7 @@ def _route_logging() -> None:
         """A ``StreamHandler`` that follows the per-task capture instead of
         keeping the stream it was created with."""
 
-        @property  # type: ignore[override]
+        @property
         def stream(self):  # noqa: D102
             return sys.stderr
 
@@ -117,232 +108,11 @@ def _route_logging() -> None:
         root.addHandler(handler)
 
 
-# ------------------------------------------------------------ serialising
-
-
-def _dumps(obj: Any) -> bytes:
-    # plain pickle is fastest and refuses (rather than mis-pickles) objects
-    # whose class or function is not importable here; cloudpickle ships those
-    try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-
-
-def _loads(data: bytes) -> Any:
-    # cell modules (mpnb.cells.cell_*) are found by mpnb.cells' own finder,
-    # which looks afresh each time: no sys.path entry, no import caches
-    return pickle.loads(data)
-
-
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-def is_plain(values: list) -> bool:
-    """True when every value is a builtin scalar, at most in tuples: such
-    values pickle with plain pickle and load anywhere (task arguments, one
-    way; results, the other)."""
-    kinds = set(map(type, values))  # at C speed: this runs on every argument and result
-    if kinds <= _PLAIN:
-        return True
-    if kinds - _PLAIN != {tuple}:
-        return False
-    tuples = (value for value in values if type(value) is tuple)
-    return set(map(type, itertools.chain.from_iterable(tuples))) <= _PLAIN
-
-
-class PackedValues:
-    """Task values pickled one by one (``blobs``, ``None`` for a task that
-    failed), with their types' names, so that a value the parent cannot load
-    fails its own task alone instead of the whole message."""
-
-    __slots__ = ("blobs", "kinds")
-
-    def __init__(self, blobs, kinds):
-        self.blobs = blobs
-        self.kinds = kinds
-
-    def __reduce__(self):
-        return (PackedValues, (self.blobs, self.kinds))
-
-
-def _result_error(value: Any, exc: BaseException) -> BaseException:
-    """The pickle doctor's account of a return value that cannot be sent back:
-    the path inside it (``result['conn']``), the type, why and the fix."""
-    try:
-        from mpnb.pickling import PicklingProblem, diagnose  # only on failure
-
-        found = diagnose(value, by_value=True, name="result")
-    except BaseException:  # the doctor must not hide the real error
-        found = None
-    if found is None:
-        err: BaseException = pickle.PicklingError(
-            f"the task's return value, a {type(value).__name__}, cannot be sent back "
-            f"to the notebook: {exc}")
-    else:
-        err = PicklingProblem(found, found.returned())
-    err.__cause__ = exc
-    return err
-
-
-# "module.Qualname" of each result type seen, for the parent's error messages
-_TYPE_NAMES: dict = {}
-
-
-def _pack(record: tuple) -> tuple:
-    """``record`` with its values packed, unless all are plain; a value that
-    cannot be pickled becomes its task's failure."""
-    seq, first, values, failures, outputs, starts, end, final = record
-    if is_plain(values):
-        return record
-    blobs, kinds = [], []
-    names = _TYPE_NAMES
-    for i, value in enumerate(values):
-        kind = type(value)
-        name = names.get(kind)
-        if name is None:
-            name = names[kind] = f"{kind.__module__}.{kind.__qualname__}"
-        kinds.append(name)
-        if first + i in failures:
-            blobs.append(None)
-            continue
-        try:
-            blobs.append(_dumps(value))
-        except BaseException as exc:  # SystemExit from a __reduce__ too: the worker lives on
-            blobs.append(None)
-            failures[first + i] = Failure.from_exception(_result_error(value, exc))
-    return (seq, first, PackedValues(blobs, kinds), failures, outputs, starts, end, final)
-
-
-class Failure:
-    """A task's exception, made safe to send: the exception if it pickles,
-    its type and message always, and the traceback as plain frames so the
-    parent can show the source lines of notebook cells, which only it has."""
-
-    __slots__ = ("exc_bytes", "type_name", "message", "frames", "chained")
-
-    def __init__(self, exc_bytes, type_name, message, frames, chained):
-        self.exc_bytes = exc_bytes
-        self.type_name = type_name
-        self.message = message
-        self.frames = frames
-        self.chained = chained
-
-    def __reduce__(self):
-        return (Failure, (self.exc_bytes, self.type_name, self.message, self.frames, self.chained))
-
-    @classmethod
-    def from_exception(cls, exc: BaseException) -> "Failure":
-        import traceback  # only on failure: it is slow to import at start-up
-
-        frames = [
-            (f.filename, f.lineno, f.name, f.line or "")
-            for f in traceback.extract_tb(exc.__traceback__)
-            if os.path.abspath(f.filename) != _HERE
-        ]
-        chained = ""
-        if exc.__cause__ is not None:
-            chained = "".join(traceback.format_exception(exc.__cause__)) + (
-                "\nThe above exception was the direct cause of the following exception:\n\n"
-            )
-        elif exc.__context__ is not None and not exc.__suppress_context__:
-            chained = "".join(traceback.format_exception(exc.__context__)) + (
-                "\nDuring handling of the above exception, another exception occurred:\n\n"
-            )
-        tb, exc.__traceback__ = exc.__traceback__, None
-        try:
-            exc_bytes = _exception_bytes(exc)
-        finally:
-            exc.__traceback__ = tb
-        try:
-            message = str(exc)
-        except Exception:
-            message = "<str() failed>"
-        kind = type(exc)
-        return cls(exc_bytes, f"{kind.__module__}.{kind.__qualname__}", message, frames, chained)
-
-
-def _exception_bytes(exc: BaseException) -> bytes | None:
-    """``exc`` pickled so that it loads as an instance of its own class.
-
-    Pickle rebuilds an exception by calling its class with ``exc.args``,
-    which fails for a class whose ``__init__`` wants other arguments
-    (``def __init__(self, a, b): super().__init__(f"{a}{b}")``).  Such an
-    exception is sent as its class, ``args`` and ``__dict__`` instead and
-    rebuilt without calling ``__init__`` (as tblib does): the parent gets the
-    same type, message, attributes and notes."""
-    try:
-        data = _dumps(exc)
-    except Exception:
-        data = None
-    if data is not None and not _customised(type(exc)):
-        return data  # a builtin's own reduce: it loads again for sure
-    if data is not None:
-        try:
-            _loads(data)
-            return data
-        except BaseException:  # SystemExit from an __init__ too: it is data here
-            pass
-    fields = {}
-    if isinstance(exc, OSError):  # kept in C fields, not in __dict__; a None set
-        # explicitly would show in str() ("... -> None"), so only those given
-        fields = {name: getattr(exc, name) for name in _OSERROR_FIELDS
-                  if getattr(exc, name) is not None}
-    try:
-        return _dumps(_ExceptionState(type(exc), exc.args, dict(vars(exc)), fields))
-    except Exception:
-        return None  # the parent shows the type and message as RemoteTaskError
-
-
-def _customised(cls: type) -> bool:
-    """True if a class of the user's takes part in building ``cls``'s instances."""
-    for klass in cls.__mro__:
-        if klass.__module__ == "builtins":
-            return False
-        if any(name in vars(klass) for name in _BUILDERS):
-            return True
-    return False
-
-
-_BUILDERS = ("__init__", "__new__", "__reduce__", "__reduce_ex__", "__setstate__",
-             "__getstate__", "__getnewargs__", "__getnewargs_ex__")
-
-
-_OSERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
-
-
-class _ExceptionState:
-    """Pickles as a call to :func:`_rebuild_exception`."""
-
-    def __init__(self, cls: type, args: tuple, state: dict, fields: dict):
-        self.cls, self.args, self.state, self.fields = cls, args, state, fields
-
-    def __reduce__(self):
-        return (_rebuild_exception, (self.cls, self.args, self.state, self.fields))
-
-
-def _rebuild_exception(cls: type, args: tuple, state: dict, fields: dict) -> BaseException:
-    """An instance of ``cls`` with these ``args`` and attributes, made
-    without calling ``cls.__init__``."""
-    try:
-        exc = cls.__new__(cls, *args)
-    except TypeError:  # a __new__ of the user's with its own signature
-        exc = cls.__new__(cls)
-    exc.args = args
-    for name, value in fields.items():
-        setattr(exc, name, value)
-    # straight into __dict__: a property without a setter must not stop it
-    exc.__dict__.update(state)
-    return exc
-
-
 # ------------------------------------------------------------------ worker
 
 
 class _Worker:
-    def __init__(self, conn, slot_path: str, config: dict[str, Any]):
+    def __init__(self, conn, slot_path: str):
         self.conn = conn
         slot_fd = os.open(slot_path, os.O_RDWR)
         try:
@@ -351,23 +121,23 @@ class _Worker:
             os.close(slot_fd)
         self.functions: OrderedDict[int, Any] = OrderedDict()
         self.capture = _Capture()
-        self.pending: list[tuple] = []  # records not sent yet
+        self.pending: list[Record] = []  # records not sent yet
         self.last_sent = time.monotonic()
 
-    def report(self, record: tuple, flush: bool) -> None:
+    def report(self, record: Record, flush: bool) -> None:
         """Queue a record; send every queued one if ``flush`` or they are old."""
         self.pending.append(record)
         now = time.monotonic()
         if flush or now - self.last_sent > FLUSH_SECONDS:
             records, self.pending, self.last_sent = self.pending, [], now
-            self.conn.send_bytes(_dumps((Kind.RECORDS, [Record(*_pack(r)) for r in records])))
+            self.conn.send_bytes(dumps((Kind.RECORDS, [pack(r) for r in records])))
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so
         # both sides must update it in exactly the same way
         if data is not None:
             try:
-                value = _loads(data)
+                value = loads(data)
             except BaseException as exc:
                 value = exc
             self.functions[key] = value
@@ -380,28 +150,25 @@ class _Worker:
             raise value
         return value
 
-    def run_chunk(self, run: tuple, last: bool) -> None:
+    def run_chunk(self, run: Run, last: bool) -> None:
         """Run one chunk; report columns: values, failures by position,
         output by position (only tasks that printed), start times.  The
         records go out at once if this is the message's ``last`` chunk."""
-        # mode 0: fn(item); 1: fn(*item); 2: fn(*item[0], **item[1])
-        seq, count, fn_key, fn_data, items_data, flush_each, mode = run
+        seq, flush_each = run.seq, run.flush_each
         try:
-            fn = self.function(fn_key, fn_data)
-            items = _loads(items_data)
+            task = caller(self.function(run.call, run.fn_data), run.mode)
+            items = loads(run.items_data)
             if not _logging_routed and "logging" in sys.modules:
                 _route_logging()
         except BaseException as exc:
-            failure = Failure.from_exception(exc)
-            now = time.monotonic()
-            failures = {pos: failure for pos in range(count)}
-            self.report((seq, 0, [None] * count, failures, {}, [now] * count, now, True), last)
+            self.report(load_failure(seq, run.count, exc), last)
             return
-        capture, pack, slot, monotonic = self.capture, SLOT.pack_into, self.slot, time.monotonic
-        task = _caller(fn, mode)
+        capture, slot, monotonic = self.capture, self.slot, time.monotonic
+        pack_slot = SLOT.pack_into
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = capture.stdout, capture.stderr
-        capture.segments = segments = []
+        segments: list[tuple[str, str]] = []
+        capture.segments = segments
         first = 0
         values: list[Any] = []
         failures: dict[int, Failure] = {}
@@ -414,11 +181,11 @@ class _Worker:
             for pos, item in enumerate(items):
                 started = monotonic()
                 if started > flush_at and pos > first:
-                    self.report((seq, first, values, failures, outputs, starts, started, False), True)
+                    self.report(Record(seq, first, values, failures, outputs, starts, started, False), True)
                     first, values, failures, outputs, starts = pos, [], {}, {}, []
                     add_value, add_start = values.append, starts.append
                     flush_at = -1.0 if flush_each else self.last_sent + FLUSH_SECONDS
-                pack(slot, 0, seq, pos, started)
+                pack_slot(slot, 0, seq, pos, started)
                 add_start(started)
                 try:
                     add_value(task(item))
@@ -430,24 +197,24 @@ class _Worker:
                     capture.segments = segments = []
         finally:
             sys.stdout, sys.stderr = saved
-        self.report((seq, first, values, failures, outputs, starts, monotonic(), True), last)
+        self.report(Record(seq, first, values, failures, outputs, starts, monotonic(), True), last)
 
     def serve(self) -> None:
-        self.conn.send_bytes(_dumps((Kind.HELLO, os.getpid(), time.monotonic())))
+        self.conn.send_bytes(dumps((Kind.HELLO, os.getpid(), time.monotonic())))
         call = None
         while True:
             try:
-                message = _loads(self.conn.recv_bytes())
+                message = loads(self.conn.recv_bytes())
             except (EOFError, OSError):
                 return  # the parent is gone or closed the connection
-            if message is None:
+            if message is STOP:
                 return
             runs = message[1]
-            # a message holds chunks of one call (run[2] is its id); a message
-            # of another call may come before this worker was ever idle, so
-            # the arrays of the call before are let go here too
-            if runs and runs[0][2] != call:
-                call = runs[0][2]
+            # a message holds chunks of one call; a message of another call
+            # may come before this worker was ever idle, so the arrays of the
+            # call before are let go here too
+            if runs and runs[0].call != call:
+                call = runs[0].call
                 shared = sys.modules.get("mpnb.shared")
                 if shared is not None:
                     shared.forget()
@@ -456,16 +223,6 @@ class _Worker:
             shared = sys.modules.get("mpnb.shared")
             if shared is not None and not self.conn.poll():
                 shared.forget()  # idle: let go of the call's shared arrays
-
-
-def _caller(fn, mode: int):
-    """How a task's item is passed: 0 ``fn(item)``, 1 ``fn(*item)``,
-    2 ``fn(*item[0], **item[1])``."""
-    if mode == 0:
-        return fn
-    if mode == 1:
-        return lambda item: fn(*item)
-    return lambda item: fn(*item[0], **item[1])
 
 
 # ----------------------------------------------------------- process setup
@@ -789,7 +546,7 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     _fault_file = open(slot_path + ".fault", "w")
     faulthandler.enable(file=_fault_file)
     if config.get("initializer") is not None:
-        initializer, initargs = _loads(config["initializer"])
+        initializer, initargs = loads(config["initializer"])
         initializer(*initargs)
     if "logging" in sys.modules:
         _route_logging()
@@ -816,12 +573,12 @@ def main(conn, slot_path: str, config: dict[str, Any]) -> None:
         _setup(config, slot_path)
     except BaseException as exc:
         try:
-            conn.send_bytes(_dumps((Kind.INIT_FAILED, os.getpid(), Failure.from_exception(exc))))
+            conn.send_bytes(dumps((Kind.INIT_FAILED, os.getpid(), Failure.from_exception(exc))))
         finally:
             kill_tree(os.getpid(), include_root=False)
             os._exit(3)
     try:
-        _Worker(conn, slot_path, config).serve()
+        _Worker(conn, slot_path).serve()
     finally:
         # what the tasks started ends with the worker, also on a clean stop
         kill_tree(os.getpid(), include_root=False)

@@ -17,14 +17,15 @@ import pickle
 import sys
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from mpnb import serialize
-from mpnb._protocol import Mode
-from mpnb.errors import note, short_repr
+from mpnb._protocol import Mode, Record
+from mpnb._task import PackedValues, is_plain
+from mpnb.errors import failure_here, note, short_repr
 from mpnb.shared import SharedArrays
 
-__all__ = ["Call", "Chunk", "arguments", "describe", "dump_items", "task_errors"]
+__all__ = ["Call", "Chunk", "Outcomes", "arguments", "describe", "dump_items", "read_record", "task_errors"]
 
 
 class Call:
@@ -148,6 +149,50 @@ def task_errors(chunk: Chunk, positions: Iterable[int], make_error: Callable[[st
     return indices, values, errors
 
 
+class Outcomes(NamedTuple):
+    """What a worker's record says of its chunk, in the call's terms."""
+
+    indices: list[int]  #: the tasks it covers
+    values: list[Any]  #: their values; a failed task's is its exception
+    failed: list[int]  #: the tasks that failed
+    errors: dict[int, str]  #: each failure in one line, for the monitor
+    output: dict[int, list]  #: what each task printed, by index
+
+
+def read_record(chunk: Chunk, record: Record, place: str) -> Outcomes:
+    """The outcomes in a worker's ``record`` of ``chunk`` (a local worker's,
+    or a dask worker's); ``place`` says where the tasks ran, for errors."""
+    call, first = chunk.call, record.first
+    unloadable: dict[int, tuple[str, BaseException]] = {}
+    values = record.values
+    if type(values) is PackedValues:
+        values = _unpack(values, first, unloadable)
+    errors: dict[int, str] = {}
+    failed = []
+    for pos, failure in itertools.chain(record.failures.items(), unloadable.items()):
+        index = chunk.indices[pos]
+        exc = failure_here(failure, f"{describe(call, index, chunk.items[pos])} {place}")
+        values[pos - first] = exc
+        failed.append(index)
+        errors[index] = f"{type(exc).__name__}: {exc}"
+    output = {chunk.indices[pos]: segments for pos, segments in record.outputs.items()}
+    return Outcomes(chunk.indices[first : first + len(values)], values, failed, errors, output)
+
+
+def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:
+    """The values of a record whose values were not all plain, each loaded
+    alone: one that cannot be loaded here is put in ``unloadable`` by its
+    position, as ``(type name, exception)``, and fails its task alone."""
+    values: list[Any] = []
+    for i, blob in enumerate(packed.blobs):
+        try:
+            values.append(None if blob is None else pickle.loads(blob))
+        except BaseException as exc:  # SystemExit too: loading runs the value's own code
+            values.append(None)
+            unloadable[first + i] = (packed.kinds[i], exc)
+    return values
+
+
 # ---------------------------------------------------------------- pickling
 
 
@@ -156,8 +201,6 @@ def dump_items(items: list, call: Call | None = None) -> bytes:
     once per ``call`` (see :mod:`mpnb.shared`), when a call is given."""
     # cloudpickle is needed for anything that may be or hold a __main__
     # object; for plain data the C pickler is several times faster
-    from mpnb._worker import is_plain
-
     if is_plain(items):
         return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
     if call is None or "numpy" not in sys.modules:

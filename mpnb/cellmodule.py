@@ -514,23 +514,16 @@ def build(source: str, namespace: Mapping[str, Any], directory: Path,
             stacklevel=2,
         )
     name = module_name(text, captured)
-    path = directory / f"{name.rpartition('.')[2]}.py"
-    if captured:
-        _write(path.with_suffix(".pkl"), captured)
-    _write(path, text.encode())
+    path = cells.source_file(directory, name)
+    # the captured values first: the module loads them on import
+    files = {cells.captured_file(path).name: captured} if captured else {}
+    files[path.name] = text.encode()
+    cells.write_files(directory, files)
     module = importlib.import_module(name)
     names = {n: getattr(module, n) for n in cell.defined if hasattr(module, n)}
     for star in cell.star_imports:
         names.update({n: getattr(module, n) for n in _star_names([star]) if hasattr(module, n)})
     return CellModule(name, module, path, names, cell.rest)
-
-
-def _write(path: Path, data: bytes) -> None:
-    if path.exists():  # content-addressed: same name, same bytes
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def check_by_value(cell: SplitCell, namespace: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ import importlib
 import math
 import os
 import pickle
+import subprocess
 import sys
 import threading
 import traceback
@@ -260,3 +261,30 @@ def test_module_found_through_the_finder_only(directory):
     del sys.modules[built.name]
     assert str(directory) not in sys.path
     assert importlib.import_module(built.name).f() == 42
+
+
+SHIPPED = """
+import pickle, sys
+from pathlib import Path
+from mpnb import cells
+files = pickle.loads(sys.stdin.buffer.read())
+directory = Path(sys.argv[1])
+cells.write_files(directory, files)
+cells.add_directory(directory)
+module = __import__(sys.argv[2], fromlist=["f"])
+print(module.f(), Path(module.__file__).parent == directory)
+"""
+
+
+def test_shipped_files_are_found_in_the_directory_they_were_written_to(directory, tmp_path_factory, tag):
+    # what a dask worker does with a module: no kernel directory to find it in
+    built = build("def f():\n    return COUNTS['a'] * 2\n", {"COUNTS": collections.Counter("aab")}, directory)
+    files = cells.files_to_ship(built.module)
+    assert sorted(files) == [f"{built.name.rpartition('.')[2]}.{ext}" for ext in ("pkl", "py")]
+    elsewhere = tmp_path_factory.mktemp("shipped")
+    env = {k: v for k, v in os.environ.items() if k != cells.ENV_VAR}
+    env["MPNB_TEST_TAG"] = tag
+    out = subprocess.run([sys.executable, "-c", SHIPPED, str(elsewhere), built.name], input=pickle.dumps(files),
+                         capture_output=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["4", "True"]

@@ -12,6 +12,7 @@ import operator
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -69,6 +70,15 @@ def test_task_error_names_the_task_and_worker(pool):
     results = pool.map(operator.truediv, [1, 1, 1], [1, 0, 2], on_error="collect")
     assert results[0] == 1.0 and results[2] == 0.5 and isinstance(results[1], ZeroDivisionError)
     assert pool.last_results == results
+
+
+def test_an_unpicklable_result_is_explained_as_on_local_workers(pool):
+    error = pool.submit(threading.Lock).exception(timeout=60)
+    assert isinstance(error, mpnb.PicklingProblem), repr(error)
+    assert str(error).startswith("the task's return value cannot be sent back from the worker: "
+                                 "result (_thread.lock) does not pickle."), str(error)
+    assert error.diagnosis.path == "result"
+    assert pool.map(abs, [-1]) == [1]  # the pool keeps serving
 
 
 def test_timeout_fails_the_task_on_the_client(pool):

@@ -337,7 +337,7 @@ def test_the_package_is_found_and_read():
         f"the package's source was not found under {SOURCE}")
     imports = {(i.importer, i.imported) for i in find_imports(SOURCE)}
     assert ("mpnb.cellmodule", "mpnb.cells") in imports, sorted(imports)
-    assert ("mpnb.backends.local", "mpnb._worker") in imports, sorted(imports)
+    assert ("mpnb.backends.launcher", "mpnb._worker") in imports, sorted(imports)
 
 
 def test_no_import_cycle():

@@ -8,10 +8,10 @@ the pool's policy are unchanged::
     caller thread (the cell)       engine thread (DaskEngine.run)          dask workers
     ------------------------       ------------------------------          ------------
     map / imap / submit              |                                      |
-      | _Chunk ---- commands ------> | inbox: ship new cell modules ------> | _CellModules plugin
+      | _Chunk ---- commands ------> | inbox: ship new cell modules ------> | CellModules plugin
       |                              |        (a worker plugin per module)  |  writes them to its
-      |                              | client.map(_run_chunk, chunk bytes)  |  local directory
-      |                              |   ---------------------------------> | _run_chunk: log a
+      |                              | client.map(run_chunk, chunk bytes)   |  local directory
+      |                              |   ---------------------------------> | run_chunk: log a
       |                              | <-- "start" (event topic) ---------- |  start event, run the
       |                              | <-- records (done callback) -------- |  tasks, capture output
       | <--- outcomes (_Call) ------ | deliver, feed the ClusterMonitor     |
@@ -24,19 +24,19 @@ notebook's cell modules; it and the workers need mpnb itself, which the
 engine checks when it connects.  ``%%mppool`` cell modules (source and
 captured values) are shipped to every worker, present and future, by a
 worker plugin named after the module's content hash, and found there by
-:class:`_ShippedCellFinder`: a re-run, changed cell is a new module, so no
+:mod:`mpnb.cells`: a re-run, changed cell is a new module, so no
 worker can run the old code.
 
 Dask runs tasks on threads of long-lived worker processes that other clients
 may share, so a running task cannot be stopped: a timed-out or cancelled
 task fails at once in the notebook, and its thread finishes on its own.
+
+What runs on the dask workers is in :mod:`mpnb.backends._dask_worker`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
 import itertools
 import os
 import pickle
@@ -45,21 +45,22 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import cells
 from mpnb.backends.base import EngineBase
-from mpnb.calls import Call, Chunk, describe, dump_items
-from mpnb.errors import WorkerCrashedError, cancelled, failure_here, timeout_error
+from mpnb.calls import Call, Chunk, dump_items, read_record
+from mpnb.errors import WorkerCrashedError, cancelled, timeout_error
 from mpnb.monitor import Monitor, WorkerStatus
 
 INSTALL_HINT = 'the dask backend needs dask.distributed: pip install "mpnb[dask]"'
 
 try:
-    from distributed.diagnostics.plugin import WorkerPlugin
+    from mpnb.backends._dask_worker import CellModules, DaskRecord, identity, run_chunk
 except ImportError as _missing:
+    if not (_missing.name or "").startswith("distributed"):
+        raise
     raise ImportError(f"mpnb.Pool(backend='dask'): {INSTALL_HINT}") from _missing
 
 __all__ = ["ClusterMonitor", "DaskBackendError", "DaskEngine", "connect"]
@@ -73,194 +74,6 @@ _CELL_PLUGIN = "mpnb-"
 
 class DaskBackendError(RuntimeError):
     """The dask cluster cannot run mpnb tasks (no workers, or workers without mpnb)."""
-
-
-# ------------------------------------------------------------ worker side
-
-
-class _ShippedCellFinder(importlib.abc.MetaPathFinder):
-    """Finds ``mpnb.cells.cell_*`` among the modules shipped to this worker."""
-
-    def __init__(self) -> None:
-        self.directories: list[Path] = []
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
-        prefix = f"{cells.__name__}.{cells.PREFIX}"
-        if not fullname.startswith(prefix):
-            return None
-        leaf = fullname.rpartition(".")[2]
-        for directory in self.directories:
-            candidate = directory / f"{leaf}.py"
-            if candidate.is_file():
-                return importlib.util.spec_from_file_location(fullname, candidate)
-        return None
-
-
-def _shipped_finder() -> _ShippedCellFinder:
-    for finder in sys.meta_path:
-        if isinstance(finder, _ShippedCellFinder):
-            return finder
-    finder = _ShippedCellFinder()
-    sys.meta_path.insert(0, finder)
-    return finder
-
-
-class _CellModules(WorkerPlugin):
-    """A dask worker plugin that writes cell modules into the worker's directory.
-
-    Dask runs ``setup`` on every worker now connected and on every worker
-    that joins later.  The files are named by content hash, so writing a
-    module that is already there changes nothing.
-    """
-
-    idempotent = True
-
-    def __init__(self, name: str, files: dict[str, bytes]):
-        self.name = name
-        self.files = files
-
-    def setup(self, worker: Any) -> None:
-        directory = Path(worker.local_directory) / "mpnb-cells"
-        directory.mkdir(mode=0o700, exist_ok=True)
-        for filename, data in self.files.items():
-            path = directory / filename
-            if not path.exists():
-                partial = path.with_name(f".{filename}.{os.getpid()}")
-                partial.write_bytes(data)
-                partial.replace(path)
-        finder = _shipped_finder()
-        if directory not in finder.directories:
-            finder.directories.append(directory)
-
-
-class _ThreadStream:
-    """``sys.stdout``/``sys.stderr`` of a dask worker while mpnb tasks run.
-
-    Dask runs several tasks at once on threads of one process, so output is
-    captured per thread: writes from a thread running an mpnb task go to its
-    list, everything else to the stream the worker had.
-    """
-
-    _local = threading.local()
-
-    def __init__(self, original: Any, name: str):
-        self.original = original
-        self.name = name
-
-    def write(self, text: str) -> int:
-        segments = getattr(self._local, "segments", None)
-        if segments is None:
-            return self.original.write(text)
-        if text:
-            segments.append((self.name, text))
-        return len(text)
-
-    def flush(self) -> None:
-        if getattr(self._local, "segments", None) is None:
-            self.original.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.original, name)
-
-
-_capture_lock = threading.Lock()
-
-
-def _install_capture() -> type[_ThreadStream]:
-    with _capture_lock:
-        if not isinstance(sys.stdout, _ThreadStream):
-            sys.stdout = _ThreadStream(sys.stdout, "stdout")
-        if not isinstance(sys.stderr, _ThreadStream):
-            sys.stderr = _ThreadStream(sys.stderr, "stderr")
-    return _ThreadStream
-
-
-def _run_chunk(topic: str, seq: int, count: int, fn_bytes: bytes, items_bytes: bytes, mode: int) -> bytes:
-    """Run one chunk of ``count`` tasks on a dask worker; return its records, pickled.
-
-    ``mode`` is 0 for ``fn(item)``, 1 for ``fn(*item)``, 2 for
-    ``fn(*item[0], **item[1])``.  The records are ``(pid, address, values,
-    failures by position, output by position, start times, end time)``.
-    """
-    from distributed import get_worker
-
-    from mpnb._worker import Failure
-
-    worker = get_worker()
-    worker.log_event(topic, ("start", seq, os.getpid(), worker.address))
-    local = _install_capture()._local
-    values: list[Any] = []
-    failures: dict[int, Failure] = {}
-    outputs: dict[int, list] = {}
-    starts: list[float] = []
-    try:
-        fn = pickle.loads(fn_bytes)
-        items = pickle.loads(items_bytes)
-    except BaseException as exc:  # most often a module the worker lacks
-        now = time.monotonic()
-        failure = _failure(exc)
-        return _dump_record((os.getpid(), worker.address, [None] * count,
-                             dict.fromkeys(range(count), failure), {}, [now] * count, now))
-    for pos, item in enumerate(items):
-        starts.append(time.monotonic())
-        local.segments = segments = []
-        try:
-            if mode == 0:
-                values.append(fn(item))
-            elif mode == 1:
-                values.append(fn(*item))
-            else:
-                values.append(fn(*item[0], **item[1]))
-        except BaseException as exc:
-            values.append(None)
-            failures[pos] = _failure(exc)
-        finally:
-            local.segments = None
-        if segments:
-            outputs[pos] = segments
-    return _dump_record((os.getpid(), worker.address, values, failures, outputs, starts, time.monotonic()))
-
-
-def _failure(exc: BaseException) -> Any:
-    """The task's exception for the notebook, without this module's frames."""
-    from mpnb._worker import Failure
-
-    failure = Failure.from_exception(exc)
-    failure.frames = [frame for frame in failure.frames if os.path.abspath(frame[0]) != _HERE]
-    return failure
-
-
-_HERE = os.path.abspath(__file__)
-
-
-def _dump_record(record: tuple) -> bytes:
-    try:
-        return pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pass
-    import cloudpickle
-
-    pid, address, values, failures, outputs, starts, end = record
-    for pos, value in enumerate(values):
-        try:
-            cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            from mpnb._worker import Failure
-
-            err = pickle.PicklingError(
-                f"the task's return value, a {type(value).__name__}, cannot be sent back to the notebook: {exc}"
-            )
-            values[pos] = None
-            failures[pos] = Failure.from_exception(err)
-    return cloudpickle.dumps((pid, address, values, failures, outputs, starts, end), pickle.HIGHEST_PROTOCOL)
-
-
-def _worker_identity() -> tuple[str, int]:
-    """Run on each worker and on the scheduler when the engine connects:
-    proves that mpnb imports there, and says which version and process."""
-    import mpnb
-
-    return mpnb.__version__, os.getpid()
 
 
 # ------------------------------------------------------------ notebook side
@@ -502,7 +315,7 @@ class DaskEngine(EngineBase):
     def _run_on_cluster(self, ready: list[Chunk]) -> None:
         keys = [f"mpnb-{chunk.call.id}-{chunk.seq}-{uuid.uuid4().hex[:8]}" for chunk in ready]
         futures = self.client.map(
-            _run_chunk,
+            run_chunk,
             [self.topic] * len(ready),
             [c.seq for c in ready],
             [len(c.indices) for c in ready],
@@ -521,15 +334,10 @@ class DaskEngine(EngineBase):
         """Send every cell module this kernel imported that the cluster lacks."""
         prefix = f"{cells.__name__}.{cells.PREFIX}"
         for name in [n for n in list(sys.modules) if n.startswith(prefix) and n not in self.shipped]:
-            module_file = getattr(sys.modules[name], "__file__", None)
-            if not module_file:
+            files = cells.files_to_ship(sys.modules[name])
+            if not files:
                 continue
-            path = Path(module_file)
-            files = {path.name: path.read_bytes()}
-            captured = path.with_suffix(".pkl")
-            if captured.exists():
-                files[captured.name] = captured.read_bytes()
-            self.client.register_plugin(_CellModules(_CELL_PLUGIN + name, files), name=_CELL_PLUGIN + name)
+            self.client.register_plugin(CellModules(_CELL_PLUGIN + name, files), name=_CELL_PLUGIN + name)
             self.shipped.add(name)
 
     # -- results
@@ -565,20 +373,14 @@ class DaskEngine(EngineBase):
                 self._lost(entry)
 
     def _deliver(self, entry: _Running, data: bytes) -> None:
-        pid, address, values, failures, outputs, starts, end = pickle.loads(data)
-        offset = time.monotonic() - end  # the worker's clock to this machine's
+        done: DaskRecord = pickle.loads(data)
+        pid, address, record = done
+        offset = time.monotonic() - record.end  # the worker's clock to this machine's
         chunk, call = entry.chunk, entry.chunk.call
-        failed, errors = [], {}
-        for pos, failure in failures.items():
-            index = chunk.indices[pos]
-            exc = failure_here(failure, f"{describe(call, index, chunk.items[pos])} on dask worker {address} (pid {pid})")
-            values[pos] = exc
-            failed.append(index)
-            errors[index] = f"{type(exc).__name__}: {exc}"
-        output = {chunk.indices[pos]: segments for pos, segments in outputs.items()}
-        self.cluster_monitor.chunk_done(address, pid, chunk.seq, call.id, chunk.indices,
-                                        [s + offset for s in starts], end + offset, errors)
-        call.deliver(chunk.indices, values, failed, output)
+        indices, values, failed, errors, output = read_record(chunk, record, f"on dask worker {address} (pid {pid})")
+        self.cluster_monitor.chunk_done(address, pid, chunk.seq, call.id, indices,
+                                        [s + offset for s in record.starts], record.end + offset, errors)
+        call.deliver(indices, values, failed, output)
 
     def _lost(self, entry: _Running) -> None:
         """A chunk whose dask task failed as a whole (not one of its tasks)."""
@@ -750,9 +552,9 @@ def _check_cluster(client: Any) -> dict[str, int]:
             f"the dask cluster at {client.scheduler.address} has no workers (waited "
             f"{CONNECT_TIMEOUT:g} s); start some with `dask worker {client.scheduler.address}`"
         ) from None
-    answers = dict(client.run(_worker_identity, on_error="return"))
+    answers = dict(client.run(identity, on_error="return"))
     try:
-        answers["the scheduler"] = client.run_on_scheduler(_worker_identity)
+        answers["the scheduler"] = client.run_on_scheduler(identity)
     except Exception as exc:
         answers["the scheduler"] = exc
     wrong = {where: answer for where, answer in answers.items()

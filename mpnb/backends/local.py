@@ -45,10 +45,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import errors
 from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Record, Run
-from mpnb._worker import PackedValues
 from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
-from mpnb.calls import Call, Chunk, arguments, describe, dump_items
+from mpnb.calls import Call, Chunk, arguments, dump_items, read_record
 from mpnb.monitor import Monitor, process_stopped
 
 __all__ = ["LocalEngine"]
@@ -411,22 +410,7 @@ class LocalEngine(EngineBase):
             return  # a chunk cancelled while it waited behind another call's task
         chunk = state.chunks[0]
         call, pid, first = chunk.call, state.handle.pid, record.first
-        unloadable: dict[int, tuple[str, BaseException]] = {}
-        values = record.values
-        if type(values) is PackedValues:
-            values = _unpack(values, first, unloadable)
-        indices = chunk.indices[first : first + len(values)]
-        errors_by_index: dict[int, str] = {}
-        failed = []
-        for pos, failure in itertools.chain(record.failures.items(), unloadable.items()):
-            index = chunk.indices[pos]
-            exc = errors.failure_here(failure, f"{describe(call, index, chunk.items[pos])} in worker pid {pid}")
-            values[pos - first] = exc
-            failed.append(index)
-            errors_by_index[index] = f"{type(exc).__name__}: {exc}"
-        output = record.outputs
-        if output:
-            output = {chunk.indices[pos]: segments for pos, segments in output.items()}
+        indices, values, failed, errors_by_index, output = read_record(chunk, record, f"in worker pid {pid}")
         state.next_pos = first + len(values)
         state.since = time.monotonic()
         # recorded before delivered: a summary made when the caller wakes counts them
@@ -586,20 +570,6 @@ def _copy_of(error: BaseException) -> Callable[[str], BaseException]:
         return exc
 
     return make
-
-
-def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, BaseException]]) -> list[Any]:
-    """The values of a record whose values were not all plain, each loaded
-    alone: one that cannot be loaded here is put in ``unloadable`` by its
-    position, as ``(type name, exception)``, and fails its task alone."""
-    values: list[Any] = []
-    for i, blob in enumerate(packed.blobs):
-        try:
-            values.append(None if blob is None else pickle.loads(blob))
-        except BaseException as exc:  # SystemExit too: loading runs the value's own code
-            values.append(None)
-            unloadable[first + i] = (packed.kinds[i], exc)
-    return values
 
 
 def _chunk_seconds(chunk: Chunk) -> float | None:

@@ -15,6 +15,13 @@ the cell ran, or even before ``%load_ext mpnb``:
 ``<base>`` is a directory of the current user, mode 0700 (see
 :func:`base_dir`).  The module names are content hashes, so whichever
 directory a name is found in, its content is the same.
+
+A process that shares no ancestor or file system with the kernel (a dask
+worker) is sent a module's files (:func:`files_to_ship`), writes them
+(:func:`write_files`) and adds their directory to the search
+(:func:`add_directory`).  This module alone knows the files' names: a module
+``cell_<hash>`` is ``cell_<hash>.py``, with the values it captured from the
+notebook beside it in ``cell_<hash>.pkl``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 
 ENV_VAR = "MPNB_CELL_DIR"
 PREFIX = "cell_"
+_SOURCE, _CAPTURED = ".py", ".pkl"
 
 _kernel_dir: Path | None = None
 _cleanup_registered = False
@@ -141,8 +149,19 @@ def _sweep_dead(base: Path) -> None:
     sweep_dead(str(base), "")
 
 
+_added: list[Path] = []  # directories of modules shipped to this process
+
+
+def add_directory(directory: Path) -> None:
+    """Look for cell modules in ``directory`` too, before the kernels' ones."""
+    if directory not in _added:
+        _added.append(directory)
+
+
 def _search_dirs():
-    """This kernel's directory first, then those of the process's ancestors."""
+    """Directories added here first, then this kernel's, then those of the
+    process's ancestors."""
+    yield from list(_added)
     own = os.environ.get(ENV_VAR)
     if own:
         yield Path(own)
@@ -157,20 +176,54 @@ def _search_dirs():
         yield from sorted(base.glob(f"{pid}-*"))
 
 
+def source_file(directory: Path, name: str) -> Path:
+    """Where the source of cell module ``name`` (its last dotted part will do) is kept."""
+    return directory / (name.rpartition(".")[2] + _SOURCE)
+
+
+def captured_file(module_file: str | Path) -> Path:
+    """Where the values captured by the cell module in ``module_file`` are kept."""
+    return Path(module_file).with_suffix(_CAPTURED)
+
+
 def locate(name: str) -> Path | None:
     """The file of cell module ``name`` (its last dotted part), or None."""
-    leaf = name.rpartition(".")[2]
-    if not leaf.startswith(PREFIX):
+    if not name.rpartition(".")[2].startswith(PREFIX):
         return None
     for directory in _search_dirs():
-        candidate = directory / f"{leaf}.py"
+        candidate = source_file(directory, name)
         if candidate.is_file():
             return candidate
     return None
 
 
+def write_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write each of ``files`` (file name: content) into ``directory``, in
+    order, unless it is there already; each appears whole or not at all."""
+    for filename, data in files.items():
+        path = directory / filename
+        if path.exists():  # content-addressed: same name, same bytes
+            continue
+        partial = path.with_name(f".{filename}.{os.getpid()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+
+
+def files_to_ship(module: Any) -> dict[str, bytes]:
+    """The files of cell module ``module`` (captured values first, then the
+    source that loads them), for :func:`write_files` in another process;
+    empty for a module that has no file."""
+    module_file = getattr(module, "__file__", None)
+    if not module_file:
+        return {}
+    source, captured = Path(module_file), captured_file(module_file)
+    files = {captured.name: captured.read_bytes()} if captured.exists() else {}
+    files[source.name] = source.read_bytes()
+    return files
+
+
 class _CellFinder(importlib.abc.MetaPathFinder):
-    """Finds ``mpnb.cells.cell_*`` in the kernel's private directory."""
+    """Finds ``mpnb.cells.cell_*`` in the directories :func:`_search_dirs` gives."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None):
         if not fullname.startswith(__name__ + "." + PREFIX):
@@ -192,7 +245,7 @@ def load_captured(module_file: str) -> dict[str, Any]:
     Called by the generated module itself (line 1); they were pickled with
     cloudpickle beside it when the cell ran.
     """
-    with open(module_file[: -len(".py")] + ".pkl", "rb") as f:
+    with open(captured_file(module_file), "rb") as f:
         return pickle.load(f)
 
 

@@ -1,0 +1,143 @@
+"""What runs on a dask worker for an mpnb pool.
+
+:func:`run_chunk` is the dask task of one chunk: it runs the tasks with the
+same pieces as a local worker (:mod:`mpnb._task`) and returns a
+:data:`DaskRecord`: the chunk's one :class:`~mpnb._protocol.Record`, with the
+pid and address of the worker that ran it.  :class:`CellModules` is the
+worker plugin that brings the notebook's ``%%mppool`` modules to every
+worker, present and future; :mod:`mpnb.cells` finds them there.
+
+Unlike a local worker, a dask worker runs several tasks at once on threads
+of a process that other clients may share, so output is captured per thread
+(:class:`_ThreadStream`) and no task ever owns the process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from mpnb import cells
+from mpnb._protocol import Record
+from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
+
+hide_frames_of(__file__)
+
+#: what :func:`run_chunk` returns, pickled: the chunk's record (``first`` 0,
+#: ``final``; times on the worker's clock) and where it ran
+DaskRecord = namedtuple("DaskRecord", "pid address record")
+
+
+def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: bytes, mode: int) -> bytes:
+    """Run chunk ``seq`` of ``count`` tasks on this dask worker; return its
+    :data:`DaskRecord`, pickled.  ``mode`` is a :class:`~mpnb._protocol.Mode`."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    # the engine learns on its topic where and when the chunk started
+    worker.log_event(topic, ("start", seq, os.getpid(), worker.address))
+    try:
+        task = caller(loads(fn_data), mode)
+        items = loads(items_data)
+    except BaseException as exc:  # most often a module the worker lacks
+        return dumps(DaskRecord(os.getpid(), worker.address, pack(load_failure(seq, count, exc))))
+    local = _install_capture()._local
+    values: list[Any] = []
+    failures: dict[int, Failure] = {}
+    outputs: dict[int, list] = {}
+    starts: list[float] = []
+    for pos, item in enumerate(items):
+        starts.append(time.monotonic())
+        segments: list[tuple[str, str]] = []
+        local.segments = segments
+        try:
+            values.append(task(item))
+        except BaseException as exc:
+            values.append(None)
+            failures[pos] = Failure.from_exception(exc)
+        finally:
+            local.segments = None
+        if segments:
+            outputs[pos] = segments
+    record = Record(seq, 0, values, failures, outputs, starts, time.monotonic(), True)
+    return dumps(DaskRecord(os.getpid(), worker.address, pack(record)))
+
+
+class _ThreadStream:
+    """``sys.stdout``/``sys.stderr`` of a dask worker while mpnb tasks run.
+
+    Dask runs several tasks at once on threads of one process, so output is
+    captured per thread: writes from a thread running an mpnb task go to its
+    list, everything else to the stream the worker had.
+    """
+
+    _local = threading.local()
+
+    def __init__(self, original: Any, name: str):
+        self.original = original
+        self.name = name
+
+    def write(self, text: str) -> int:
+        segments = getattr(self._local, "segments", None)
+        if segments is None:
+            return self.original.write(text)
+        if text:
+            segments.append((self.name, text))
+        return len(text)
+
+    def flush(self) -> None:
+        if getattr(self._local, "segments", None) is None:
+            self.original.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.original, name)
+
+
+_capture_lock = threading.Lock()
+
+
+def _install_capture() -> type[_ThreadStream]:
+    with _capture_lock:
+        if not isinstance(sys.stdout, _ThreadStream):
+            sys.stdout = _ThreadStream(sys.stdout, "stdout")
+        if not isinstance(sys.stderr, _ThreadStream):
+            sys.stderr = _ThreadStream(sys.stderr, "stderr")
+    return _ThreadStream
+
+
+class CellModules(WorkerPlugin):
+    """A dask worker plugin that brings cell modules to the worker.
+
+    Dask runs ``setup`` on every worker now connected and on every worker
+    that joins later.  It writes the files (:func:`mpnb.cells.files_to_ship`)
+    into the worker's own directory and has :mod:`mpnb.cells` look there.
+    The files are named by content hash, so writing a module that is already
+    there changes nothing.
+    """
+
+    idempotent = True
+
+    def __init__(self, name: str, files: dict[str, bytes]):
+        self.name = name
+        self.files = files
+
+    def setup(self, worker: Any) -> None:
+        directory = Path(worker.local_directory) / "mpnb-cells"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        cells.write_files(directory, self.files)
+        cells.add_directory(directory)
+
+
+def identity() -> tuple[str, int]:
+    """Run on each worker and on the scheduler when the engine connects:
+    proves that mpnb imports there, and says which version and process."""
+    import mpnb
+
+    return mpnb.__version__, os.getpid()
