@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, NamedTuple
 from mpnb import serialize
 from mpnb._protocol import Mode, Record
 from mpnb._task import PackedValues, is_plain
-from mpnb.errors import failure_here, note, short_repr
+from mpnb._repr import short_repr
+from mpnb.errors import failure_here, note
 from mpnb.shared import SharedArrays
 
 __all__ = ["Call", "Chunk", "Outcomes", "arguments", "describe", "dump_items", "read_record", "task_errors"]

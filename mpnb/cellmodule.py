@@ -214,7 +214,7 @@ def free_names(cell: SplitCell) -> dict[str, str]:
     assigned_globals: set[str] = set()
     lazy = _lazy_annotations(cell)
     for node in cell.definitions:
-        owner = getattr(node, "name", None) or _describe(node)
+        owner = getattr(node, "name", None) or _statement_label(node)
         if lazy:
             node = _WithoutAnnotations().visit(copy.deepcopy(node))
         top = symtable.symtable(ast.unparse(node), "<cell>", "exec")
@@ -267,7 +267,7 @@ class _WithoutAnnotations(ast.NodeTransformer):
         return ast.Assign(targets=[target], value=node.value, lineno=node.lineno)
 
 
-def _describe(node: ast.stmt) -> str:
+def _statement_label(node: ast.stmt) -> str:
     if isinstance(node, (ast.Assign, ast.AnnAssign)):
         return ast.unparse(node).partition("=")[0].strip()
     return ast.unparse(node).splitlines()[0][:40]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import linecache
 import pickle
-import reprlib
 import signal
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Callable
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb._task import Failure
@@ -55,39 +55,6 @@ class RemoteTraceback(Exception):
 
 
 # ---------------------------------------------------------------- describing
-
-
-class _Repr(reprlib.Repr):
-    """reprlib, but an object whose repr is too long shows as its type,
-    never as a cut that hides the type (``<unlocked _thread.... at 0x...>``)."""
-
-    def repr_instance(self, x: Any, level: int) -> str:
-        kind = type(x)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        try:
-            text = repr(x)
-        except Exception:
-            return f"<{name} object>"
-        if len(text) <= self.maxother:
-            return text
-        if text.startswith("<"):  # the default form: its middle says nothing
-            return f"<{name} object>"
-        return super().repr_instance(x, level)
-
-
-_repr = _Repr()
-_repr.maxstring = 40
-_repr.maxother = 40
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
-_repr.maxlevel = 2
-
-
-def short_repr(obj: Any) -> str:
-    """A repr short enough for an error message, never hiding the type."""
-    try:
-        return _repr.repr(obj)
-    except Exception:
-        return f"<{type(obj).__name__}>"
 
 
 def signal_name(exitcode: int | None) -> str:

@@ -5,7 +5,7 @@
     monitor ──> view (reads events, builds Facts) ──> widget / text line / summary
                                    │                        │
                                    └──── mpnb.facts ────────┘
-                          Facts, Row, Failure, seconds(), byte_size(),
+                          Facts, Row, FailedTask, seconds(), byte_size(),
                           status_line(), summary_text()
 
 This module has no threads, widgets or IPython: :mod:`mpnb.view` builds
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Facts", "Failure", "Row", "byte_size", "seconds", "status_line", "summary_text"]
+__all__ = ["Facts", "FailedTask", "Row", "byte_size", "seconds", "status_line", "summary_text"]
 
 
 # ------------------------------------------------------------------ numbers
@@ -70,7 +70,7 @@ class Row:
 
 
 @dataclass(frozen=True)
-class Failure:
+class FailedTask:
     """One failed task."""
 
     index: int
@@ -94,7 +94,7 @@ class Facts:
     total: int | None  # None while a lazy imap has not seen its input end
     elapsed: float
     rows: tuple[Row, ...]
-    failures: tuple[Failure, ...]
+    failures: tuple[FailedTask, ...]
     finished: bool = False
     cancelled: bool = False
 

@@ -39,6 +39,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from mpnb._repr import short_repr
+
 __all__ = ["Diagnosis", "PicklingProblem", "check_call", "diagnose", "diagnose_call", "raise_for"]
 
 # How long the walk may take before it reports where it got to.
@@ -257,7 +259,7 @@ def _dict_parts(mapping: dict, prefix: str) -> Iterator[tuple[str, Any]]:
     for i, (key, value) in enumerate(mapping.items()):
         if i >= MAX_PARTS:
             return
-        yield f"{prefix}[{_short_repr(key)}]", value
+        yield f"{prefix}[{short_repr(key)}]", value
 
 
 def _function_parts(fn: types.FunctionType) -> Iterator[tuple[str, Any]]:
@@ -318,7 +320,7 @@ def _reduced_parts(obj: Any) -> Iterator[tuple[str, Any]]:
         for i, (key, value) in enumerate(dict_items):
             if i >= MAX_PARTS:
                 break
-            yield f"[{_short_repr(key)}]", value
+            yield f"[{short_repr(key)}]", value
 
 
 def _state_parts(state: Any) -> Iterator[tuple[str, Any]]:
@@ -329,14 +331,9 @@ def _state_parts(state: Any) -> Iterator[tuple[str, Any]]:
             if isinstance(key, str) and key.isidentifier():
                 yield f".{key}", value
             else:
-                yield f".__dict__[{_short_repr(key)}]", value
+                yield f".__dict__[{short_repr(key)}]", value
     else:
         yield ".__getstate__()", state
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---------------------------------------------------------------- verdicts

@@ -24,7 +24,6 @@ import functools
 import itertools
 import logging
 import sys
-import threading
 import weakref
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from mpnb.events import TaskFailed, TaskFinished, WorkerStopped
-from mpnb.facts import Facts, Failure, Row, status_line, summary_text
+from mpnb.facts import Facts, FailedTask, Row, status_line, summary_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb.comms import CommPump
@@ -168,7 +168,7 @@ class Session:
         self._started = time.monotonic()
         self._reading = threading.Lock()  # one reader of the events at a time
         self._cursor = self.monitor.cursor()  # only what happens from now on
-        self._failures: list[Failure] = []
+        self._failures: list[FailedTask] = []
         self._cancelled_tasks = 0
         self._dead: dict[int, Row] = {}
         self._work: dict[int, tuple[int, int, float]] = {}  # pid -> (done, failed, seconds)
@@ -287,7 +287,7 @@ class Session:
 
     def _on_failure(self, event: TaskFailed, watched: Watched) -> None:
         if len(self._failures) < MAX_FAILURES:
-            self._failures.append(Failure(event.index, watched.describe(event.call, event.index), event.pid,
+            self._failures.append(FailedTask(event.index, watched.describe(event.call, event.index), event.pid,
                                           event.error, watched.traceback(event.call, event.index)))
 
     def _with_work(self, row: Row) -> Row:

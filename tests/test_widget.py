@@ -30,7 +30,7 @@ import pytest
 import mpnb
 from kernel import TAG_VAR, Kernel
 from mpnb import facts as facts_module, view
-from mpnb.facts import Facts, Failure, Row
+from mpnb.facts import Facts, FailedTask, Row
 from mpnb.monitor import Monitor
 from mpnb.widget import LiveWidget, Summary
 
@@ -93,7 +93,7 @@ def facts(**changes) -> Facts:
         name="pool", backend="local", method="loky", alive=2, size=2, done=3, failed=1, total=8, elapsed=2.0,
         rows=(Row(101, "busy", "task 4 (argument 4)", 0.5, 2, 0, 95.0, 40 << 20),
               Row(102, "idle", "", None, 1, 1, 0.0, 38 << 20)),
-        failures=(Failure(3, "task 3 (argument 3)", 102, "ValueError: bad input 3", "Traceback ...\n  line"),),
+        failures=(FailedTask(3, "task 3 (argument 3)", 102, "ValueError: bad input 3", "Traceback ...\n  line"),),
     )
     base.update(changes)
     return Facts(**base)
@@ -260,7 +260,7 @@ def test_a_view_needs_only_a_monitor_and_a_watched_record(capsys):
     seen = session.facts()
     assert (seen.name, seen.backend, seen.method, seen.size) == ("pool", "local", "exec", 2)
     assert (seen.done, seen.failed, seen.total, seen.alive) == (1, 1, 3, 1)
-    assert seen.failures == (Failure(1, "task 1 (argument 10) of call 5", me, "ValueError: bad input 10",
+    assert seen.failures == (FailedTask(1, "task 1 (argument 10) of call 5", me, "ValueError: bad input 10",
                                      "Traceback (most recent call last):\n  worker frame"),)
     busy, dead = seen.rows
     assert (busy.pid, busy.state, busy.task, busy.done, busy.failed) == (me, "busy", "task 2 (argument 20) of call 5", 1, 1)

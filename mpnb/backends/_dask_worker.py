@@ -42,7 +42,8 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
 
     worker = get_worker()
     # the engine learns on its topic where and when the chunk started
-    worker.log_event(topic, ("start", seq, os.getpid(), worker.address))
+    # events travel as msgpack: named fields in a dict
+    worker.log_event(topic, {"seq": seq, "pid": os.getpid(), "address": worker.address})
     try:
         task = caller(loads(fn_data), mode)
         items = loads(items_data)

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
-from queue import Empty, SimpleQueue
+from queue import Empty
 from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import cells
@@ -229,8 +229,8 @@ class DaskEngine(EngineBase):
         client.subscribe_topic(self.topic, self._on_event)
 
     def _on_event(self, event: tuple) -> None:
-        _, (kind, seq, pid, address) = event
-        self.inbox.put(_Started(seq, pid, address, time.monotonic()))
+        _, started = event  # (time, the start event's fields)
+        self.inbox.put(_Started(started["seq"], started["pid"], started["address"], time.monotonic()))
 
     def _on_done(self, future: Any) -> None:
         self.inbox.put(_Done(future))

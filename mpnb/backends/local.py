@@ -38,7 +38,6 @@ import traceback
 import sys
 import weakref
 from collections import OrderedDict, deque
-from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as wait_for
 from typing import Any, Callable, Iterable, Iterator
