@@ -388,7 +388,7 @@ def _die_with_parent(parent: int, mark: str) -> None:
     signal.signal(signal.SIGHUP, _end_with_tree)
     libc = _libc() if _LINUX else None
     if libc is not None:
-        # sent when the thread that started us (the pool's manager thread) or its process ends
+        # sent when the thread that started us (the local engine's thread) or its process ends
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     direct = os.getppid() == parent  # not so under forkserver

@@ -1,6 +1,6 @@
 """What happens in a pool, as small picklable records.
 
-The pool's manager thread turns worker messages into these events and hands
+The pool's engine turns worker messages into these events and hands
 them to the :class:`~mpnb.monitor.Monitor`; a status widget reads them from
 there.  Times are ``time.monotonic()`` seconds, which on Linux and macOS is
 one clock shared by all processes of the machine, so worker and parent times

@@ -1,6 +1,6 @@
 """The parent's view of a pool: who runs what, and what happened.
 
-The pool's manager thread feeds the monitor; anything that wants to show the
+The pool's engine feeds the monitor; anything that wants to show the
 pool (the status widget, a text report, a test) reads it:
 
 - :meth:`Monitor.snapshot` returns one :class:`WorkerStatus` per worker, with

@@ -300,8 +300,8 @@ def _kind(cmdline: tuple[str, ...], parent_kind: str | None,
 def _owners() -> dict[int, str]:
     """``{pid: owner}`` for every process a live object of this process accounts for.
 
-    The one place that reads other libraries' registries: mpnb's live pool
-    managers, loky's (and joblib's copy of loky's) executor manager threads,
+    The one place that reads other libraries' registries: mpnb's live
+    engines (their ``worker_pids()``), loky's (and joblib's copy of loky's) executor manager threads,
     multiprocessing's children, and the pids of the resource trackers and the
     forkserver.  Modules not imported yet own nothing.
     """

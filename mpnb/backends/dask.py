@@ -1,20 +1,20 @@
 """The dask backend: the same :class:`mpnb.Pool` calls on a dask.distributed cluster.
 
-``Pool(backend="dask", address="tcp://host:8786")`` swaps the local manager
-thread for :class:`DaskEngine`, which takes the same commands (``chunks``,
-``cancel``, ``shutdown``), so ``map``, ``imap``, ``submit`` and the rest of
+``Pool(backend="dask", address="tcp://host:8786")`` runs the pool's chunks on
+:class:`DaskEngine`, an engine of the same contract as the local one
+(:mod:`mpnb.backends.base`), so ``map``, ``imap``, ``submit`` and the rest of
 the pool's policy are unchanged::
 
     caller thread (the cell)       engine thread (DaskEngine.run)          dask workers
     ------------------------       ------------------------------          ------------
     map / imap / submit              |                                      |
-      | _Chunk ---- commands ------> | inbox: ship new cell modules ------> | CellModules plugin
+      | Chunk ----- submit --------> | inbox: ship new cell modules ------> | CellModules plugin
       |                              |        (a worker plugin per module)  |  writes them to its
       |                              | client.map(run_chunk, chunk bytes)   |  local directory
       |                              |   ---------------------------------> | run_chunk: log a
       |                              | <-- "start" (event topic) ---------- |  start event, run the
       |                              | <-- records (done callback) -------- |  tasks, capture output
-      | <--- outcomes (_Call) ------ | deliver, feed the ClusterMonitor     |
+      | <--- Call.deliver ---------- | deliver, feed the ClusterMonitor     |
       | Ctrl-C: cancel ------------> | cancel the call's dask futures       |
                                      | timeout: fail the task here; the worker thread runs on
 

@@ -349,7 +349,7 @@ class Launcher:
         _sweep_dead_pools_once()
         # the owner's pid in the name: the next pool removes it if the owner was killed
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
-        # also at interpreter exit, should the manager thread not get there
+        # also at interpreter exit, should the engine's thread not get there
         self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._lock = threading.Lock()
 

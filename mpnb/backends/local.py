@@ -105,7 +105,7 @@ class LocalEngine(EngineBase):
     shares_memory = True
 
     def __init__(self, launcher: Launcher, workers: int, initializer: str | None, start_timeout: float):
-        super().__init__("mpnb-pool-manager", Monitor(), workers)
+        super().__init__("mpnb-local-engine", Monitor(), workers)
         self.launcher = launcher
         self.method = launcher.method
         self.initializer = initializer  # its qualified name, for errors
