@@ -22,6 +22,8 @@ __all__ = [
     "PicklingProblem",
     "diagnose",
     "doctor",
+    "patch",
+    "unpatch",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -33,12 +35,17 @@ _LAZY = {
     "PicklingProblem": "mpnb.pickling",
     "diagnose": "mpnb.pickling",
     "doctor": "mpnb.doctor",
+    # mpnb.patching, not mpnb.patch: importing a submodule named ``patch``
+    # would replace the function mpnb.patch with the module
+    "patch": "mpnb.patching",
+    "unpatch": "mpnb.patching",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
     from mpnb.doctor import doctor
+    from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
 
