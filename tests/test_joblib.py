@@ -130,3 +130,13 @@ def test_grid_search_shows_the_live_view_and_a_hanging_fit_is_timed_out(kernel):
     assert "scores [0.5, nan]" in reply.stdout, reply.text
     assert "timed out True" in reply.stdout, reply.text
     assert any("application/vnd.jupyter.widget-view+json" in shown for shown in reply.displays), reply.displays
+
+
+@pytest.mark.kernel
+def test_the_joblib_notebook_runs(tag):
+    pytest.importorskip("sklearn")
+    from kernel import cell_text, notebook_errors, run_notebook
+
+    nb = run_notebook("joblib.ipynb", tag=tag, timeout=300)
+    assert notebook_errors(nb) == []
+    assert "nan" in cell_text(nb.cells[-1])
