@@ -96,7 +96,7 @@ def _forget_hook() -> None:
 
 
 def _register_joblib_backend() -> None:
-    from joblib import register_parallel_backend
+    from joblib import register_parallel_backend  # type: ignore[import-untyped]
 
     register_parallel_backend("mpnb", _joblib_backend)
 

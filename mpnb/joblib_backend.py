@@ -42,8 +42,8 @@ import signal
 import threading
 from typing import Any
 
-from joblib import register_parallel_backend
-from joblib._parallel_backends import (
+from joblib import register_parallel_backend  # type: ignore[import-untyped]
+from joblib._parallel_backends import (  # type: ignore[import-untyped]
     AutoBatchingMixin,
     FallbackToBackend,
     ParallelBackendBase,
@@ -130,7 +130,7 @@ class MpnbBackend(AutoBatchingMixin, ParallelBackendBase):
         batch = _Batch(func, self.timeout)
         with self._submitting:  # the hard limit of this batch, read as it is submitted
             pool.timeout = None if self.timeout is None else self.timeout * len(batch.tasks) + HARD_GRACE
-            future = pool.submit(_run_batch, batch)
+            future: Any = pool.submit(_run_batch, batch)
         future.mpnb_batch = batch
         if callback is not None:
             future.add_done_callback(callback)

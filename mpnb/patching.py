@@ -111,7 +111,7 @@ def _module_pool(processes=None, initializer=None, initargs=(), maxtasksperchild
     """``multiprocessing.Pool`` under ``mpnb.patch()``: an ``mpnb.Pool``."""
     # the default context: fork there is the platform's default (Linux up to
     # 3.13), which libraries fix on first use, not a choice of the caller
-    context = multiprocessing.context._default_context
+    context: Any = multiprocessing.context._default_context
     if _method(context) == "fork":
         context = None
     return _pool("multiprocessing.Pool", processes, initializer, initargs, maxtasksperchild, context)
