@@ -12,6 +12,8 @@ machinery, and starts no thread or process.  Those come when they are used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 
 TYPE_CHECKING = False  # typing is not imported: workers import this package at start-up
 
@@ -22,6 +24,8 @@ __all__ = [
     "PicklingProblem",
     "diagnose",
     "doctor",
+    "patch",
+    "unpatch",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -33,12 +37,17 @@ _LAZY = {
     "PicklingProblem": "mpnb.pickling",
     "diagnose": "mpnb.pickling",
     "doctor": "mpnb.doctor",
+    # mpnb.patching, not mpnb.patch: importing a submodule named ``patch``
+    # would replace the function mpnb.patch with the module
+    "patch": "mpnb.patching",
+    "unpatch": "mpnb.patching",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
     from mpnb.doctor import doctor
+    from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
 
@@ -54,6 +63,56 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _RegisterWithJoblib:
+    """An import hook: once joblib is imported, register mpnb's joblib backend.
+
+    ``import mpnb`` must not import joblib (it is heavy, and optional); this
+    finder waits on ``sys.meta_path`` for joblib's import, lets it run, then
+    registers ``"mpnb"`` and removes itself.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "joblib":
+            return None
+        _forget_hook()
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            _register_joblib_backend()
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _forget_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterWithJoblib)]
+
+
+def _register_joblib_backend() -> None:
+    from joblib import register_parallel_backend  # type: ignore[import-untyped]
+
+    register_parallel_backend("mpnb", _joblib_backend)
+
+
+def _joblib_backend(**options: Any) -> Any:
+    """joblib's factory for ``backend="mpnb"``: the backend's module is imported on first use."""
+    from mpnb.joblib_backend import MpnbBackend
+
+    return MpnbBackend(**options)
+
+
+if "joblib" in sys.modules:
+    _register_joblib_backend()
+else:
+    _forget_hook()  # a reload must not add a second hook
+    sys.meta_path.insert(0, _RegisterWithJoblib())
 
 
 def load_ipython_extension(ipython: Any) -> None:

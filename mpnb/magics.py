@@ -99,6 +99,33 @@ class MpnbMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%mpstatus {line}: {exc}") from None
 
+    @magic_arguments()
+    @argument("--off", action="store_true",
+              help="Undo the patch: the stdlib's pool names create stdlib pools again.")
+    @argument("--timeout", type=float, default=None,
+              help="Per-task timeout in seconds for the pools the patch creates.")
+    @line_magic
+    def mppool_patch(self, line: str) -> None:
+        """Make multiprocessing.Pool, get_context(...).Pool and ProcessPoolExecutor create mpnb.Pools."""
+        from mpnb import patching
+
+        try:
+            args = parse_argstring(self.mppool_patch, line)
+        except UsageError:
+            raise
+        except Exception as exc:  # argparse reports some errors as SystemExit
+            raise UsageError(f"%mppool_patch {line}: {exc}") from None
+        if args.off:
+            patching.unpatch()
+            print("mpnb: multiprocessing.Pool and ProcessPoolExecutor are the stdlib's again")
+            return
+        try:
+            patching.patch(**({} if args.timeout is None else {"timeout": args.timeout}))
+        except ValueError as exc:
+            raise UsageError(f"%mppool_patch {line}: {exc}") from None
+        print("mpnb: multiprocessing.Pool, get_context(...).Pool and concurrent.futures.ProcessPoolExecutor "
+              "now create mpnb.Pools; %mppool_patch --off undoes it")
+
 
 def _parse(magic: Any, line: str) -> Any:
     try:
@@ -175,6 +202,7 @@ def unload(shell: Any) -> None:
     shell.magics_manager.magics["cell"].pop("mppool", None)
     shell.magics_manager.magics["line"].pop("mpdoctor", None)
     shell.magics_manager.magics["line"].pop("mpstatus", None)
+    shell.magics_manager.magics["line"].pop("mppool_patch", None)
     processes.stop_guard()
     diagnostics.uninstall(shell)
     cells.remove_kernel_dir()
