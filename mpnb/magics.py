@@ -88,12 +88,7 @@ class MpnbMagics(Magics):
     @line_magic
     def mpstatus(self, line: str) -> Any:
         """Every process below this kernel, and the leftovers no live pool accounts for."""
-        try:
-            args = parse_argstring(self.mpstatus, line)
-        except UsageError:
-            raise
-        except Exception as exc:  # argparse reports some errors as SystemExit
-            raise UsageError(f"%mpstatus {line}: {exc}") from None
+        args = _arguments(self.mpstatus, "%mpstatus", line)
         try:
             return processes.magic(self.shell, args.kill_leftovers, args.limit, args.on_runaway)
         except ValueError as exc:
@@ -109,12 +104,7 @@ class MpnbMagics(Magics):
         """Make multiprocessing.Pool, get_context(...).Pool and ProcessPoolExecutor create mpnb.Pools."""
         from mpnb import patching
 
-        try:
-            args = parse_argstring(self.mppool_patch, line)
-        except UsageError:
-            raise
-        except Exception as exc:  # argparse reports some errors as SystemExit
-            raise UsageError(f"%mppool_patch {line}: {exc}") from None
+        args = _arguments(self.mppool_patch, "%mppool_patch", line)
         if args.off:
             patching.unpatch()
             print("mpnb: multiprocessing.Pool and ProcessPoolExecutor are the stdlib's again")
@@ -127,13 +117,18 @@ class MpnbMagics(Magics):
               "now create mpnb.Pools; %mppool_patch --off undoes it")
 
 
-def _parse(magic: Any, line: str) -> Any:
+def _arguments(magic: Any, name: str, line: str) -> Any:
+    """A magic's arguments; what argparse refuses becomes a UsageError naming the magic."""
     try:
-        args = parse_argstring(magic, line)
+        return parse_argstring(magic, line)
     except UsageError:
         raise
     except Exception as exc:  # argparse reports some errors as SystemExit/ValueError
-        raise UsageError(f"%%mppool {line}: {exc}") from None
+        raise UsageError(f"{name} {line}: {exc}") from None
+
+
+def _parse(magic: Any, line: str) -> Any:
+    args = _arguments(magic, "%%mppool", line)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"%%mppool -n {args.workers}: the number of workers must be at least 1.")
     if not args.name.isidentifier():
