@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb._protocol import Mode
 from mpnb.calls import Call, Chunk
+from mpnb.errors import cancelled
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpnb.backends import Engine
@@ -452,7 +453,14 @@ class MultiprocessingAPI:
         return result
 
     def _stop_map(self, call: Call) -> None:
+        """Stop a background map: its tasks not finished end with a
+        ``CancelledError`` now (an engine drops the queued ones without a
+        word, and stops the running ones where it can)."""
         self._engine.cancel(call)
+        with call.cond:
+            missing = [i for i in range(call.total or 0) if i not in call.results]
+        if missing:
+            call.deliver(missing, [cancelled(f"task {i}") for i in missing], missing, {})
 
     def _map_ended(self, call: MapCall, future: TaskFuture) -> None:
         """A background map's outcome into its future (on the engine's thread, usually)."""
@@ -463,7 +471,7 @@ class MultiprocessingAPI:
             call.output.clear()
         if failed is not None:
             # its other tasks are stopped: nobody will see them, and join() must not wait for them
-            self._stop_map(call)
+            self._engine.cancel(call)
         self._end_call(call, None, False)
         if failed is None:
             future.set_result(values)
@@ -485,6 +493,9 @@ class MultiprocessingAPI:
         """Stop now: unfinished work ends with ``CancelledError``, work not
         started never runs, the workers are stopped; returns when they are."""
         for call in list(self._running.values()):
+            if isinstance(call, MapCall):
+                self._stop_map(call)
+                continue
             if call.future is not None:
                 call.future.cancel()
             self._engine.cancel(call)

@@ -483,7 +483,7 @@ class Pool(MultiprocessingAPI, Executor):
         """
         for call in list(self._running.values()):
             if isinstance(call, MapCall):  # map_async: nobody waits in it
-                self._engine.cancel(call)
+                self._stop_map(call)
             elif call.future is None:
                 self._interrupts.add(call.id)
             else:
