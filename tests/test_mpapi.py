@@ -183,8 +183,9 @@ def test_pool_cancel_stops_a_background_map(pool, tmp_path):
 def test_ctrl_c_in_get_stops_the_background_work(pool, tmp_path):
     result = pool.map_async(wait_for, [str(tmp_path / "never")] * 2, 1)
     _wait_until(lambda: any(row.index is not None for row in pool.monitor.snapshot()), "a task running")
-    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    # started inside the block: wherever the signal lands, it is in there, and get() waits for it
     with pytest.raises(KeyboardInterrupt):
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         result.get()
     with pytest.raises(CancelledError):
         result.get(DEADLINE)
