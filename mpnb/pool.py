@@ -7,7 +7,7 @@ engine's business (:mod:`mpnb.backends`)::
 
     caller thread (the cell)                  engine (its own thread)
     ------------------------                  -----------------------
-    map / imap / submit / apply
+    map / imap / submit / apply (*_async: mpcompat)
       | Call (fn pickled once)
       | Chunks --------- engine.submit ------> run them: worker processes,
       |                                        a dask cluster, or inline
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
-import sys
 import weakref
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +30,20 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from mpnb import backends, serialize, view
 from mpnb._protocol import Mode
 from mpnb.calls import Call, Chunk, arguments, describe, dump_items
+from mpnb.mpcompat import (
+    AsyncResult,
+    ClosedPoolError,
+    MapCall,
+    MultiprocessingAPI,
+    TaskFuture,
+    apply_arguments,
+    check_chunksize,
+    check_on_error,
+    check_timeout,
+    map_arguments,
+    pool_arguments,
+    replay,
+)
 from mpnb.errors import (
     RemoteTaskError,
     RemoteTraceback,
@@ -45,6 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mpnb.timeline import Timeline
 
 __all__ = [
+    "AsyncResult",
+    "ClosedPoolError",
     "Pool",
     "RemoteTaskError",
     "RemoteTraceback",
@@ -52,23 +66,24 @@ __all__ = [
     "WorkerCrashedError",
 ]
 
-ON_ERROR = ("raise", "collect")
-
 # how often a waiting caller wakes to notice Ctrl-C and replay output
 _POLL = 0.05
 # how long an interrupted call waits for its running tasks to be stopped
 _CANCEL_WAIT = 1.5
 
 
-class Pool(Executor):
+class Pool(MultiprocessingAPI, Executor):
     """A process pool that works from notebooks.
 
     ``Pool(workers=None, *, timeout=None, on_error="raise")`` starts
     ``workers`` processes (default: the usable CPUs, cgroup-aware) in the
     background and returns at once.  It is a ``concurrent.futures.Executor``
     (``submit``, ``map``, ``shutdown``, ``with``) and also has the
-    ``multiprocessing.Pool`` methods ``imap``, ``imap_unordered``,
-    ``starmap`` and ``apply``.
+    ``multiprocessing.Pool`` methods (``imap``, ``imap_unordered``,
+    ``starmap``, ``apply``, the ``*_async`` ones, ``close``, ``join``,
+    ``terminate``: :mod:`mpnb.mpcompat`), and takes both pools' arguments
+    (``processes``, ``max_workers``, ``mp_context``, ``maxtasksperchild``,
+    ``max_tasks_per_child``, positional as they take them).
 
     Functions defined in notebook cells travel by value (cloudpickle);
     functions from modules travel by reference.  ``timeout`` is per task: a
@@ -83,7 +98,8 @@ class Pool(Executor):
     always as fresh interpreters: ``"exec"`` (default on POSIX: mpnb's own
     launcher, the fastest), ``"loky"`` (loky's launcher), ``"spawn"`` or
     ``"forkserver"``; never ``fork``.  ``backend="dask"`` with ``address``
-    runs the tasks on a dask.distributed cluster instead.
+    runs the tasks on a dask.distributed cluster instead.  A worker is
+    replaced after ``max_tasks_per_child`` tasks (a chunk is not split).
 
     Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
     inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
@@ -92,20 +108,27 @@ class Pool(Executor):
     def __init__(
         self,
         workers: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable = (),
+        maxtasksperchild: int | None = None,
+        context: Any = None,
         *,
+        processes: int | None = None,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        max_tasks_per_child: int | None = None,
         timeout: float | None = None,
         on_error: str = "raise",
-        initializer: Callable[..., Any] | None = None,
-        initargs: tuple = (),
         env: dict[str, str] | None = None,
-        context: str | None = None,
         backend: str = "local",
         address: Any = None,
         live: bool | None = None,
     ):
+        given = pool_arguments(workers, initializer, initargs, maxtasksperchild, context, processes=processes,
+                               max_workers=max_workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child)
         self.backend = backends.check(backend, address)
-        self.timeout = _check_timeout(timeout)
-        self.on_error = _check_on_error(on_error)
+        self.timeout = check_timeout(timeout)
+        self.on_error = check_on_error(on_error)
         #: show a live status view while work runs: None decides by where it
         #: runs (see mpnb.view.choose_mode), False never, True always
         self.live = view.check_live(live)
@@ -118,8 +141,9 @@ class Pool(Executor):
         self._interrupts: set[int] = set()  # blocking calls that cancel() stopped
         self._last_call: int | None = None
         engine = backends.create(backends.Options(
-            backend=backend, address=address, workers=workers, initializer=initializer, initargs=tuple(initargs),
-            env=dict(env or {}), context=context))
+            backend=backend, address=address, workers=given.workers, initializer=given.initializer,
+            initargs=given.initargs, env=dict(env or {}), context=given.context,
+            max_tasks_per_child=given.max_tasks_per_child))
         self._engine = engine
         self.workers = engine.size
         self.monitor = engine.monitor
@@ -141,19 +165,20 @@ class Pool(Executor):
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`shutdown` was called; a closed pool takes no work."""
+        """True once :meth:`shutdown`, :meth:`close` or :meth:`terminate` was called; a closed pool takes no work."""
         return self._closed
 
     # ---------------------------------------------------------- calls and chunks
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this mpnb.Pool was shut down; create a new Pool to run more tasks")
+            raise ClosedPoolError("this mpnb.Pool was closed or shut down; create a new mpnb.Pool to run more tasks")
         engine = self._engine
         if engine.stopped.is_set() or engine.error is not None:
             raise BrokenProcessPool(f"this mpnb.Pool stopped working ({engine.error!r}); create a new mpnb.Pool")
 
-    def _new_call(self, fn: Callable, timeout: float | None, mode: Mode, future: Future | None = None) -> Call:
+    def _new_call(self, fn: Callable, timeout: float | None, mode: Mode, future: Future | None = None,
+                  kind: type[Call] = Call) -> Call:
         if not callable(fn):
             raise TypeError(f"the pool needs a callable, not a {type(fn).__name__}")
         fn_bytes = None
@@ -164,8 +189,8 @@ class Pool(Executor):
                 raise
             except BaseException as exc:  # SystemExit from a __reduce__ too
                 raise function_error(fn, exc) from exc
-        timeout = self.timeout if timeout is None else _check_timeout(timeout)
-        return Call(fn, fn_bytes, timeout, mode, future)
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        return kind(fn, fn_bytes, timeout, mode, future)
 
     def _chunks(self, call: Call, items: Iterable[Any], chunksize: int) -> Iterator[tuple[int, Chunk]]:
         """``(tasks so far, chunk)`` pairs; a chunk may be empty when its
@@ -231,15 +256,18 @@ class Pool(Executor):
         """
         __tracebackhide__ = True  # IPython shows the caller's line, not mpnb's frames
         self._check_open()
-        future = _TaskFuture()
+        future = TaskFuture()
         call = self._new_call(fn, None, Mode.KWARGS, future)
         future._mpnb_stop = functools.partial(_stop_submitted, self._engine, call)
         self.monitor.call_started(call.id, 1)
         self._running[call.id] = call
         future.add_done_callback(functools.partial(_submitted_done, self._running, self._engine, call))
-        view.watch_background(_watched(self, call, [(args, kwargs)]), call.id, self.live, future.done)
+        self._watch_background(call, [(args, kwargs)], future.done)
         self._send([self._single_chunk(call, 0, (args, kwargs))])
         return future
+
+    def _watch_background(self, call: Call, items: list, done: Callable[[], bool]) -> None:
+        view.watch_background(_watched(self, call, items), call.id, self.live, done)
 
     def map(  # type: ignore[override]
         self,
@@ -252,7 +280,8 @@ class Pool(Executor):
         """``[fn(x) for x in iterable]`` on the workers; a list in input order.
 
         With several iterables, ``fn`` gets one item of each (like ``zip``).
-        ``chunksize`` tasks travel together (automatic when ``None``);
+        ``chunksize`` tasks travel together (automatic when ``None``); an int
+        third, ``map(fn, xs, 4)``, is the chunksize, as in multiprocessing.
         ``timeout`` (seconds, per task) and ``on_error`` override the pool's.
         The outcome stays in ``pool.last_results`` even when the call raises
         or is interrupted.
@@ -260,6 +289,7 @@ class Pool(Executor):
         __tracebackhide__ = True
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        iterables, chunksize = map_arguments(iterables, chunksize)
         if len(iterables) == 1:
             return self._map(fn, list(iterables[0]), Mode.ARG, chunksize, timeout, on_error)
         return self._map(fn, list(zip(*iterables)), Mode.STAR, chunksize, timeout, on_error)
@@ -268,8 +298,8 @@ class Pool(Executor):
         self,
         fn: Callable,
         iterable: Iterable[Iterable],
-        *,
         chunksize: int | None = None,
+        *,
         timeout: float | None = None,
         on_error: str | None = None,
     ) -> list[Any]:
@@ -277,19 +307,21 @@ class Pool(Executor):
         __tracebackhide__ = True
         return self._map(fn, [tuple(args) for args in iterable], Mode.STAR, chunksize, timeout, on_error)
 
-    def apply(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` in a worker and wait for its value."""
+    def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
+        """Run ``func(*args, **kwds)`` in a worker and wait for its value
+        (as ``multiprocessing.Pool.apply``; ``submit`` takes ``*args``)."""
         __tracebackhide__ = True
-        results = self._map(fn, [(args, kwargs)], Mode.KWARGS, 1, None, "raise")
+        args, kwds = apply_arguments(args, kwds)
+        results = self._map(func, [(args, kwds)], Mode.KWARGS, 1, None, "raise")
         return results[0]
 
     def _map(self, fn, items, mode, chunksize, timeout, on_error) -> list[Any]:
         __tracebackhide__ = True
-        on_error = self.on_error if on_error is None else _check_on_error(on_error)
+        on_error = self.on_error if on_error is None else check_on_error(on_error)
         self._check_open()
         call = self._new_call(fn, timeout, mode)
         n = call.total = len(items)
-        chunksize = self._auto_chunksize(n) if chunksize is None else _check_chunksize(chunksize)
+        chunksize = self._auto_chunksize(n) if chunksize is None else check_chunksize(chunksize)
         self.last_results = None
         self.monitor.call_started(call.id, n)
         self._running[call.id], self._last_call = call, call.id
@@ -311,7 +343,7 @@ class Pool(Executor):
             self._end_call(call, live, interrupted)
             self.last_results = _snapshot(call, n)
             for index in sorted(call.output):
-                _replay(call.output.pop(index, None))
+                replay(call.output.pop(index, None))
         return self.last_results
 
     def _wait_all(self, call: Call, n: int, on_error: str, live: view.Session | None) -> None:
@@ -328,7 +360,7 @@ class Pool(Executor):
             self._between_waits(call, live)
             if call.output:
                 for index in range(shown, upto):
-                    _replay(call.output.pop(index, None))
+                    replay(call.output.pop(index, None))
             shown = upto
             if failed is not None and on_error == "raise":
                 # its other tasks are stopped: nobody will see them, and a
@@ -355,8 +387,8 @@ class Pool(Executor):
         self,
         fn: Callable,
         iterable: Iterable,
-        *,
         chunksize: int = 1,
+        *,
         timeout: float | None = None,
         on_error: str | None = None,
     ) -> Iterator[Any]:
@@ -373,8 +405,8 @@ class Pool(Executor):
         self,
         fn: Callable,
         iterable: Iterable,
-        *,
         chunksize: int = 1,
+        *,
         timeout: float | None = None,
         on_error: str | None = None,
     ) -> Iterator[Any]:
@@ -384,9 +416,9 @@ class Pool(Executor):
 
     def _imap(self, fn, iterable, chunksize, timeout, on_error, ordered) -> Iterator[Any]:
         __tracebackhide__ = True
-        on_error = self.on_error if on_error is None else _check_on_error(on_error)
+        on_error = self.on_error if on_error is None else check_on_error(on_error)
         self._check_open()
-        chunksize = _check_chunksize(chunksize)
+        chunksize = check_chunksize(chunksize)
         call = self._new_call(fn, timeout, Mode.ARG)
         return self._imap_results(call, iterable, chunksize, on_error, ordered)
 
@@ -409,7 +441,7 @@ class Pool(Executor):
                         raise input_error[0]
                     return
                 for value, failed, output in self._ready(call, feed, ordered, live):
-                    _replay(output)
+                    replay(output)
                     if failed and on_error == "raise":
                         raise value
                     yield value
@@ -450,7 +482,9 @@ class Pool(Executor):
         call this; the live view's Cancel button does.
         """
         for call in list(self._running.values()):
-            if call.future is None:
+            if isinstance(call, MapCall):  # map_async: nobody waits in it
+                self._stop_map(call)
+            elif call.future is None:
                 self._interrupts.add(call.id)
             else:
                 _stop_submitted(self._engine, call)
@@ -477,22 +511,26 @@ class Pool(Executor):
         """Stop the workers once queued tasks are done (or dropped, with
         ``cancel_futures=True``).  With ``wait=True``, return when they have
         exited.  A pool cannot be used after this."""
-        if self._closed:
-            return
-        self._closed = True
-        engine = self._engine
-        self._finalizer.detach()
-        engine.shutdown(cancel_futures)
+        if not self._closed or cancel_futures:
+            self._closed = True
+            self._finalizer.detach()
+            self._engine.shutdown(cancel_futures)
         if wait:
-            try:
-                while not engine.stopped.wait(_POLL):
-                    pass
-            except KeyboardInterrupt:
-                engine.kill_now()
-                raise
+            self._wait_stopped()
+
+    def _wait_stopped(self) -> None:
+        engine = self._engine
+        try:
+            while not engine.stopped.wait(_POLL):
+                pass
+        except KeyboardInterrupt:
+            engine.kill_now()
+            raise
 
     def __exit__(self, exc_type, exc, tb):
-        # leaving a with-block by an error or Ctrl-C must not wait for the queue
+        # as concurrent.futures does, not multiprocessing.Pool (whose exit
+        # terminates): the work given is finished; but leaving by an error or
+        # Ctrl-C must not wait for the queue
         self.shutdown(wait=True, cancel_futures=exc_type is not None)
         return False
 
@@ -559,74 +597,7 @@ def _watched(pool: Pool, call: Call, items: list | None) -> view.Watched:
                         label, worker_traceback, cancel, owner=pool)
 
 
-_callback_log = logging.getLogger("concurrent.futures")
-
-
-class _TaskFuture(Future):
-    """A Future that shows its task's output where its result is fetched."""
-
-    _mpnb_output: Any = ()
-    _mpnb_stop: Callable[[], None] | None = None
-
-    def _show_output(self) -> None:
-        output, self._mpnb_output = self._mpnb_output, ()
-        _replay(output)
-
-    def _invoke_callbacks(self) -> None:
-        # as concurrent.futures does, but for anything a callback raises
-        # (SystemExit too): the engine's thread runs them and must live on
-        for callback in getattr(self, "_done_callbacks"):  # Future's own list (checked by test_hangs)
-            try:
-                callback(self)
-            except BaseException:
-                _callback_log.exception("exception calling callback for %r", self)
-
-    def _interrupted(self) -> None:
-        """Ctrl-C while waiting: stop the task, as an interrupted map does."""
-        stop = self._mpnb_stop
-        if stop is not None:
-            stop()
-
-    def result(self, timeout: float | None = None) -> Any:
-        __tracebackhide__ = True
-        try:
-            return super().result(timeout)
-        except KeyboardInterrupt:
-            self._interrupted()
-            raise
-        finally:
-            if self.done():
-                self._show_output()
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        __tracebackhide__ = True
-        try:
-            return super().exception(timeout)
-        except KeyboardInterrupt:
-            self._interrupted()
-            raise
-        finally:
-            if self.done():
-                self._show_output()
-
-
 # -------------------------------------------------------------------- helpers
-
-
-def _replay(segments) -> None:
-    """Write a task's captured output to this process's current streams."""
-    if not segments:
-        return
-    streams = {"stdout": sys.stdout, "stderr": sys.stderr}
-    for name, text in segments:
-        stream = streams.get(name)
-        if stream is not None:
-            stream.write(text)
-    for stream in streams.values():
-        try:
-            stream.flush()
-        except Exception:
-            pass
 
 
 def _until_error(iterable: Iterable, error: list[Exception]) -> Iterator[Any]:
@@ -643,21 +614,3 @@ def _snapshot(call: Call, n: int) -> list[Any]:
         if len(results) == n:
             return list(map(results.__getitem__, range(n)))
         return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]
-
-
-def _check_on_error(on_error: str) -> str:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r}: use 'raise' or 'collect'")
-    return on_error
-
-
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise ValueError(f"timeout={timeout!r}: give a number of seconds above 0, or None")
-    return timeout
-
-
-def _check_chunksize(chunksize: int) -> int:
-    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-        raise ValueError(f"chunksize={chunksize!r}: give a whole number of 1 or more, or None")
-    return chunksize

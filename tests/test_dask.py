@@ -51,7 +51,7 @@ def test_calls_run_on_the_cluster(pool, cluster, capsys):
     assert list(pool.imap(str, range(7))) == [str(x) for x in range(7)]
     assert sorted(pool.imap_unordered(abs, [-3, 1, -2])) == [1, 2, 3]
     assert pool.submit(pow, 2, 10).result() == 1024
-    assert pool.apply(int, "ff", base=16) == 255
+    assert pool.apply(int, ("ff",), {"base": 16}) == 255
     capsys.readouterr()
     pool.map(print, ["first", "second"])
     assert capsys.readouterr().out == "first\nsecond\n"

@@ -164,7 +164,7 @@ def test_ctrl_c_in_future_result_stops_its_task_and_shutdown_does_not_wait(kerne
         "    while True:\n"
         "        frame = sys._current_frames().get(main.ident)\n"
         "        while frame is not None and (frame.f_code.co_name, frame.f_globals.get('__name__')) \\\n"
-        "                != ('result', 'mpnb.pool'):\n"
+        "                != ('result', 'mpnb.mpcompat'):\n"
         "            frame = frame.f_back\n"
         "        if frame is not None:\n"
         "            print('waiting in result', flush=True)\n"

@@ -277,10 +277,11 @@ def submit_with_keywords(run: Run) -> None:
 
 @row
 def apply_positional_and_keyword(run: Run) -> None:
-    assert run.pool.apply(scale, 3) == 6
-    assert run.pool.apply(scale, 3, 4) == 12
-    assert run.pool.apply(scale, 3, factor=4) == 12
-    assert run.pool.apply(add, 1, b=2) == 3
+    assert run.pool.apply(scale, (3,)) == 6
+    assert run.pool.apply(scale, (3, 4)) == 12
+    assert run.pool.apply(scale, (3,), {"factor": 4}) == 12
+    assert run.pool.apply(add, (1,), {"b": 2}) == 3
+    assert run.pool.apply(len, ([1, 2],)) == 2  # multiprocessing.Pool.apply's meaning
 
 
 @row

@@ -152,7 +152,7 @@ class TestPool:
         assert list(pool.imap(square, iter(range(10)))) == [x * x for x in range(10)]
         assert sorted(pool.imap_unordered(square, range(10), chunksize=3)) == sorted(x * x for x in range(10))
         assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
-        assert pool.apply(slow_square, 4, seconds=0.01) == 16
+        assert pool.apply(slow_square, (4,), {"seconds": 0.01}) == 16
         assert pool.submit(add, 2, b=5).result(timeout=30) == 7
 
     def test_lambdas_closures_partials_and_bound_methods(self, pool):
@@ -217,7 +217,7 @@ class TestPool:
         assert env["MPNB_DEPTH"] == "1"
 
     def test_pool_inside_a_worker_runs_inline(self, pool):
-        worker_pid, inner_pids, children = pool.apply(nested_map, 0)
+        worker_pid, inner_pids, children = pool.apply(nested_map, (0,))
         assert inner_pids == [worker_pid] * 3
         assert children == 0
 

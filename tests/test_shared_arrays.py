@@ -140,7 +140,7 @@ def test_small_and_object_arrays_are_pickled_as_before(pool):
     seen = pool.map(probe, [(small, 1), (small, 2)], chunksize=1)
     assert all(s["path"] is None and s["writeable"] for s in seen)
     assert [s["row"] for s in seen] == [1.0, 2.0]
-    assert pool.apply(backing_file, objects) is None
+    assert pool.apply(backing_file, (objects,)) is None
     assert our_files() == []
 
 

@@ -42,6 +42,10 @@ class Options:
     initargs: tuple = ()
     env: dict[str, str] = field(default_factory=dict)
     context: str | None = None
+    #: a local worker is replaced after this many tasks (None: never); an
+    #: inline engine ignores it (it has no worker process of its own to
+    #: replace), a dask cluster refuses it (its workers are not the pool's)
+    max_tasks_per_child: int | None = None
 
 
 def check(backend: str, address: Any) -> str:
@@ -60,11 +64,13 @@ def create(options: Options) -> Engine:
         from mpnb.backends.dask import connect
 
         return connect(options.address, workers=options.workers, initializer=options.initializer,
-                       env=options.env, context=options.context)
+                       env=options.env, context=options.context, max_tasks_per_child=options.max_tasks_per_child)
     workers = limits.resolve_workers(options.workers)
     if limits.runs_inline():
         from mpnb.backends.inline import InlineEngine
 
+        # max_tasks_per_child is ignored: the tasks run in this worker, which
+        # has no worker of its own to replace (and the outer pool's limit holds)
         return InlineEngine(workers, options.initializer, options.initargs)
     return _local(options, workers)
 
@@ -84,7 +90,7 @@ def _local(options: Options, workers: int) -> Engine:
     initializer = _qualified_name(options.initializer) if options.initializer is not None else None
     seconds = start_timeout()  # a bad setting is refused before anything starts
     launcher = Launcher(worker_env, config, options.context or DEFAULT_METHOD)
-    engine = LocalEngine(launcher, workers, initializer, seconds)
+    engine = LocalEngine(launcher, workers, initializer, seconds, options.max_tasks_per_child)
     engine.start()
     return engine
 

@@ -476,7 +476,8 @@ def _shipping_error(error: BaseException, where: str = "") -> BaseException:
 # ---------------------------------------------------------------- connect
 
 
-def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, context: str | None) -> DaskEngine:
+def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, context: str | None,
+            max_tasks_per_child: int | None = None) -> DaskEngine:
     """Connect to the dask scheduler at ``address`` and start an engine for a Pool.
 
     ``address`` is a scheduler address (``"tcp://host:8786"``), a
@@ -488,6 +489,11 @@ def connect(address: Any, *, workers: int | None, initializer: Any, env: Any, co
     import distributed
 
     _refuse_local_options(workers, initializer, env, context)
+    if max_tasks_per_child is not None:
+        raise ValueError(
+            f"mpnb.Pool(backend='dask') does not take max_tasks_per_child={max_tasks_per_child!r}: the "
+            "cluster's workers are shared and not the pool's to restart (dask's own lifetime settings, "
+            "distributed.worker.lifetime, restart them). Leave it out.")
     client, owns = _client(distributed, address)
     try:
         pids = _check_cluster(client)

@@ -68,11 +68,13 @@ _MAX_AHEAD = 64
 _PACES_KEPT = 32
 # consecutive workers that die before they are ready before the engine gives up
 _MAX_START_FAILURES = 3
+# how long a worker retired by max_tasks_per_child may take to leave before it is killed
+_RETIRE_GRACE = 10.0
 
 
 class _WorkerState:
     __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
-                 "open", "started")
+                 "open", "started", "tasks", "retired")
 
     def __init__(self, handle: WorkerHandle):
         self.handle = handle
@@ -87,6 +89,8 @@ class _WorkerState:
         self.functions: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
         self.init_failure: Any = None
         self.open = True  # the connection has not reached EOF
+        self.tasks = 0  # tasks sent to it, for max_tasks_per_child
+        self.retired: float | None = None  # when it was asked to leave (max_tasks_per_child)
 
     @property
     def who(self) -> tuple[int, int]:
@@ -104,8 +108,12 @@ class LocalEngine(EngineBase):
     backend = "local"
     shares_memory = True
 
-    def __init__(self, launcher: Launcher, workers: int, initializer: str | None, start_timeout: float):
+    def __init__(self, launcher: Launcher, workers: int, initializer: str | None, start_timeout: float,
+                 max_tasks: int | None = None):
         super().__init__("mpnb-local-engine", Monitor(), workers)
+        # a worker that was sent this many tasks gets no more and is replaced
+        # once they are done (max_tasks_per_child); None: workers serve on
+        self.max_tasks = max_tasks
         self.launcher = launcher
         self.method = launcher.method
         self.initializer = initializer  # its qualified name, for errors
@@ -145,6 +153,7 @@ class LocalEngine(EngineBase):
         self._start_missing()
         while True:
             self._take_waiting()
+            self._retire_spent()
             # dispatch first: it may drop the last queued chunks (cancelled
             # futures), and then nothing would wake the wait below (gh-94440)
             self._dispatch()
@@ -226,9 +235,28 @@ class LocalEngine(EngineBase):
 
     # -- workers
 
+    def _spent(self, state: _WorkerState) -> bool:
+        """Whether ``state`` was sent all the tasks max_tasks_per_child allows (a chunk is never split)."""
+        return self.max_tasks is not None and state.tasks >= self.max_tasks
+
+    def _retire_spent(self) -> None:
+        """Ask each worker that ran its last allowed tasks to leave, and start its replacement."""
+        if self.max_tasks is None:
+            return
+        for state in list(self.workers.values()):
+            if state.retired is None and not state.chunks and state.kill_reason is None and self._spent(state):
+                state.retired = time.monotonic()
+                try:
+                    state.handle.conn.send_bytes(pickle.dumps(STOP))
+                except OSError:
+                    pass  # already gone: its sentinel says so
+        self._start_missing()
+
     def _start_missing(self) -> None:
         # while stopping, only to run what is still queued (a worker died meanwhile)
-        while len(self.workers) < self.size and (not self.stopping or self.queue) and self._start_error is None:
+        # a retired worker does not count: its replacement starts while it leaves
+        while (sum(w.retired is None for w in self.workers.values()) < self.size
+               and (not self.stopping or self.queue) and self._start_error is None):
             worker_id = next(self._worker_ids)
             handle = self.launcher.start_worker(worker_id)
             self.workers[worker_id] = _WorkerState(handle)
@@ -255,7 +283,8 @@ class LocalEngine(EngineBase):
     def _dispatch(self) -> None:
         if not self.queue:
             return
-        usable = [w for w in self.workers.values() if w.ready and w.open and w.kill_reason is None]
+        usable = [w for w in self.workers.values()
+                  if w.ready and w.open and w.kill_reason is None and not self._spent(w)]
         # first every idle worker gets work, then busy ones are topped up when
         # both their call and the next are fast (see _FAST) and have no timeout
         now = time.monotonic()
@@ -278,7 +307,7 @@ class LocalEngine(EngineBase):
     def _send(self, state: _WorkerState, room: int) -> None:
         """Send up to ``room`` queued chunks of one call to a worker, in one message."""
         runs: list[Run] = []
-        while len(runs) < room:
+        while len(runs) < room and not self._spent(state):
             chunk = self._next_chunk()
             if chunk is None:
                 break
@@ -317,6 +346,7 @@ class LocalEngine(EngineBase):
             state.next_pos, state.since = 0, now
         chunk.sent = now
         state.chunks.append(chunk)
+        state.tasks += len(chunk.indices)
         self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
         return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None,
                    int(call.mode))
@@ -357,6 +387,8 @@ class LocalEngine(EngineBase):
     def _next_wakeup(self) -> float | None:
         if self._cancels or any(w.kill_reason for w in self.workers.values()):
             return 0.05
+        if any(w.retired is not None for w in self.workers.values()):
+            return 0.1  # a retired worker that does not leave is killed (_check_timeouts)
         timeouts = [w.chunks[0].call.timeout for w in self.workers.values()
                     if w.chunks and w.chunks[0].call.timeout is not None]
         if not all(w.ready for w in self.workers.values()):
@@ -440,6 +472,8 @@ class LocalEngine(EngineBase):
             if not state.ready and state.kill_reason is None and now - state.started > self.start_timeout:
                 state.kill_reason = ("start-timeout", now - state.started)
                 state.handle.kill()
+            if state.retired is not None and now - state.retired > _RETIRE_GRACE:
+                state.handle.kill()  # it was told to leave and did not (an atexit handler that hangs)
             if not state.chunks or state.kill_reason is not None:
                 continue
             if self.stopping and process_stopped(state.handle.pid):
@@ -476,7 +510,7 @@ class LocalEngine(EngineBase):
         self.queue.extendleft(reversed(self._settle_chunks(state, exitcode)))
         self._judge_start(state, exitcode)
         reason = state.kill_reason
-        why = reason[0] if reason else ("stopped" if self.stopping else errors.signal_name(exitcode))
+        why = reason[0] if reason else ("stopped" if self.stopping or state.retired else errors.signal_name(exitcode))
         self.monitor.worker_stopped(handle.worker_id, handle.pid, exitcode, why)
         handle.close()
         for doomed, done in list(self._cancels):
