@@ -408,3 +408,23 @@ def pool_cancel_stops_running_and_pending(run: Run) -> None:
 @pytest.mark.parametrize("case", TABLE, ids=[case.__name__ for case in TABLE])
 def test_parity(run, case):
     case(run)
+
+
+def test_engine_contract_a_cancelled_call_gives_every_task_an_outcome(run):
+    """The promise the pool's waiting rests on (docs/architecture.md): after
+    ``engine.cancel(call)``, every task of the call gets an outcome, those
+    running and those still queued alike, without any release.  Asked of
+    the engine directly: the pool's own callers fill in what is missing."""
+    pool, engine = run.pool, run.pool._engine
+    total = run.engine.slots + 2
+    caller = (os.getpid(), threading.get_ident())
+    items = [(str(run.tmp / f"contract-{i}"), str(run.release_file), caller) for i in range(total)]
+    call = pool._new_call(block, None, mpnb._protocol.Mode.STAR)
+    call.total = total
+    engine.submit([chunk for _, chunk in pool._chunks(call, items, 1)])
+    _wait(lambda: sum((run.tmp / f"contract-{i}").exists() for i in range(total)) >= run.engine.slots,
+          "the first tasks start")
+    engine.cancel(call)
+    _wait(lambda: len(call.results) == total, "an outcome for every task of the cancelled call")
+    assert all(isinstance(call.results[i], CancelledError) for i in range(total)), call.results
+    assert sorted(call.failed) == list(range(total))

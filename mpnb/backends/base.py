@@ -25,6 +25,7 @@ from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from mpnb.calls import Call, Chunk, task_errors
+from mpnb import errors
 from mpnb.errors import broken, not_run
 from mpnb.monitor import Monitor
 
@@ -235,6 +236,12 @@ class EngineBase(threading.Thread):
         ``worker``, here a ``(worker id, pid)`` pair."""
         now = time.monotonic()
         self.monitor.tasks_ended(worker[0], worker[1], chunk.call.id, indices, [now] * len(indices), now, errors)
+
+    def _drop(self, chunk: Chunk) -> None:
+        """A chunk of a cancelled call that has not started: it never runs,
+        and each of its tasks ends with a ``CancelledError`` (a future
+        cancelled by its owner keeps that state)."""
+        self._fail(chunk, range(len(chunk.indices)), errors.cancelled)
 
     def _fail_everything(self, why: str) -> None:
         """The engine broke: every task it holds fails, and so does all later work."""

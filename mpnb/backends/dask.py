@@ -302,6 +302,7 @@ class DaskEngine(EngineBase):
         ready: list[Chunk] = []
         for chunk in chunks:
             if chunk.call.cancelled or (chunk.call.future is not None and chunk.call.future.cancelled()):
+                self._drop(chunk)
                 continue
             if chunk.call.timeout is not None and len(chunk.indices) > 1:
                 # a timeout is per task: each runs alone, so its start is known

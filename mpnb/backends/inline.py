@@ -88,6 +88,7 @@ class InlineEngine(EngineBase):
             chunk = self.queue.pop(0)
             call = chunk.call
             if call.cancelled:
+                self._drop(chunk)
                 continue
             if call.future is not None and not call.future.set_running_or_notify_cancel():
                 continue  # cancelled by its owner before it started: it never runs
@@ -146,6 +147,8 @@ class InlineEngine(EngineBase):
         self.queue.extend(chunks)
 
     def _on_cancel(self, call: Call, done: threading.Event) -> None:
+        for chunk in [c for c in self.queue if c.call is call]:
+            self._drop(chunk)
         self.queue = [c for c in self.queue if c.call is not call]
         if self.current is not None and self.current.chunk.call is call:
             self._abandon(self.current, errors.cancelled)

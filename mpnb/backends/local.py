@@ -196,6 +196,8 @@ class LocalEngine(EngineBase):
             self._drop_queue()
 
     def _on_cancel(self, call: Call, done: threading.Event) -> None:
+        for chunk in [c for c in self.queue if c.call is call]:
+            self._drop(chunk)
         self.queue = deque(c for c in self.queue if c.call is not call)
         doomed = set()
         for worker_id, state in self.workers.items():
@@ -272,6 +274,7 @@ class LocalEngine(EngineBase):
             chunk = self.queue.popleft()
             call = chunk.call
             if call.cancelled:
+                self._drop(chunk)
                 continue
             future = call.future
             if future is not None and not future.running() and not future.set_running_or_notify_cancel():
