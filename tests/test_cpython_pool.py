@@ -16,6 +16,8 @@ Tests not run as CPython wrote them:
 | test | how | why |
 |---|---|---|
 | ``_TestPool.test_resource_warning`` | skipped | sets the private ``pool._state`` to make ``multiprocessing``'s own ``ResourceWarning`` text appear |
+| ``_TestPool.test_map_unplicklable`` | skipped | documented difference: an argument that cannot be pickled fails its task with ``mpnb.PicklingProblem`` (a ``pickle.PicklingError`` naming the path and the fix), not with the ``RuntimeError`` its ``__reduce__`` raised |
+| ``_TestPool.test_release_task_refs`` | skipped | documented difference: ``pool.last_results`` keeps the results of the last ``map``, so the returned copies of the objects stay alive (the arguments are released, as the test's first assertion checks) |
 | ``_TestPool.test_make_pool`` | adapted | ``len(p._pool)`` (private) reads ``p.workers`` |
 | ``_TestPoolWorkerLifetime.test_pool_worker_lifetime`` | adapted | ``[w.pid for w in p._pool]`` reads ``p.pids``; ``p._repopulate_pool()`` and its ``is_alive`` loop become a wait (up to 30 s) until three workers are alive: mpnb replaces its workers itself |
 | ``_TestPoolWorkerLifetime.test_worker_finalization_via_atexit_handler_of_multiprocessing`` | adapted | the child script imports ``Pool`` from ``mpnb`` instead of ``multiprocessing`` |
@@ -177,6 +179,9 @@ class _TestPool(BaseTestCase):
         self.assertEqual(2, len(call_args))
         self.assertIsInstance(call_args[1], ValueError)
 
+    @pytest.mark.skip(reason="documented difference: an argument that cannot be pickled fails its task "
+                             "with mpnb.PicklingProblem (a pickle.PicklingError), not with the error "
+                             "its __reduce__ raised")
     def test_map_unplicklable(self):
         # Issue #19425 -- failure to pickle should not cause a hang
         if self.TYPE == 'threads':
@@ -449,6 +454,8 @@ class _TestPool(BaseTestCase):
         # check that we indeed waited for all jobs
         self.assertGreater(time.monotonic() - t_start, 0.9)
 
+    @pytest.mark.skip(reason="documented difference: pool.last_results keeps the last map's results, "
+                             "so the copies of the CountedObjects stay alive")
     def test_release_task_refs(self):
         # Issue #29861: task arguments and results should not be kept
         # alive after we are done with them.
