@@ -59,6 +59,7 @@ from concurrent import futures
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, BrokenExecutor, Future
 from concurrent.futures.process import BrokenProcessPool
 from logging.handlers import QueueHandler
+from multiprocessing import resource_tracker
 from pickle import PicklingError
 
 import logging
@@ -85,6 +86,14 @@ from cpython_support import (
 from kernel import TAG_VAR
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _resource_tracker():
+    """multiprocessing's resource tracker is one process for the whole session,
+    started by the first spawn: start it before any test's tag is set, so that
+    it does not count as that test's leftover."""
+    resource_tracker.ensure_running()
 
 
 @pytest.fixture(autouse=True)
