@@ -126,3 +126,14 @@ def sleep_and_print(t, msg):
     time.sleep(t)
     print(msg)
     sys.stdout.flush()
+
+
+def shut_down_open_pools(keep=()):
+    """Shut down every ``mpnb.Pool`` a test left open, as CPython's tearDown
+    reaps the children a failed test leaves; what a shut-down pool leaves
+    behind is still the tag fixture's to find."""
+    import mpnb
+
+    for obj in gc.get_objects():
+        if isinstance(obj, mpnb.Pool) and not obj.closed and not any(obj is k for k in keep):
+            obj.shutdown(wait=True, cancel_futures=True)

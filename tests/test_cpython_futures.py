@@ -81,6 +81,7 @@ from cpython_support import (
     captured_stderr,
     create_future,
     gc_collect,
+    shut_down_open_pools,
     sleeping_retry,
 )
 from kernel import TAG_VAR
@@ -97,9 +98,13 @@ def _resource_tracker():
 
 
 @pytest.fixture(autouse=True)
-def _tagged(tag, monkeypatch):
+def _tagged(request, tag, monkeypatch):
     """Every process a test starts inherits its tag from this environment."""
     monkeypatch.setenv(TAG_VAR, tag)
+    yield
+    # a test that failed half-way leaves its pool open; a later test must
+    # not see that pool's workers
+    shut_down_open_pools(keep=())
 
 
 def wait_for_pids(pool, n):

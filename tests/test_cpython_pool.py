@@ -49,6 +49,7 @@ from cpython_support import (
     assert_python_ok,
     captured_stderr,
     gc_collect,
+    shut_down_open_pools,
     sleeping_retry,
 )
 from kernel import TAG_VAR, assert_no_leftovers, new_tag
@@ -56,9 +57,13 @@ from multiprocessing.managers import RemoteError
 
 
 @pytest.fixture(autouse=True)
-def _tagged(tag, monkeypatch):
+def _tagged(request, tag, monkeypatch):
     """Every worker a test starts inherits its tag from this environment."""
     monkeypatch.setenv(TAG_VAR, tag)
+    yield
+    # a test that failed half-way leaves its pool open; a later test must
+    # not see that pool's workers
+    shut_down_open_pools(keep=(getattr(request.cls, "pool", None),))
 
 
 class BaseTestCase(unittest.TestCase):
