@@ -18,6 +18,8 @@ Tests not run as CPython wrote them:
 | ``_TestPool.test_resource_warning`` | skipped | sets the private ``pool._state`` to make ``multiprocessing``'s own ``ResourceWarning`` text appear |
 | ``_TestPool.test_map_unplicklable`` | skipped | documented difference: an argument that cannot be pickled fails its task with ``mpnb.PicklingProblem`` (a ``pickle.PicklingError`` naming the path and the fix), not with the ``RuntimeError`` its ``__reduce__`` raised |
 | ``_TestPool.test_release_task_refs`` | skipped | documented difference: ``pool.last_results`` keeps the results of the last ``map``, so the returned copies of the objects stay alive (the arguments are released, as the test's first assertion checks) |
+| ``_TestPool.test_imap_handle_iterable_exception`` | skipped | documented difference: ``imap`` yields the result of every item read before the input iterator's error, then raises it; CPython drops the chunk the error cut short (with chunksize 2 and the error at item 7, mpnb yields item 6 first) |
+| ``_TestPoolWorkerErrors.test_unpickleable_result`` | skipped | documented difference: a return value that cannot be pickled fails its task with ``mpnb.PicklingProblem`` (a ``pickle.PicklingError`` naming the path and the fix), not ``multiprocessing.pool.MaybeEncodingError`` |
 | ``_TestPool.test_make_pool`` | adapted | ``len(p._pool)`` (private) reads ``p.workers`` |
 | ``_TestPoolWorkerLifetime.test_pool_worker_lifetime`` | adapted | ``[w.pid for w in p._pool]`` reads ``p.pids``; ``p._repopulate_pool()`` and its ``is_alive`` loop become a wait (up to 30 s) until three workers are alive: mpnb replaces its workers itself |
 | ``_TestPoolWorkerLifetime.test_worker_finalization_via_atexit_handler_of_multiprocessing`` | adapted | the child script imports ``Pool`` from ``mpnb`` instead of ``multiprocessing`` |
@@ -263,6 +265,9 @@ class _TestPool(BaseTestCase):
             self.assertEqual(next(it), i*i)
         self.assertRaises(StopIteration, it.__next__)
 
+    @pytest.mark.skip(reason="documented difference: imap yields the results of every item before the "
+                             "input iterator's error, then raises it (item 6 of a chunk of 2 that the "
+                             "error cut short is run; CPython drops that chunk)")
     def test_imap_handle_iterable_exception(self):
         if self.TYPE == 'manager':
             self.skipTest('test not appropriate for {}'.format(self.TYPE))
@@ -533,6 +538,8 @@ class _TestPoolWorkerErrors(BaseTestCase):
         p.close()
         p.join()
 
+    @pytest.mark.skip(reason="documented difference: a return value that cannot be pickled fails its task "
+                             "with mpnb.PicklingProblem, not multiprocessing.pool.MaybeEncodingError")
     def test_unpickleable_result(self):
         from multiprocessing.pool import MaybeEncodingError
         p = mpnb.Pool(2)
