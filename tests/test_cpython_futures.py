@@ -47,7 +47,6 @@ Tests not run as CPython wrote them:
 """
 
 import contextlib
-import io
 import itertools
 import multiprocessing
 import os

@@ -499,20 +499,8 @@ class _TestPool(BaseTestCase):
 
     @pytest.mark.skip(reason="sets the private pool._state to provoke multiprocessing's own ResourceWarning")
     def test_resource_warning(self):
-        if self.TYPE == 'manager':
-            self.skipTest("test not applicable to manager")
+        pass  # CPython's body sets pool._state and checks multiprocessing's warning text
 
-        pool = self.Pool(1)
-        pool.terminate()
-        pool.join()
-
-        # force state to RUN to emit ResourceWarning in __del__()
-        pool._state = multiprocessing.pool.RUN
-
-        with warnings_helper.check_warnings(
-                ('unclosed running multiprocessing pool', ResourceWarning)):
-            pool = None
-            gc_collect()
 
 def raising():
     raise KeyError("key")
