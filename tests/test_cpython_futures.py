@@ -93,7 +93,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module", autouse=True)
 def _resource_tracker():
-    """multiprocessing's resource tracker is one process for the whole session,
+    """multiprocessing's resource tracker is one process for the whole test run,
     started by the first spawn: start it before any test's tag is set, so that
     it does not count as that test's leftover."""
     resource_tracker.ensure_running()
