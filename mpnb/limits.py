@@ -83,7 +83,8 @@ def resolve_workers(workers: int | None) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int):
         raise TypeError(f"workers must be an int or None, not {type(workers).__name__}")
     if workers < 1:
-        raise ValueError(f"workers={workers}: a pool needs at least 1 worker")
+        # the stdlib's words too, which code written for ProcessPoolExecutor may look for
+        raise ValueError(f"workers={workers}: a pool needs at least 1 worker (max_workers must be greater than 0)")
     if workers > cap:
         raise ValueError(
             f"workers={workers} is more than the limit of {cap} workers per pool "

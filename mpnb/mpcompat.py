@@ -337,9 +337,7 @@ def _one(name: str, value: Any, other: str, other_value: Any) -> Any:
 def _check_max_tasks(limit: Any, name: str) -> int | None:
     if limit is None:
         return None
-    if not _is_int(limit):
-        raise TypeError(f"mpnb.Pool({name}={limit!r}): give a whole number of tasks, or None")
-    if limit < 1:
+    if not _is_int(limit) or limit < 1:  # a ValueError, as multiprocessing.Pool raises
         raise ValueError(f"mpnb.Pool({name}={limit!r}): a worker must run at least 1 task; "
                          "give 1 or more, or None to keep workers")
     return int(limit)

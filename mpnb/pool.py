@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pickle
 import weakref
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
@@ -174,8 +175,11 @@ class Pool(MultiprocessingAPI, Executor):
         if self._closed:
             raise ClosedPoolError("this mpnb.Pool was closed or shut down; create a new mpnb.Pool to run more tasks")
         engine = self._engine
-        if engine.stopped.is_set() or engine.error is not None:
+        if engine.error is not None:
             raise BrokenProcessPool(f"this mpnb.Pool stopped working ({engine.error!r}); create a new mpnb.Pool")
+        if engine.stopped.is_set():  # not by shutdown(): at interpreter exit
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown: this mpnb.Pool's "
+                               "workers were stopped as the interpreter exits")
 
     def _new_call(self, fn: Callable, timeout: float | None, mode: Mode, future: Future | None = None,
                   kind: type[Call] = Call) -> Call:
@@ -190,7 +194,9 @@ class Pool(MultiprocessingAPI, Executor):
             except BaseException as exc:  # SystemExit from a __reduce__ too
                 raise function_error(fn, exc) from exc
         timeout = self.timeout if timeout is None else check_timeout(timeout)
-        return kind(fn, fn_bytes, timeout, mode, future)
+        # the function itself is kept only where tasks run in this process: a
+        # future kept by its caller must not keep the function's objects alive
+        return kind(fn if self._engine.in_process else None, fn_bytes, timeout, mode, future)
 
     def _chunks(self, call: Call, items: Iterable[Any], chunksize: int) -> Iterator[tuple[int, Chunk]]:
         """``(tasks so far, chunk)`` pairs; a chunk may be empty when its
@@ -257,7 +263,12 @@ class Pool(MultiprocessingAPI, Executor):
         __tracebackhide__ = True  # IPython shows the caller's line, not mpnb's frames
         self._check_open()
         future = TaskFuture()
-        call = self._new_call(fn, None, Mode.KWARGS, future)
+        try:
+            call = self._new_call(fn, None, Mode.KWARGS, future)
+        except pickle.PicklingError as exc:  # the pickle doctor's PicklingProblem too
+            # as concurrent.futures: what cannot be sent fails the task's future, not submit()
+            future.set_exception(exc)
+            return future
         future._mpnb_stop = functools.partial(_stop_submitted, self._engine, call)
         self.monitor.call_started(call.id, 1)
         self._running[call.id] = call

@@ -38,6 +38,9 @@ Tests not run as CPython wrote them:
 | ``ExecutorDeadlockTest._fail_on_deadlock`` | adapted | kills the processes in ``pids``, not ``_processes`` |
 | ``ExecutorDeadlockTest.test_shutdown_deadlock_pickle`` | adapted | does not join the private ``_executor_manager_thread`` |
 | ``ExecutorDeadlockTest.test_gh105829_should_not_deadlock_if_wakeup_pipe_full`` | skipped | patches ``ProcessPoolExecutor``'s private ``_ExecutorManagerThread`` and ``_ThreadWakeup`` |
+| ``ExecutorDeadlockTest.test_exit_at_task_unpickle``, ``test_error_at_task_unpickle``, ``test_error_during_result_unpickle_in_result_handler``, ``test_exit_during_result_unpickle_in_result_handler`` | skipped | documented difference: what cannot be loaded on the other side fails that task alone, with an error that names it; CPython breaks the whole pool |
+| ``ExecutorDeadlockTest.test_exit_during_result_pickle_on_worker`` | skipped | documented difference: a result whose pickling raises (``SystemExit`` too) fails its task with the pickle doctor's ``PicklingError``, the ``SystemExit`` as its cause |
+| ``FailingInitializerMixin.test_initializer`` (replaces the row above) | skipped | documented difference: a failing initializer fails the waiting work; new work starts workers again, so the pool never stays broken |
 | ``test_future.py`` | not ported | tests ``Future`` objects on their own; no executor |
 | ``ThreadPool*`` classes, ``test_thread_pool.py`` | not ported | ``ThreadPoolExecutor`` |
 | ``ProcessPoolFork*`` classes | not ported | documented difference: mpnb never forks |
@@ -963,6 +966,7 @@ class FailingInitializerMixin(ExecutorMixin):
             self.executor_kwargs = dict(initializer=init_fail)
         super().setUp()
 
+    @pytest.mark.skip(reason="documented difference: a failing initializer fails the work waiting for workers (BrokenProcessPool, the initializer's error as cause); new work starts workers again, since the initializer may depend on something the notebook fixes, so the pool never stays broken")
     def test_initializer(self):
         with self._assert_logged('ValueError: error in initializer'):
             try:
@@ -1137,10 +1141,12 @@ class ExecutorDeadlockTest:
         # the task_handler thread
         self._check_crash(PicklingError, id, ErrorAtPickle())
 
+    @pytest.mark.skip(reason="documented difference: what cannot be loaded on the other side (a task's arguments in the worker, a result in the notebook) fails that task alone, with the error that names it; CPython breaks the whole pool (BrokenProcessPool)")
     def test_exit_at_task_unpickle(self):
         # Check problem occurring while unpickling a task on workers
         self._check_crash(BrokenProcessPool, id, ExitAtUnpickle())
 
+    @pytest.mark.skip(reason="documented difference: what cannot be loaded on the other side (a task's arguments in the worker, a result in the notebook) fails that task alone, with the error that names it; CPython breaks the whole pool (BrokenProcessPool)")
     def test_error_at_task_unpickle(self):
         # gh-109832: Restore stderr overriden by _raise_error_ignore_stderr()
         self.addCleanup(setattr, sys, 'stderr', sys.stderr)
@@ -1169,6 +1175,7 @@ class ExecutorDeadlockTest:
         # on workers
         self._check_crash(BrokenProcessPool, _return_instance, CrashAtPickle)
 
+    @pytest.mark.skip(reason="documented difference: a result whose pickling raises (SystemExit too) fails its task with the pickle doctor's PicklingError, the SystemExit as its cause; the worker serves on")
     def test_exit_during_result_pickle_on_worker(self):
         # Check problem occurring while pickling a task result
         # on workers
@@ -1179,6 +1186,7 @@ class ExecutorDeadlockTest:
         # on workers
         self._check_crash(PicklingError, _return_instance, ErrorAtPickle)
 
+    @pytest.mark.skip(reason="documented difference: what cannot be loaded on the other side (a task's arguments in the worker, a result in the notebook) fails that task alone, with the error that names it; CPython breaks the whole pool (BrokenProcessPool)")
     def test_error_during_result_unpickle_in_result_handler(self):
         # gh-109832: Restore stderr overriden by _raise_error_ignore_stderr()
         self.addCleanup(setattr, sys, 'stderr', sys.stderr)
@@ -1189,6 +1197,7 @@ class ExecutorDeadlockTest:
                           _return_instance, ErrorAtUnpickle,
                           ignore_stderr=True)
 
+    @pytest.mark.skip(reason="documented difference: what cannot be loaded on the other side (a task's arguments in the worker, a result in the notebook) fails that task alone, with the error that names it; CPython breaks the whole pool (BrokenProcessPool)")
     def test_exit_during_result_unpickle_in_result_handler(self):
         # Check problem occurring while unpickling a task in
         # the result_handler thread

@@ -20,6 +20,7 @@ Tests not run as CPython wrote them:
 | ``_TestPool.test_release_task_refs`` | skipped | documented difference: ``pool.last_results`` keeps the results of the last ``map``, so the returned copies of the objects stay alive (the arguments are released, as the test's first assertion checks) |
 | ``_TestPool.test_imap_handle_iterable_exception`` | skipped | documented difference: ``imap`` yields the result of every item read before the input iterator's error, then raises it; CPython drops the chunk the error cut short (with chunksize 2 and the error at item 7, mpnb yields item 6 first) |
 | ``_TestPoolWorkerErrors.test_unpickleable_result`` | skipped | documented difference: a return value that cannot be pickled fails its task with ``mpnb.PicklingProblem`` (a ``pickle.PicklingError`` naming the path and the fix), not ``multiprocessing.pool.MaybeEncodingError`` |
+| ``_TestPool.test_traceback`` | skipped | documented difference: the worker's traceback is an ``mpnb.pool.RemoteTraceback`` (its text in ``str()`` and ``.text``), not ``multiprocessing.pool.RemoteTraceback`` (``.tb``); the test asserts the exact type |
 | ``_TestPool.test_make_pool`` | adapted | ``len(p._pool)`` (private) reads ``p.workers`` |
 | ``_TestPoolWorkerLifetime.test_pool_worker_lifetime`` | adapted | ``[w.pid for w in p._pool]`` reads ``p.pids``; ``p._repopulate_pool()`` and its ``is_alive`` loop become a wait (up to 30 s) until three workers are alive: mpnb replaces its workers itself |
 | ``_TestPoolWorkerLifetime.test_worker_finalization_via_atexit_handler_of_multiprocessing`` | adapted | the child script imports ``Pool`` from ``mpnb`` instead of ``multiprocessing`` |
@@ -395,6 +396,7 @@ class _TestPool(BaseTestCase):
     def _test_traceback(cls):
         raise RuntimeError(123) # some comment
 
+    @pytest.mark.skip(reason="documented difference: the worker's traceback is an mpnb.pool.RemoteTraceback (its text in str() and .text), not multiprocessing.pool.RemoteTraceback (.tb)")
     def test_traceback(self):
         # We want ensure that the traceback from the child process is
         # contained in the traceback raised in the main process.

@@ -211,8 +211,12 @@ def test_the_task_description_shows_an_unpicklable_argument_by_its_type(pool):
 
 
 def test_a_function_closure_names_its_path(pool):
-    with pytest.raises(PicklingProblem) as caught:
-        pool.submit(closure_over_lock(), 1)
+    # as concurrent.futures: submit() returns, the future holds the error
+    error = pool.submit(closure_over_lock(), 1).exception(timeout=60)
+    assert isinstance(error, PicklingProblem), repr(error)
+    _assert_doctor(error, "work.__closure__[0].cell_contents", "_thread.lock")
+    with pytest.raises(PicklingProblem) as caught:  # a blocking call raises it
+        pool.map(closure_over_lock(), [1])
     _assert_doctor(caught.value, "work.__closure__[0].cell_contents", "_thread.lock")
 
 
