@@ -297,7 +297,7 @@ def test_a_worker_is_replaced_after_max_tasks_per_child(tag):
         pool.shutdown()
     with pytest.raises(ValueError, match="at least 1 task"):
         mpnb.Pool(1, max_tasks_per_child=0)
-    with pytest.raises(TypeError, match="whole number"):
+    with pytest.raises(ValueError, match="at least 1 task"):  # as multiprocessing.Pool: a ValueError
         mpnb.Pool(1, max_tasks_per_child="2")
 
 
