@@ -39,7 +39,7 @@ class Call:
 
     _ids = itertools.count()
 
-    def __init__(self, fn: Callable, fn_bytes: bytes | None, timeout: float | None, mode: Mode,
+    def __init__(self, fn: Callable | None, fn_bytes: bytes | None, timeout: float | None, mode: Mode,
                  future: Future | None = None):
         self.id = next(self._ids)
         self.fn = fn  # for an engine that runs tasks in this process

@@ -99,12 +99,14 @@ class InlineEngine(EngineBase):
         """A runner thread: the chunk's tasks, each outcome delivered as it ends."""
         chunk = running.chunk
         call = chunk.call
+        fn = call.fn
+        assert fn is not None, "an in-process engine's calls keep their function"
         for index, item in zip(chunk.indices, chunk.items):
             args, kwargs = arguments(call.mode, item)
             running.started = started = time.monotonic()
             failures = {}
             try:
-                value = call.fn(*args, **kwargs)
+                value = fn(*args, **kwargs)
             except Exception as exc:  # as in a worker; an exit or Ctrl-C goes on up
                 value = errors.note(exc, describe(call, index, item))
                 failures[index] = f"{type(exc).__name__}: {exc}"
