@@ -101,3 +101,32 @@ def test_magic_runs_a_stdlib_pool_cell_unchanged_on_mpnb_and_off_undoes_it(kerne
     kernel.run("%mppool_patch --off").ok()
     reply = kernel.run("print(multiprocessing.Pool.__self__ is multiprocessing.context._default_context)").ok()
     assert "True" in reply.stdout
+
+
+# a cell as a multiprocessing tutorial writes it, with a function defined in the cell
+STDLIB_CELL = """
+import multiprocessing
+def square(x):
+    return x * x
+got = []
+pool = {make}
+first = pool.apply_async(square, (7,), callback=got.append)
+squares = pool.map_async(square, range(6), 2)
+print(first.get(timeout=120), squares.get(timeout=120))
+pool.close()
+pool.join()
+print(got, first.successful(), type(pool).__module__)
+"""
+
+
+@pytest.mark.kernel
+def test_a_multiprocessing_cell_runs_unchanged_on_mpnb_and_under_the_patch(kernel):
+    kernel.run("%load_ext mpnb\nimport mpnb").ok()
+    # one name changed: mpnb.Pool for multiprocessing's
+    reply = kernel.run(STDLIB_CELL.format(make="mpnb.Pool(2)"), timeout=120).ok()
+    assert reply.stdout.splitlines()[-2:] == ["49 [0, 1, 4, 9, 16, 25]", "[49] True mpnb.pool"], reply.stdout
+    # nothing changed: the patch makes the stdlib's name an mpnb.Pool
+    kernel.run("%mppool_patch").ok()
+    reply = kernel.run(STDLIB_CELL.format(make="multiprocessing.get_context('spawn').Pool(2)"), timeout=120).ok()
+    assert reply.stdout.splitlines()[-2:] == ["49 [0, 1, 4, 9, 16, 25]", "[49] True mpnb.pool"], reply.stdout
+    kernel.run("%mppool_patch --off").ok()
