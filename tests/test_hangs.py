@@ -281,7 +281,12 @@ class UnpicklableFunction(RaisesOnPickle):
 
 @pytest.mark.parametrize("error", [SystemExit(4), ValueError("no pickling")], ids=["SystemExit", "ValueError"])
 def test_a_function_whose_reduce_raises_is_refused_with_a_pickling_error(pool, error):
+    # as concurrent.futures: submit() returns, its future holds the error
     outcome = _ends(pool.submit, UnpicklableFunction(error), 1)
+    assert "error" not in outcome, outcome
+    assert isinstance(outcome["value"].exception(timeout=DEADLINE), pickle.PicklingError), outcome
+    # a blocking call raises it
+    outcome = _ends(pool.map, UnpicklableFunction(error), [1])
     assert isinstance(outcome.get("error"), pickle.PicklingError), outcome
     assert pool.submit(square, 3).result(timeout=DEADLINE) == 9
 
