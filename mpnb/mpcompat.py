@@ -102,19 +102,18 @@ class TaskFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         __tracebackhide__ = True
-        try:
-            return super().result(timeout)
-        except KeyboardInterrupt:
-            self._interrupted()
-            raise
-        finally:
-            if self.done():
-                self._show_output()
+        return self._fetch(super().result, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         __tracebackhide__ = True
+        return self._fetch(super().exception, timeout)
+
+    def _fetch(self, wait: Callable[[float | None], Any], timeout: float | None) -> Any:
+        """Wait as ``Future`` does; Ctrl-C stops the task, and the task's
+        output is shown once it is done."""
+        __tracebackhide__ = True
         try:
-            return super().exception(timeout)
+            return wait(timeout)
         except KeyboardInterrupt:
             self._interrupted()
             raise
