@@ -26,6 +26,7 @@ import mmap
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -555,16 +556,121 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
 _fault_file = None
 
 
-def boot(fd: int) -> None:
-    """Entry point of a worker started by ``python -c`` (the ``exec`` start
-    method): read the parent's ``sys.path``, the slot and the configuration
-    from the inherited connection ``fd``, then serve."""
-    from multiprocessing.connection import Connection
+class _PipeConnection:
+    """The worker's end of its pipe, speaking ``multiprocessing.connection``'s
+    framing (a 4-byte big-endian length, or -1 and 8 bytes) over the
+    inherited descriptor: importing ``multiprocessing.connection`` would cost
+    an exec worker 10 to 30 ms of start-up."""
 
-    conn = Connection(fd)
-    path, slot_path, config = pickle.loads(conn.recv_bytes())
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send_bytes(self, data: bytes) -> None:
+        n = len(data)
+        header = SIZE.pack(n) if n <= 0x7FFFFFFF else SIZE.pack(-1) + BIG_SIZE.pack(n)
+        view = memoryview(header + data if n <= 16384 else header)
+        if n > 16384:
+            self._write(view)
+            view = memoryview(data)
+        self._write(view)
+
+    def _write(self, view: memoryview) -> None:
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def _read(self, n: int) -> bytes:
+        parts, left = [], n
+        while left:
+            part = os.read(self.fd, left)
+            if not part:
+                raise EOFError
+            parts.append(part)
+            left -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def recv_bytes(self) -> bytes:
+        (n,) = SIZE.unpack(self._read(4))
+        if n == -1:
+            (n,) = BIG_SIZE.unpack(self._read(8))
+        return self._read(n)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        import select  # a built-in module: no cost
+
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+SIZE = struct.Struct("!i")
+BIG_SIZE = struct.Struct("!Q")
+
+
+class _SiteOnFirstUse:
+    """First on ``sys.meta_path`` of an exec worker (started without
+    ``site``): when a task first imports a name that a finder of the
+    parent's ``.pth`` files finds (an editable install's package), run those
+    files of the parent's site directories, as ``site`` did in the parent,
+    then find the name as the parent does.  A worker that never imports such
+    a name never pays for them."""
+
+    def __init__(self, site_dirs: list[str], names: list[str]):
+        self.site_dirs = site_dirs
+        self.names = set(names)
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name not in self.names:
+            return None
+        self.run_site()
+        # importlib is iterating the list this changed: look through it afresh
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                return spec
+        return None
+
+    def run_site(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        before = list(sys.path)
+        import site
+
+        known: set[str] = set()
+        for directory in self.site_dirs:
+            site.addsitedir(directory, known)
+        site.execsitecustomize()
+        sys.path[:] = before  # the parent's order: it holds what the .pth files add
+
+
+def boot(fd: int) -> None:
+    """Entry point of a worker started by ``python -S -P -c`` (the ``exec``
+    start method): read the parent's ``sys.path``, its site directories, the
+    slot and the configuration from the inherited pipe ``fd``, then serve
+    (see :func:`mpnb.backends.launcher.site_setup`)."""
+    conn = _PipeConnection(fd)
+    path, (site_dirs, names), slot_path, config = pickle.loads(conn.recv_bytes())
     sys.path[:] = path
+    if site_dirs:
+        on_first_use = _SiteOnFirstUse(site_dirs, names or [])
+        if names is None:
+            on_first_use.run_site()  # finders whose names are unknown: now
+        else:
+            sys.meta_path.insert(0, on_first_use)
+    _set_quit()
     main(conn, slot_path, config)
+
+
+def _set_quit() -> None:
+    """``exit()`` and ``quit()``, which ``site`` would have defined."""
+    import builtins
+    import _sitebuiltins
+
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")  # type: ignore[attr-defined]
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")  # type: ignore[attr-defined]
 
 
 def main(conn, slot_path: str, config: dict[str, Any]) -> None:

@@ -6,10 +6,14 @@ parent's ``sys.path`` and sets environment variables before anything is
 imported:
 
 - ``"exec"`` (the default on POSIX): ``subprocess`` starts
-  ``python -c "from mpnb._worker import boot; ..."`` (vfork+exec), which
-  imports only the worker module and reads its setup from the pipe.  It is
-  the fastest to start: no launcher module to import, nothing to unpickle
-  but the setup.
+  ``python -S -P -c "from mpnb._worker import boot; ..."`` (vfork+exec),
+  which imports only the worker module and reads its setup from the pipe.
+  It is the fastest to start: no ``site`` (its ``.pth`` files cost 3 to
+  15 ms, most of it an editable install's finder), no launcher module to
+  import, nothing to unpickle but the setup.  The worker gets the parent's
+  ``sys.path`` instead, and runs ``site``'s ``.pth`` files of the parent's
+  site directories only if a module is not found on it (see
+  :func:`mpnb._worker.boot`).
 - ``"loky"``: loky's process launcher (fork+exec), as loky's executors use.
 - ``"spawn"``, ``"forkserver"``: the standard library's.
 
@@ -138,10 +142,74 @@ class WorkerHandle:
 START_METHODS = ("exec", "loky", "spawn", "forkserver")
 DEFAULT_METHOD = "exec" if os.name == "posix" else "loky"
 
-# mpnb's own directory first, in case only the parent's sys.path finds it;
-# boot() then puts the parent's whole sys.path in place
+# mpnb's own directory, after the standard library's (-S: no site-packages
+# yet); boot() then puts the parent's whole sys.path in place
 _HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOT = f"import sys; sys.path.insert(0, {_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
+_BOOT = f"import sys; sys.path.append({_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
+# -S: no site (see the module docstring); -P: nothing of the current
+# directory shadows a module before boot() sets sys.path.  Not -E: the
+# environment (PYTHONHASHSEED, PYTHONWARNINGS, ...) applies as in the parent.
+_FLAGS = ("-S", "-P")
+
+
+#: what the finders of well-known ``.pth`` files find (besides setuptools'
+#: editable installs, whose modules list theirs)
+_KNOWN_FINDERS = {"_distutils_hack": ("distutils", "pip"), "_virtualenv": ("distutils", "setuptools")}
+
+
+def site_setup() -> tuple[list[str], list[str] | None]:
+    """What an exec worker (started without ``site``) needs of this
+    process's ``site``: the site directories whose ``.pth`` files it ran,
+    and the top-level names that the import finders those files installed
+    find (an editable install's packages).  The worker runs the ``.pth``
+    files when it first imports one of those names; ``None`` for the names
+    when a finder's names are unknown: then at its start."""
+    site = sys.modules.get("site")
+    if site is None or sys.flags.no_site:
+        return [], []
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    dirs = [d for d in dirs if d in sys.path]
+    imported = _pth_imports(dirs)
+    names: set[str] = set()
+    for finder in sys.meta_path:
+        module_name = (finder if isinstance(finder, type) else type(finder)).__module__
+        if module_name not in imported:
+            continue  # not installed by site: a worker installs it as the parent did, by importing
+        module = sys.modules.get(module_name)
+        found = _KNOWN_FINDERS.get(module_name)
+        if found is None and isinstance(getattr(module, "MAPPING", None), dict):
+            found = [*module.MAPPING, *getattr(module, "NAMESPACES", {})]  # setuptools' editable finder
+        if found is None:
+            return dirs, None
+        names.update(name.partition(".")[0] for name in found)
+    return dirs, sorted(names)
+
+
+def _pth_imports(dirs: list[str]) -> set[str]:
+    """The modules the ``import`` lines of the ``.pth`` files in ``dirs`` name."""
+    found: set[str] = set()
+    for directory in dirs:
+        try:
+            files = [f for f in os.listdir(directory) if f.endswith(".pth")]
+        except OSError:
+            continue
+        for name in files:
+            try:
+                with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as f:
+                    lines = [line for line in f if line.startswith(("import ", "import\t"))]
+            except OSError:
+                continue
+            for line in lines:
+                for statement in line.split(";"):
+                    words = statement.replace(",", " ").split()
+                    if words[:1] == ["import"]:
+                        found.update(word for word in words[1:] if word.isidentifier())
+                # setuptools' distutils shim: enabled and __import__('_distutils_hack').add_shim()
+                for call in line.split("__import__(")[1:]:
+                    found.add(call[1:].partition(call[:1])[0])
+    return found
 
 
 def _pidfd(pid: int) -> int | None:
@@ -287,7 +355,7 @@ class _ExecProcess:
         try:
             # process_group: leads its own group from the start (see _worker._die_with_parent)
             self._popen = subprocess.Popen(
-                [sys.executable, "-c", _BOOT.format(fd=conn_fd)],
+                [sys.executable, *_FLAGS, "-c", _BOOT.format(fd=conn_fd)],
                 env=env, pass_fds=(conn_fd, child_sentinel, *fds), close_fds=True,
                 process_group=0,
             )
@@ -346,6 +414,7 @@ class Launcher:
         if config.get("initializer") is not None:
             self._config["initializer"] = _Initializer(*config["initializer"])
             self._config["initializer"].check()
+        self._site = site_setup() if method == "exec" else ([], [])
         _sweep_dead_pools_once()
         # the owner's pid in the name: the next pool removes it if the owner was killed
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
@@ -362,7 +431,7 @@ class Launcher:
             spawning = _ExecSpawning()
             set_spawning_popen(cast(Any, spawning))
             try:
-                setup = pickle.dumps((sys.path, slot_path, self._config), pickle.HIGHEST_PROTOCOL)
+                setup = pickle.dumps((sys.path, self._site, slot_path, self._config), pickle.HIGHEST_PROTOCOL)
             finally:
                 set_spawning_popen(None)
             with self._lock:
