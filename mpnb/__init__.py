@@ -11,8 +11,6 @@ machinery, and starts no thread or process.  Those come when they are used.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 
 TYPE_CHECKING = False  # typing is not imported: workers import this package at start-up
@@ -56,6 +54,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'mpnb' has no attribute {name!r}")
+    import importlib  # here: a worker imports this package at start-up
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -77,6 +77,8 @@ class _RegisterWithJoblib:
         if name != "joblib":
             return None
         _forget_hook()
+        import importlib.util
+
         spec = importlib.util.find_spec(name)
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import mmap
 import os
-import pickle
 import signal
 import struct
 import sys
@@ -528,6 +527,50 @@ def _lead_own_group() -> None:
         pass
 
 
+class _ThenLoader:
+    """A module's loader, then a function of the loaded module."""
+
+    def __init__(self, loader, then):
+        self.loader, self.then = loader, then
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.then(module)
+
+
+class _AfterImport:
+    """First on ``sys.meta_path`` until ``name`` is imported; then ``then``
+    is called with the module, before the import returns."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name != self.name or self not in sys.meta_path:
+            return None
+        sys.meta_path.remove(self)
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if getattr(spec.loader, "exec_module", None) is not None:
+                    spec.loader = _ThenLoader(spec.loader, self.then)
+                return spec
+        return None
+
+
+def _after_import(name: str, then) -> None:
+    """Call ``then(module)`` once module ``name`` is imported, now if it is."""
+    module = sys.modules.get(name)
+    if module is not None:
+        then(module)
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
 def _setup(config: dict[str, Any], slot_path: str) -> None:
     # the kernel's interrupt may reach the whole process group; the pool
     # decides what happens to tasks, so workers ignore SIGINT
@@ -537,10 +580,10 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     os.environ[WORKER_VAR] = slot_path
     _die_with_parent(config["parent"], slot_path)
     if config.get("authkey"):
-        # what spawn and loky hand their children, so Manager proxies connect
-        import multiprocessing.process
-
-        multiprocessing.process.current_process().authkey = config["authkey"]
+        # what spawn and loky hand their children, so Manager proxies connect;
+        # set once multiprocessing is imported (it costs an exec worker 5 ms)
+        _after_import("multiprocessing.process", lambda process: setattr(
+            process.current_process(), "authkey", config["authkey"]))
     import faulthandler
 
     global _fault_file
@@ -652,7 +695,7 @@ def boot(fd: int) -> None:
     slot and the configuration from the inherited pipe ``fd``, then serve
     (see :func:`mpnb.backends.launcher.site_setup`)."""
     conn = _PipeConnection(fd)
-    path, (site_dirs, names), slot_path, config = pickle.loads(conn.recv_bytes())
+    path, (site_dirs, names), slot_path, config = loads(conn.recv_bytes())
     sys.path[:] = path
     if site_dirs:
         on_first_use = _SiteOnFirstUse(site_dirs, names or [])
