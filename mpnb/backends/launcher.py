@@ -177,10 +177,11 @@ def site_setup() -> tuple[list[str], list[str] | None]:
         module_name = (finder if isinstance(finder, type) else type(finder)).__module__
         if module_name not in imported:
             continue  # not installed by site: a worker installs it as the parent did, by importing
-        module = sys.modules.get(module_name)
-        found = _KNOWN_FINDERS.get(module_name)
-        if found is None and isinstance(getattr(module, "MAPPING", None), dict):
-            found = [*module.MAPPING, *getattr(module, "NAMESPACES", {})]  # setuptools' editable finder
+        found: Any = _KNOWN_FINDERS.get(module_name)
+        mapping = getattr(sys.modules.get(module_name), "MAPPING", None)
+        if found is None and isinstance(mapping, dict):
+            namespaces = getattr(sys.modules[module_name], "NAMESPACES", {})
+            found = [*mapping, *namespaces]  # setuptools' editable finder
         if found is None:
             return dirs, None
         names.update(name.partition(".")[0] for name in found)
