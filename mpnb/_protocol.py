@@ -10,6 +10,7 @@ nothing heavy: it is loaded by every worker at start-up.
     ------                                           ------
     (RUNS, [Run, ...])  ------------------------->   run each chunk in turn
     STOP (None)         ------------------------->   leave the serve loop
+    Boot (exec workers) ------------------------->   set up, then serve
                         <-------------------------   (HELLO, pid, monotonic time)
                         <-------------------------   (INIT_FAILED, pid, Failure)
                         <-------------------------   (RECORDS, [Record, ...])
@@ -60,6 +61,14 @@ Run = namedtuple("Run", "seq count call fn_data items_data flush_each mode")
 #: the last one ended (the worker's ``time.monotonic``), and ``final`` when
 #: the chunk has no more tasks to report.
 Record = namedtuple("Record", "seq first values failures outputs starts end final")
+
+#: what an exec worker reads first from its pipe (see
+#: :func:`mpnb._worker.boot`): the parent's ``sys.path``; the site
+#: directories whose ``.pth`` files the parent ran and the top-level names
+#: their finders find (None: unknown, run them at the start); the parent's
+#: interpreter flags as ``multiprocessing`` passes them to a process it
+#: spawns; the worker's slot file and its configuration.
+Boot = namedtuple("Boot", "path site_dirs site_names flags slot_path config")
 
 #: (chunk seq, position in chunk, start time) of the task running now
 SLOT = struct.Struct("<qqd")

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from mpnb._protocol import FLUSH_SECONDS, FUNCTION_CACHE_SIZE, SLOT, STOP, Kind, Record, Run
+from mpnb._protocol import FLUSH_SECONDS, FUNCTION_CACHE_SIZE, SLOT, STOP, Boot, Kind, Record, Run
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
@@ -691,20 +691,24 @@ class _SiteOnFirstUse:
 
 def boot(fd: int) -> None:
     """Entry point of a worker started by ``python -S -P -c`` (the ``exec``
-    start method): read the parent's ``sys.path``, its site directories, the
-    slot and the configuration from the inherited pipe ``fd``, then serve
-    (see :func:`mpnb.backends.launcher.site_setup`)."""
+    start method): read a :class:`~mpnb._protocol.Boot` from the inherited
+    pipe ``fd``, set up as the parent is, then serve (see
+    :func:`mpnb.backends.launcher.site_setup`)."""
     conn = _PipeConnection(fd)
-    path, (site_dirs, names), slot_path, config = loads(conn.recv_bytes())
-    sys.path[:] = path
-    if site_dirs:
-        on_first_use = _SiteOnFirstUse(site_dirs, names or [])
-        if names is None:
+    setup: Boot = loads(conn.recv_bytes())
+    sys.path[:] = setup.path
+    if setup.site_dirs:
+        on_first_use = _SiteOnFirstUse(setup.site_dirs, setup.site_names or [])
+        if setup.site_names is None:
             on_first_use.run_site()  # finders whose names are unknown: now
         else:
             sys.meta_path.insert(0, on_first_use)
     _set_quit()
-    main(conn, slot_path, config)
+    # what a task starts as multiprocessing does (spawn, forkserver) gets
+    # the parent's interpreter flags, not this worker's -S -P
+    _after_import("subprocess", lambda subprocess: setattr(
+        subprocess, "_args_from_interpreter_flags", lambda: list(setup.flags)))
+    main(conn, setup.slot_path, setup.config)
 
 
 def _set_quit() -> None:

@@ -39,6 +39,12 @@ def path(_):
 
 def call_exit(code):
     exit(code)
+
+
+def spawn_flags(_):
+    import multiprocessing.util
+
+    return multiprocessing.util._args_from_interpreter_flags()
 '''
 
 FINDER = '''
@@ -130,3 +136,13 @@ def test_exit_builtin_exists_in_a_worker(probe, tag):
         [outcome] = pool.map(probe.call_exit, [3])
     assert isinstance(outcome, SystemExit), outcome
     assert outcome.code == 3
+
+
+def test_processes_a_task_spawns_get_the_parents_interpreter_flags(probe, tag):
+    """A stdlib spawn pool or forkserver a task starts passes its children
+    the parent's interpreter flags, not the worker's -S -P: they run site
+    as the parent did, so they find its editable packages."""
+    import subprocess
+
+    with mpnb.Pool(1, context="exec", live=False, env={TAG_VAR: tag}) as pool:
+        assert pool.map(probe.spawn_flags, [None]) == [subprocess._args_from_interpreter_flags()]

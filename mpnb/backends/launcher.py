@@ -53,7 +53,7 @@ from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
 
 from mpnb import _worker
-from mpnb._protocol import SLOT
+from mpnb._protocol import SLOT, Boot
 from mpnb.shared import sweep_dead
 
 POOL_DIR_PREFIX = "mpnb-pool-"
@@ -416,6 +416,7 @@ class Launcher:
             self._config["initializer"] = _Initializer(*config["initializer"])
             self._config["initializer"].check()
         self._site = site_setup() if method == "exec" else ([], [])
+        self._flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
         _sweep_dead_pools_once()
         # the owner's pid in the name: the next pool removes it if the owner was killed
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
@@ -432,7 +433,8 @@ class Launcher:
             spawning = _ExecSpawning()
             set_spawning_popen(cast(Any, spawning))
             try:
-                setup = pickle.dumps((sys.path, self._site, slot_path, self._config), pickle.HIGHEST_PROTOCOL)
+                boot = Boot(sys.path, *self._site, self._flags, slot_path, self._config)
+                setup = pickle.dumps(boot, pickle.HIGHEST_PROTOCOL)
             finally:
                 set_spawning_popen(None)
             with self._lock:
