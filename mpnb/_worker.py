@@ -540,6 +540,9 @@ class _ThenLoader:
         self.loader.exec_module(module)
         self.then(module)
 
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)  # get_source, get_filename, ... as the loader's
+
 
 class _AfterImport:
     """First on ``sys.meta_path`` until ``name`` is imported; then ``then``
