@@ -78,6 +78,8 @@ def _num(value: float) -> str:
         return f"{value:,.0f}"
     if value >= 10:
         return f"{value:.1f}"
+    if 0 < value < 0.1:  # the floors: a few microseconds in ms, a few ms in s
+        return f"{value:.2g}"
     return f"{value:.2f}"
 
 

@@ -224,7 +224,7 @@ def versions() -> str:
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, small sizes")
-    parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds of every workload (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-kernel", action="store_true", help="skip the workloads in a Jupyter kernel")
     parser.add_argument("--baseline", metavar="REV", action="append",
@@ -329,9 +329,9 @@ def render(sizes, figures, cells, live, left, started, args, baselines: list[Bas
         f"# Benchmark {started:%Y-%m-%d %H:%M}",
         "",
         f"`{_command(args)}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
-        "median (min–max), **bold** where it is the best of its column; **×p** = the median ÷ the best "
+        "median (min–max), **bold** where it is the best of its column; ×p = the median ÷ the best "
         f"peer's (the best contender not mpnb; ×r = ÷ {REFERENCE}'s where no peer ran); "
-        "**×f** = the median ÷ the floor's (the last rows, measured in the same rounds).",
+        "×f = the median ÷ the floor's or the ideal's (the last rows, measured in the same rounds).",
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
     ]

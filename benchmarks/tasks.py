@@ -58,3 +58,11 @@ def make_array(args: tuple) -> Any:
 def group_stats(frame: Any) -> Any:
     """Aggregate one part of a pandas frame by its ``key`` column (every group is whole in one part)."""
     return frame.groupby("key").agg(x_sum=("x", "sum"), y_mean=("y", "mean"), n=("x", "size"))
+
+
+def import_pandas(seconds: float) -> bool:
+    """Import pandas in this worker, then hold it ``seconds`` so that the next task goes to another."""
+    import pandas  # noqa: F401
+
+    time.sleep(seconds)
+    return True
