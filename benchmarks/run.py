@@ -11,7 +11,8 @@ contender, run in a child interpreter that times its own calls
 the same conditions as the earlier one;
 ``--only NAME`` keeps the contenders whose name contains NAME.
 
-Rounds interleave the contenders (A B C ... B C A ... C A B ...).  At the end every
+Rounds interleave the contenders and the floor's measurements
+(A B C ... F, B C ... F A, ...).  At the end every
 pool is shut down, the stdlib's and loky's helper processes are stopped, and
 the run fails if any child process (or any process carrying the run's tag in
 its environment) or new file in ``/dev/shm`` or the temp
