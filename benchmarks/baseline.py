@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks.workloads import Sizes
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUND_TIMEOUT = 900.0  # seconds: a full round on a busy machine takes about 20
+ROUND_TIMEOUT = 900.0  # seconds: a full round on a busy machine takes about 60
 
 
 # ------------------------------------------------------------------ messages
