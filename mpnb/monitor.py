@@ -5,13 +5,16 @@ pool (the status widget, a text report, a test) reads it:
 
 - :meth:`Monitor.snapshot` returns one :class:`WorkerStatus` per worker, with
   the task each busy worker runs now (read from the worker's shared-memory
-  slot, so it is current even inside a chunk) and how long it has run.
+  slot, so it is current even inside a chunk) and how long it has run
+  (from the time in the slot: the task's start, or for a task among fast
+  ones, a moment before it).
 - :meth:`Monitor.sample` adds CPU percent and resident memory from psutil.
 - :meth:`Monitor.events` returns the :mod:`mpnb.events` recorded since a
   cursor, so a reader polling a few times a second sees every event once.
 - :meth:`Monitor.calls` returns progress per call (total, done, failed).
 
-Feeding the monitor is cheap: it stores one entry per batch of tasks, and
+Feeding the monitor is cheap: it stores one entry per batch of tasks, with
+the start times the worker took (a few for a batch of fast tasks), and
 event objects are built only when someone reads them.  A task's ``finished``
 time is when the worker moved on to the next task (or ended the batch).
 """
@@ -125,10 +128,13 @@ class Monitor:
                 row.chunks.append((seq, call, indices, when))
                 row.state = "busy"
 
-    def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int], starts: list[float],
-                    end: float, errors: dict[int, str]) -> None:
-        """Tasks ``indices`` (started at ``starts``; the last ended at ``end``)
-        ended; ``errors`` maps the failed ones to a one-line description."""
+    def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int],
+                    starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
+        """Tasks ``indices`` ended; the last at ``end``.  ``starts`` holds each
+        one's start time, or (a dict) the start times of some of them by
+        their offset in ``indices``, the first always: the tasks between two
+        timed ones ran evenly between their times.  ``errors`` maps the
+        failed ones to a one-line description."""
         if not indices:
             return
         with self._lock:
@@ -258,6 +264,8 @@ def _expand(kind: str, payload: tuple) -> list[Event]:
         cls, fields = payload
         return [cls(*fields)]
     worker, pid, call, indices, starts, end, errors = payload
+    if isinstance(starts, dict):
+        starts = _spread(starts, len(indices), end)
     events: list[Event] = []
     for i, index in enumerate(indices):
         started = starts[i]
@@ -268,3 +276,15 @@ def _expand(kind: str, payload: tuple) -> list[Event]:
         else:
             events.append(TaskFinished(worker, pid, call, index, started, finished))
     return events
+
+
+def _spread(timed: dict[int, float], count: int, end: float) -> list[float]:
+    """Start times of ``count`` tasks from those of some (``timed``, by
+    offset, the first always), the others spread evenly up to the next
+    timed one or ``end``."""
+    marks = sorted(timed.items()) + [(count, end)]
+    starts: list[float] = []
+    for (offset, time_), (following, next_time) in zip(marks, marks[1:]):
+        step = (next_time - time_) / (following - offset)
+        starts.extend(time_ + step * k for k in range(following - offset))
+    return starts
