@@ -74,6 +74,9 @@ class Monitor:
         self._lock = threading.Lock()
         self._rows: dict[int, Any] = {}
         self._calls: dict[int, CallStatus] = {}
+        # [done, failed] per call, counted as tasks end; put into the
+        # CallStatus records only when read (a record per delivery is too dear)
+        self._counts: dict[int, list[int]] = {}
         # (first event number, count, kind, payload); expanded when read
         self._log: deque[tuple[int, int, str, tuple]] = deque()
         self._logged = 0
@@ -108,8 +111,9 @@ class Monitor:
     def call_started(self, call: int, total: int | None) -> None:
         with self._lock:
             self._calls[call] = CallStatus(call, total, started=time.monotonic())
+            self._counts[call] = [0, 0]
             while len(self._calls) > 100:
-                self._calls.pop(next(iter(self._calls)))
+                self._counts.pop(self._calls.pop(next(iter(self._calls))).call, None)
 
     def call_total(self, call: int, total: int) -> None:
         with self._lock:
@@ -143,17 +147,19 @@ class Monitor:
             if row is not None:
                 row.failed += len(errors)
                 row.done += len(indices) - len(errors)
-            status = self._calls.get(call)
-            if status is not None:
-                self._calls[call] = replace(
-                    status, done=status.done + len(indices) - len(errors), failed=status.failed + len(errors)
-                )
+            counts = self._counts.get(call)
+            if counts is not None:
+                counts[0] += len(indices) - len(errors)
+                counts[1] += len(errors)
 
     def chunk_ended(self, worker: int, seq: int) -> None:
         with self._lock:
             row = self._rows.get(worker)
             if row is not None:
-                row.chunks = [c for c in row.chunks if c[0] != seq]
+                if row.chunks and row.chunks[0][0] == seq:
+                    del row.chunks[0]  # the usual case: chunks end in the order they were sent
+                else:
+                    row.chunks = [c for c in row.chunks if c[0] != seq]
                 if not row.chunks:
                     row.state = "idle"
 
@@ -226,7 +232,8 @@ class Monitor:
     def calls(self) -> list[CallStatus]:
         """Progress of recent calls, oldest first."""
         with self._lock:
-            return list(self._calls.values())
+            return [replace(status, done=self._counts[call][0], failed=self._counts[call][1])
+                    for call, status in self._calls.items()]
 
 
 def process_stopped(pid: int | None) -> bool:

@@ -451,7 +451,7 @@ class LocalEngine(EngineBase):
         state.next_pos = first + len(values)
         state.since = time.monotonic()
         # recorded before delivered: a summary made when the caller wakes counts them
-        starts = {pos - first: started for pos, started in record.starts.items()}
+        starts = record.starts if not first else {pos - first: t for pos, t in record.starts.items()}
         self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, record.end, errors_by_index)
         call.deliver(indices, values, failed, output)
         if record.final:
