@@ -14,9 +14,11 @@ nothing heavy: it is loaded by every worker at start-up.
                         <-------------------------   (INIT_FAILED, pid, Failure)
                         <-------------------------   (RECORDS, [Record, ...])
 
-Besides messages, a worker writes ``(chunk seq, position, start time)`` into
-its shared-memory slot (:data:`SLOT`) before each task: the engine reads it
-for timeouts, and after a crash to name the task that was running.
+Besides messages, a worker writes the position of each task into its
+shared-memory slot (:data:`SLOT`) before it runs, and the chunk's seq and the
+time with it whenever it reads the clock: the engine reads the slot for
+timeouts and the live view, and after a crash to name the task that was
+running.
 """
 
 from __future__ import annotations
