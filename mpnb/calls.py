@@ -160,6 +160,12 @@ class MapResults:
     def get(self, index: int, default: Any = None) -> Any:
         return self.slots[index] if index in self else default
 
+    def pop(self, index: int) -> Any:
+        value = self[index]
+        self.slots[index] = _MISSING
+        self.count -= 1
+        return value
+
     def __iter__(self) -> Iterator[int]:
         return (i for i, value in enumerate(self.slots) if value is not _MISSING)
 

@@ -136,7 +136,7 @@ class ClusterMonitor(Monitor):
             node.running[seq] = (call, index, time.monotonic())
 
     def chunk_done(self, address: str, pid: int, seq: int, call: int, indices: list[int],
-                   starts: dict[int, float], end: float, errors: dict[int, str]) -> None:
+                   starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
         """A chunk's tasks ended on ``address`` (times on this machine's clock)."""
         with self._lock:
             node = self._node(address, pid)
