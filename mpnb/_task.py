@@ -278,5 +278,4 @@ def load_failure(seq: int, count: int, exc: BaseException) -> Record:
     ``count`` tasks fails with ``exc``."""
     failure = Failure.from_exception(exc)
     now = time.monotonic()
-    return Record(seq, 0, [None] * count, dict.fromkeys(range(count), failure), {},
-                  [now] * count, now, True)
+    return Record(seq, 0, [None] * count, dict.fromkeys(range(count), failure), {}, {0: now}, now, True)
