@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 
 from mpnb._protocol import FLUSH_SECONDS, FUNCTION_CACHE_SIZE, SLOT, STOP, Kind, Record, Run
+from mpnb import _task
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
@@ -120,6 +121,7 @@ class _Worker:
         finally:
             os.close(slot_fd)
         self.functions: OrderedDict[int, Any] = OrderedDict()
+        _task.share_results = slot_path  # large results through shared memory, named after the slot
         self.capture = _Capture()
         self.pending: list[Record] = []  # records not sent yet
         self.last_sent = time.monotonic()
