@@ -125,6 +125,8 @@ def _value_dumper() -> Callable[[Any], Any]:
     from mpnb.shared import dump_result, results_prefix
 
     prefix = results_prefix(share_results)
+    if prefix is None:
+        return dumps
     return lambda value: dump_result(value, prefix)
 
 

@@ -338,14 +338,18 @@ def backing_file(array: Any) -> str | None:
 _results = itertools.count()
 
 
-def results_prefix(marker: str) -> str:
-    """Where a local worker puts its results' buffers, as a file name prefix.
+def results_prefix(marker: str) -> str | None:
+    """Where a local worker puts its results' buffers, as a file name prefix,
+    or None where there is no ``/dev/shm`` (a file on disk would cost more
+    than the pipe).
 
     ``marker`` is the worker's slot (``<temp>/mpnb-pool-<pid>-<x>/worker-3``)
     or its pool's directory (``<temp>/mpnb-pool-<pid>-<x>``): the prefix of one
     worker's files, or of all the pool's.  The owner's pid comes first, so
     :func:`sweep_dead` removes them once the pool's process is gone.
     """
+    if _directory() != "/dev/shm":
+        return None
     directory, name = os.path.split(marker)
     if name.startswith("worker-"):
         pool = os.path.basename(directory).split("-", 2)[2]
@@ -356,7 +360,10 @@ def results_prefix(marker: str) -> str:
 def remove_results(marker: str) -> None:
     """Remove the result files a worker (or a whole pool, by its directory)
     wrote and the parent did not load: it died, or its record was dropped."""
-    directory, prefix = os.path.split(results_prefix(marker))
+    where = results_prefix(marker)
+    if where is None:
+        return
+    directory, prefix = os.path.split(where)
     try:
         names = [n for n in os.listdir(directory) if n.startswith(prefix)]
     except OSError:
