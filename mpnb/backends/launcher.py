@@ -101,6 +101,8 @@ class WorkerHandle:
         if not running and not self._tree_ended:
             # it ended by itself (a crash): what left its group is found by its mark
             _worker.kill_marked(self.slot_path)
+            # and the results it wrote but never sent go now, before its crash is reported
+            remove_results(self.slot_path)
         self._tree_ended = True
 
     def join(self, timeout: float | None = None) -> None:
