@@ -119,15 +119,19 @@ _TYPE_NAMES: dict = {}
 share_results: str | None = None
 
 
+_shared_dumper: Callable[[Any], Any] | None = None
+
+
 def _value_dumper() -> Callable[[Any], Any]:
+    global _shared_dumper
     if share_results is None or "numpy" not in sys.modules:  # only arrays have such buffers
         return dumps
-    from mpnb.shared import dump_result, results_prefix
+    if _shared_dumper is None:
+        from mpnb.shared import dump_result, results_prefix
 
-    prefix = results_prefix(share_results)
-    if prefix is None:
-        return dumps
-    return lambda value: dump_result(value, prefix)
+        prefix = results_prefix(share_results)
+        _shared_dumper = dumps if prefix is None else lambda value: dump_result(value, prefix)
+    return _shared_dumper
 
 
 def pack(record: Record) -> Record:

@@ -31,8 +31,8 @@ import threading
 import time
 from collections import OrderedDict
 
-from mpnb._protocol import FLUSH_SECONDS, FUNCTION_CACHE_SIZE, SLOT, STOP, Kind, Record, Run
 from mpnb import _task
+from mpnb._protocol import FLUSH_SECONDS, FUNCTION_CACHE_SIZE, SLOT, STOP, Kind, Record, Run
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
