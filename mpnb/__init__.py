@@ -26,6 +26,7 @@ __all__ = [
     "doctor",
     "patch",
     "unpatch",
+    "shared_array",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -41,6 +42,7 @@ _LAZY = {
     # would replace the function mpnb.patch with the module
     "patch": "mpnb.patching",
     "unpatch": "mpnb.patching",
+    "shared_array": "mpnb.shared",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
+    from mpnb.shared import shared_array
 
 
 def __getattr__(name: str) -> Any:

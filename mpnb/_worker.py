@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from mpnb import _task
 from mpnb._protocol import (FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, SLOT, STOP, STRIDE_SECONDS, Kind,
                             Record, Run)
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
@@ -128,6 +129,7 @@ class _Worker:
         # the slot's position field alone, written before each untimed task
         self.position = memoryview(self.slot).cast("q")
         self.functions: OrderedDict[int, Any] = OrderedDict()
+        _task.share_results = slot_path  # large results through shared memory, named after the slot
         self.capture = _Capture()
         self.pending: list[Record] = []  # records not sent yet
         self.last_sent = time.monotonic()

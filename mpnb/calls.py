@@ -260,7 +260,8 @@ def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, B
     values: list[Any] = []
     for i, blob in enumerate(packed.blobs):
         try:
-            values.append(None if blob is None else pickle.loads(blob))
+            # bytes, or a result whose buffers came through shared memory (mpnb.shared)
+            values.append(None if blob is None else pickle.loads(blob) if type(blob) is bytes else blob.load())
         except BaseException as exc:  # SystemExit too: loading runs the value's own code
             values.append(None)
             unloadable[first + i] = (packed.kinds[i], exc)
