@@ -14,7 +14,7 @@ its own mpnb first, then the child's ``sys.path``)::
 The child times the same calls with the same code as the contenders in the
 benchmark process (:func:`benchmarks.workloads.one_round`), so the pipe is
 never inside a measurement; its memory figures are the child's process tree.
-It makes the large array itself, from the same seed.
+It makes the large array and the pandas frame itself, from the same seeds.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks.workloads import Sizes
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUND_TIMEOUT = 900.0  # seconds: a full round on a busy machine takes about 20
+ROUND_TIMEOUT = 900.0  # seconds: a full round on a busy machine takes about 60
 
 
 # ------------------------------------------------------------------ messages
@@ -211,13 +211,13 @@ def serve(conn: Connection) -> None:
 
     from benchmarks.contenders import Mpnb
     from benchmarks.measure import Figure
-    from benchmarks.workloads import UNITS, large_array, one_round
+    from benchmarks.workloads import UNITS, one_round, prepare
 
     warnings.simplefilter("ignore", DeprecationWarning)
     start = conn.recv()
     contender = Mpnb("exec")
     contender.name = start.name
-    array, expected = large_array(start.sizes)
+    data = prepare(start.sizes)
     conn.send(Ready(mpnb.__file__, _check_workers()))
     while True:
         try:
@@ -228,7 +228,7 @@ def serve(conn: Connection) -> None:
             return
         figures = {key: Figure(unit) for key, unit in UNITS.items()}
         try:
-            one_round(contender, start.sizes, array, expected, figures)
+            one_round(contender, start.sizes, data, figures)
         except Exception:
             conn.send(Failed(traceback.format_exc()))
             continue

@@ -130,8 +130,9 @@ class Mpire(Contender):
         self.pool = WorkerPool(n_jobs=WORKERS, start_method="spawn", keep_alive=True)
 
     def map(self, fn, items, chunksize):
-        # mpire unpacks tuple items into arguments; a 1-tuple passes the item whole
-        return self.pool.map(fn, [(x,) for x in items], chunk_size=chunksize)
+        # mpire unpacks tuple items into arguments; a 1-tuple passes the item whole;
+        # without concatenate_numpy_output=False it joins numpy results into one array
+        return self.pool.map(fn, [(x,) for x in items], chunk_size=chunksize, concatenate_numpy_output=False)
 
     def close(self) -> None:
         self.pool.stop_and_join()

@@ -68,6 +68,8 @@ class Figure:
 
     def text(self) -> str:
         low, high = min(self.values), max(self.values)
+        if low == high:  # an ideal, computed, or a single value
+            return f"{_num(self.median)} {self.unit}"
         return f"{_num(self.median)} {self.unit} ({_num(low)}–{_num(high)})"
 
 
@@ -76,27 +78,77 @@ def _num(value: float) -> str:
         return f"{value:,.0f}"
     if value >= 10:
         return f"{value:.1f}"
+    if 0 < value < 0.1:  # the floors: a few microseconds in ms, a few ms in s
+        return f"{value:.2g}"
     return f"{value:.2f}"
 
 
-def table(columns: list[str], figures: dict[str, dict[str, Figure]], reference: str) -> str:
-    """A markdown table: one row per contender, one column per workload.
+@dataclass(frozen=True)
+class Layout:
+    """How to read the figures of a table.
 
-    Each cell is the median (min–max) and, below mpnb's row, the ratio of the
-    median to ``reference``'s median in the same column.
+    ``columns``: column key -> heading; ``better``: column key -> +1 where a
+    larger figure is better (throughput, speed-up), -1 where a smaller one is
+    (time, memory); ``peers``: the rows compared against (the best of them per
+    column is "the best peer"); ``floors``: column key -> the row holding that
+    column's floor; ``reference``: the row the others are compared with where
+    no peer has a figure (``--only mpnb``).
     """
-    lines = ["| contender | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, row in figures.items():
+
+    columns: dict[str, str]
+    better: dict[str, int]
+    peers: frozenset[str]
+    floors: dict[str, str] = field(default_factory=dict)
+    reference: str = ""
+
+
+def _best(rows: dict[str, dict[str, Figure]], names, column: str, sign: int) -> str | None:
+    """The name of the row with the best median in ``column`` among ``names``."""
+    found = [(sign * rows[n][column].median, n) for n in names
+             if column in rows.get(n, {}) and rows[n][column].values]
+    return max(found)[1] if found else None
+
+
+def table(figures: dict[str, dict[str, Figure]], layout: Layout) -> str:
+    """A markdown table: one row per contender (then the floor rows), one column per workload.
+
+    Each cell is the median (min–max), in bold where it is the best of its
+    column (floor rows aside); then ``×p`` its ratio to the best peer's median
+    (to the reference's where no peer has one) and ``×f`` its ratio to the
+    column's floor.
+    """
+    keys = list(layout.columns)
+    lines = ["| contender | " + " | ".join(layout.columns.values()) + " |", "|---|" + "---|" * len(keys)]
+    floor_rows = set(layout.floors.values())
+    contenders = [name for name in figures if name not in floor_rows]
+    for name in contenders + [n for n in figures if n in floor_rows]:
         cells = []
-        for column in columns:
-            figure = row.get(column)
+        for key in keys:
+            figure = figures[name].get(key)
             if figure is None or not figure.values:
                 cells.append("–")
                 continue
-            cell = figure.text()
-            ref = figures.get(reference, {}).get(column)
-            if name != reference and ref is not None and ref.values and ref.median:
-                cell += f" **×{figure.median / ref.median:.2f}**"
-            cells.append(cell)
+            cells.append(_cell(figures, layout, contenders, name, key))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(figures, layout: Layout, contenders: list[str], name: str, key: str) -> str:
+    figure, sign = figures[name][key], layout.better.get(key, -1)
+    text = figure.text()
+    if name not in contenders:
+        return text  # a floor row: the others are compared with it
+    if name in contenders and name == _best(figures, contenders, key, sign):
+        text = f"**{text}**"
+    peer = _best(figures, [n for n in contenders if n in layout.peers], key, sign)
+    ratios = []
+    if peer is None and layout.reference in contenders and name != layout.reference:
+        peer = layout.reference if figures[layout.reference].get(key, Figure("")).values else None
+    if peer is not None and (peer != name or peer in layout.peers) and figures[peer][key].median:
+        mark = "p" if peer in layout.peers else "r"
+        ratios.append(f"×{mark} {figure.median / figures[peer][key].median:.2f}")
+    floor = layout.floors.get(key)
+    if floor and floor != name and key in figures.get(floor, {}) and figures[floor][key].values \
+            and figures[floor][key].median:
+        ratios.append(f"×f {figure.median / figures[floor][key].median:.2f}")
+    return text + "".join(f" {r}" for r in ratios)

@@ -11,7 +11,8 @@ contender, run in a child interpreter that times its own calls
 the same conditions as the earlier one;
 ``--only NAME`` keeps the contenders whose name contains NAME.
 
-Rounds interleave the contenders (A B C ... B C A ... C A B ...).  At the end every
+Rounds interleave the contenders and the floor's measurements
+(A B C ... F, B C ... F A, ...).  At the end every
 pool is shut down, the stdlib's and loky's helper processes are stopped, and
 the run fails if any child process (or any process carrying the run's tag in
 its environment) or new file in ``/dev/shm`` or the temp
@@ -38,12 +39,15 @@ import psutil
 
 from benchmarks.baseline import Baseline
 from benchmarks.contenders import WORKERS, all_contenders, import_all
-from benchmarks.measure import Figure, table
-from benchmarks.workloads import FULL, QUICK, UNITS, Sizes, columns, large_array, one_round
+from benchmarks.floor import ROWS as FLOOR_ROWS
+from benchmarks.floor import floor_round
+from benchmarks.measure import Figure, Layout, table
+from benchmarks.workloads import FULL, HIGHER_IS_BETTER, QUICK, UNITS, Sizes, columns, one_round, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 _T0 = time.perf_counter()
-REFERENCE = "mpnb.Pool (exec)"  # the ratios are to this contender
+REFERENCE = "mpnb.Pool (exec)"  # the ratios are to this contender where no peer ran (--only mpnb)
+FLOOR = "the floor"  # its place in the rotation: the floor is measured between contenders
 KERNEL_ROWS = ["mpnb.Pool (exec) in a kernel", "mpnb.Pool (exec) in a kernel, live widget"]
 #: in the environment of every process the run starts, so the leftover check
 #: finds them even when their parent has gone (a baseline child's workers)
@@ -221,7 +225,7 @@ def versions() -> str:
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round, small sizes")
-    parser.add_argument("--rounds", type=int, help="rounds of every workload (default 5; 1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds of every workload (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-kernel", action="store_true", help="skip the workloads in a Jupyter kernel")
     parser.add_argument("--baseline", metavar="REV", action="append",
@@ -246,17 +250,21 @@ def _chosen(names: list[str], only: list[str] | None) -> list[str]:
 
 
 def _rounds(contenders: list, sizes: Sizes, figures: dict[str, dict[str, Figure]]) -> None:
-    """Every contender every round, interleaved; the baseline's round runs in its child."""
-    array, expected = large_array(sizes)
+    """Every contender and the floor every round, interleaved; the baseline's round runs in its child."""
+    data = prepare(sizes)
+    turns = [*contenders, FLOOR]
     for n in range(sizes.rounds):
         # each round starts one contender later, so none always runs first
-        shift = n % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
-            print(f"round {n + 1}/{sizes.rounds}: {contender.name}", file=sys.stderr, flush=True)
-            if isinstance(contender, Baseline):
+        shift = n % len(turns)
+        for contender in turns[shift:] + turns[:shift]:
+            name = getattr(contender, "name", contender)
+            print(f"round {n + 1}/{sizes.rounds}: {name}", file=sys.stderr, flush=True)
+            if contender is FLOOR:
+                floor_round(sizes, data, figures)
+            elif isinstance(contender, Baseline):
                 contender.round(figures[contender.name])
             else:
-                one_round(contender, sizes, array, expected, figures[contender.name])
+                one_round(contender, sizes, data, figures[contender.name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp, shm_before = _private_tempdir(), _shm()
     started = datetime.datetime.now()
     import_all()
-    figures = {c.name: {key: Figure(UNITS[key]) for key in columns(sizes)} for c in contenders}
+    figures = {name: {key: Figure(UNITS[key]) for key in columns(sizes)}
+               for name in [c.name for c in contenders] + list(FLOOR_ROWS)}
     cells: dict[str, Figure] = {}
     live = False
     try:
@@ -313,30 +322,38 @@ def _command(args: argparse.Namespace) -> str:
 
 def render(sizes, figures, cells, live, left, started, args, baselines: list[Baseline]) -> str:
     heads = columns(sizes)
+    layout = Layout(columns=heads, better={k: 1 if UNITS[k] in HIGHER_IS_BETTER else -1 for k in heads},
+                    peers=frozenset(name for name in figures if _is_peer(name)),
+                    floors={key: row for row, keys in FLOOR_ROWS.items() for key in keys},
+                    reference=REFERENCE)
     lines = [
         f"# Benchmark {started:%Y-%m-%d %H:%M}",
         "",
         f"`{_command(args)}`: {sizes.rounds} interleaved rounds, each starting one contender later; "
-        f"median (min–max); **×r** = the figure ÷ {REFERENCE}'s.",
+        "median (min–max), **bold** where it is the best of its column; ×p = the median ÷ the best "
+        f"peer's (the best contender not mpnb; ×r = ÷ {REFERENCE}'s where no peer ran); "
+        "×f = the median ÷ the floor's or the ideal's (the last rows, measured in the same rounds).",
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
     ]
     for baseline in (b for b in baselines if b.name in figures):
         lines.append(f"{baseline.name}: mpnb at {baseline.commit[:12]} ({baseline.subject}), in a child "
                      "interpreter that times the same calls itself; its memory is that child's process tree.")
-    lines += [
-        "",
-        table([heads[k] for k in heads], {name: {heads[k]: f for k, f in row.items()} for name, row in figures.items()},
-              REFERENCE),
-        "",
-    ]
+    lines += ["", table(figures, layout), ""]
     if cells:
         if not live:
             lines += ["The live widget is not in this mpnb (Pool has no `live=`): measured without it only.", ""]
+        cell_layout = Layout(columns={"time": "time"}, better={"time": -1}, peers=frozenset(),
+                             reference="plain cell: def")
         lines += ["In a kernel (round trip of an execute request, client side):", "",
-                  table(["time"], {name: {"time": f} for name, f in cells.items()}, "plain cell: def"), ""]
+                  table({name: {"time": f} for name, f in cells.items()}, cell_layout), ""]
     clean = "no process, no file in /dev/shm or the temp directory."
     lines.append("Left behind: " + ("; ".join(left) if left else clean))
     lines.append("")
     lines.append(f"Run took {time.perf_counter() - _T0:.0f} s.")
     return "\n".join(lines)
+
+
+def _is_peer(name: str) -> bool:
+    """A pool that is not mpnb, and not a floor row."""
+    return not name.startswith("mpnb") and name not in FLOOR_ROWS

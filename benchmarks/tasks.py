@@ -36,3 +36,33 @@ def mpnb_file(_: Any) -> str:
     import mpnb
 
     return mpnb.__file__
+
+
+def burn_returning(args: tuple) -> Any:
+    """Use ``seconds`` of CPU, then return ``megabytes`` of float64 numpy array filled with ``i``."""
+    import numpy as np
+
+    seconds, megabytes, i = args
+    burn(seconds)
+    return np.full(megabytes * 2**20 // 8, float(i))
+
+
+def make_array(args: tuple) -> Any:
+    """A new ``megabytes`` float64 numpy array filled with ``i``: a large result to send back."""
+    import numpy as np
+
+    megabytes, i = args
+    return np.full(megabytes * 2**20 // 8, float(i))
+
+
+def group_stats(frame: Any) -> Any:
+    """Aggregate one part of a pandas frame by its ``key`` column (every group is whole in one part)."""
+    return frame.groupby("key").agg(x_sum=("x", "sum"), y_mean=("y", "mean"), n=("x", "size"))
+
+
+def import_pandas(seconds: float) -> bool:
+    """Import pandas in this worker, then hold it ``seconds`` so that the next task goes to another."""
+    import pandas  # noqa: F401
+
+    time.sleep(seconds)
+    return True

@@ -12,7 +12,17 @@ Workloads, per contender and round (2 workers each):
 - **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
 - **CPU-bound**: 16 tasks of 0.25 s of CPU each; speed-up = 4 s / wall time;
 - **large array**: 8 tasks that each read the same 200 MB numpy array (time,
-  and extra memory: peak PSS of the process tree minus the value before).
+  and extra memory: peak PSS of the process tree minus the value before);
+- **1 ms tasks**: 10,000 tasks of 1 ms of CPU each, the library's own
+  chunking (tasks/s; the ideal is 2 workers × 1,000 tasks/s);
+- **1 MB results**: 200 tasks of 50 ms of CPU, each returning a 1 MB numpy
+  array (time; the ideal is 200 × 50 ms ÷ 2 workers);
+- **large results**: 8 tasks, each returning a new 100 MB numpy array (time,
+  and extra memory, the results included);
+- **pandas groupby**: a frame of 4 million rows split by group key into 8
+  parts; each task aggregates one part, the parent concatenates the results,
+  which must equal the groupby of the whole frame in one process (time;
+  the workers import pandas before, untimed).
 """
 
 from __future__ import annotations
@@ -22,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.contenders import Contender
+from benchmarks.contenders import WORKERS, Contender
 from benchmarks.measure import Figure, PeakMemory
-from benchmarks.tasks import array_sum, burn, identity
+from benchmarks.tasks import array_sum, burn, burn_returning, group_stats, identity, import_pandas, make_array
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,20 @@ class Sizes:
     cpu_seconds: float
     array_mb: int
     array_tasks: int = 8
+    ms_tasks: int = 10_000  # tasks of 1 ms
+    mb_tasks: int = 200  # tasks of 50 ms returning 1 MB
+    mb_seconds: float = 0.05
+    out_mb: int = 100  # each large result
+    out_tasks: int = 8
+    frame_rows: int = 4_000_000
+    frame_parts: int = 8
 
 
-FULL = Sizes(rounds=5, tasks=2000, auto=20_000, cpu_tasks=16, cpu_seconds=0.25, array_mb=200)
-QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, array_mb=20)
+# 3 rounds: with the last four workloads a round of every contender takes about 3 minutes on 2 cores
+FULL = Sizes(rounds=3, tasks=2000, auto=20_000, cpu_tasks=16, cpu_seconds=0.25, array_mb=200)
+QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, array_mb=20,
+              ms_tasks=500, mb_tasks=20, mb_seconds=0.01, out_mb=10, frame_rows=200_000)
+MS_TASK = 0.001  # seconds of CPU per task of the 1 ms workload
 
 
 def columns(sizes: Sizes) -> dict[str, str]:
@@ -52,10 +72,29 @@ def columns(sizes: Sizes) -> dict[str, str]:
         "cpu": f"CPU {sizes.cpu_tasks} × {sizes.cpu_seconds} s: speed-up",
         "array": f"{sizes.array_tasks} tasks × {sizes.array_mb} MB array",
         "array_mem": "… extra memory",
+        "ms1": f"{sizes.ms_tasks:,} tasks of 1 ms",
+        "mb": f"{sizes.mb_tasks} tasks of {sizes.mb_seconds * 1e3:g} ms → 1 MB each",
+        "out": f"{sizes.out_tasks} tasks → {sizes.out_mb} MB array each",
+        "out_mem": "… extra memory",
+        "pandas": f"pandas groupby, {sizes.frame_rows:,} rows in {sizes.frame_parts} parts",
     }
 
 
-UNITS = {"cold": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s", "array_mem": "MB"}
+UNITS = {"cold": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s",
+         "array_mem": "MB", "ms1": "tasks/s", "mb": "s", "out": "s", "out_mem": "MB", "pandas": "s"}
+#: units where a larger figure is better; in the others (times, memory) a smaller one is
+HIGHER_IS_BETTER = {"tasks/s", "×"}
+
+
+@dataclass
+class Data:
+    """What the workloads send, and what they must get back (the same in every process: fixed seeds)."""
+
+    array: np.ndarray
+    expected: list[float]  # the large-array workload's results
+    whole: object  # the pandas workload's frame
+    parts: list  # the same, split by group key
+    grouped: object  # the groupby of the whole frame, in one process
 
 
 def large_array(sizes: Sizes) -> tuple[np.ndarray, list[float]]:
@@ -65,44 +104,118 @@ def large_array(sizes: Sizes) -> tuple[np.ndarray, list[float]]:
     return array, [float(array[i::8].sum()) for i in range(sizes.array_tasks)]
 
 
+def frame(sizes: Sizes):
+    """The pandas workload's frame: an integer group key (10,000 groups) and two float columns."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({"key": rng.integers(0, 10_000, sizes.frame_rows),
+                         "x": rng.random(sizes.frame_rows), "y": rng.random(sizes.frame_rows)})
+
+
+def split(whole, parts: int) -> list:
+    """``whole`` in ``parts`` frames by group key, so that every group is whole in one part."""
+    return [whole[whole["key"] % parts == i] for i in range(parts)]
+
+
+def prepare(sizes: Sizes) -> Data:
+    array, expected = large_array(sizes)
+    whole = frame(sizes)
+    return Data(array, expected, whole, split(whole, sizes.frame_parts), group_stats(whole))
+
+
 def _timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args)
     return time.perf_counter() - start, result
 
 
-def one_round(contender: Contender, sizes: Sizes, array: np.ndarray, expected: list[float],
-              figures: dict[str, Figure]) -> None:
-    """Every workload once on one fresh pool of ``contender``."""
+class WrongResults(AssertionError):
+    pass
 
-    def check(got, want, what: str) -> None:
-        if list(got) != list(want):
-            raise AssertionError(f"{contender.name} returned wrong results for {what}")
+
+def _check(contender: Contender, got, want, what: str) -> None:
+    if list(got) != list(want):
+        raise WrongResults(f"{contender.name} returned wrong results for {what}")
+
+
+def one_round(contender: Contender, sizes: Sizes, data: Data, figures: dict[str, Figure]) -> None:
+    """Every workload once on one fresh pool of ``contender``."""
+    try:  # a pool that failed any workload, even the first, is still closed
+        _small_tasks(contender, sizes, figures)
+        _arrays_in(contender, sizes, data, figures)
+        _results_back(contender, sizes, figures)
+        _pandas(contender, data, figures)
+    finally:
+        contender.close()
+
+
+def _small_tasks(contender: Contender, sizes: Sizes, figures: dict[str, Figure]) -> None:
+    """Cold start, warm call, trivial tasks, CPU-bound tasks and 1 ms tasks."""
 
     def cold() -> list:
         contender.start()
         return contender.map(identity, [0], None)
 
-    try:  # a pool that failed any workload, even the first, is still closed
-        seconds, got = _timed(cold)
-        check(got, [0], "cold start")
-        figures["cold"].values.append(seconds * 1e3)
-        seconds, got = _timed(contender.map, identity, [1, 2], None)
-        check(got, [1, 2], "the warm call")
-        figures["warm"].values.append(seconds * 1e3)
-        seconds, got = _timed(contender.map, identity, list(range(sizes.tasks)), 1)
-        check(got, range(sizes.tasks), "chunksize 1")
-        figures["cs1"].values.append(sizes.tasks / seconds)
-        seconds, got = _timed(contender.map, identity, list(range(sizes.auto)), None)
-        check(got, range(sizes.auto), "auto-chunked")
-        figures["auto"].values.append(sizes.auto / seconds)
-        seconds, _ = _timed(contender.map, burn, [sizes.cpu_seconds] * sizes.cpu_tasks, 1)
-        figures["cpu"].values.append(sizes.cpu_tasks * sizes.cpu_seconds / seconds)
-        items = [(array, i) for i in range(sizes.array_tasks)]
-        with PeakMemory() as memory:
-            seconds, got = _timed(contender.map, array_sum, items, 1)
-        check(got, expected, "the large array")
-        figures["array"].values.append(seconds)
-        figures["array_mem"].values.append(memory.extra / 2**20)
-    finally:
-        contender.close()
+    seconds, got = _timed(cold)
+    _check(contender, got, [0], "cold start")
+    figures["cold"].values.append(seconds * 1e3)
+    seconds, got = _timed(contender.map, identity, [1, 2], None)
+    _check(contender, got, [1, 2], "the warm call")
+    figures["warm"].values.append(seconds * 1e3)
+    seconds, got = _timed(contender.map, identity, list(range(sizes.tasks)), 1)
+    _check(contender, got, range(sizes.tasks), "chunksize 1")
+    figures["cs1"].values.append(sizes.tasks / seconds)
+    seconds, got = _timed(contender.map, identity, list(range(sizes.auto)), None)
+    _check(contender, got, range(sizes.auto), "auto-chunked")
+    figures["auto"].values.append(sizes.auto / seconds)
+    seconds, _ = _timed(contender.map, burn, [sizes.cpu_seconds] * sizes.cpu_tasks, 1)
+    figures["cpu"].values.append(sizes.cpu_tasks * sizes.cpu_seconds / seconds)
+    seconds, got = _timed(contender.map, burn, [MS_TASK] * sizes.ms_tasks, None)
+    _check(contender, got, [MS_TASK] * sizes.ms_tasks, "the 1 ms tasks")
+    figures["ms1"].values.append(sizes.ms_tasks / seconds)
+
+
+def _arrays_in(contender: Contender, sizes: Sizes, data: Data, figures: dict[str, Figure]) -> None:
+    items = [(data.array, i) for i in range(sizes.array_tasks)]
+    with PeakMemory() as memory:
+        seconds, got = _timed(contender.map, array_sum, items, 1)
+    _check(contender, got, data.expected, "the large array")
+    figures["array"].values.append(seconds)
+    figures["array_mem"].values.append(memory.extra / 2**20)
+
+
+def _firsts(arrays, megabytes: int) -> list[float]:
+    """Each array's first element, or NaN where its size is wrong (a wrong result)."""
+    return [float(a[0]) if a.nbytes == megabytes * 2**20 else float("nan") for a in arrays]
+
+
+def _results_back(contender: Contender, sizes: Sizes, figures: dict[str, Figure]) -> None:
+    """Tasks of 50 ms returning 1 MB each; tasks returning a large array each."""
+    items = [(sizes.mb_seconds, 1, i) for i in range(sizes.mb_tasks)]
+    seconds, got = _timed(contender.map, burn_returning, items, None)
+    _check(contender, _firsts(got, 1), map(float, range(sizes.mb_tasks)), "the 1 MB results")
+    figures["mb"].values.append(seconds)
+    del got
+    items = [(sizes.out_mb, i) for i in range(sizes.out_tasks)]
+    with PeakMemory() as memory:
+        seconds, got = _timed(contender.map, make_array, items, 1)
+    ok = all(float(a[-1]) == i for i, a in enumerate(got))
+    _check(contender, _firsts(got, sizes.out_mb) if ok else [], map(float, range(sizes.out_tasks)),
+           "the large results")
+    figures["out"].values.append(seconds)
+    figures["out_mem"].values.append(memory.extra / 2**20)
+
+
+def _pandas(contender: Contender, data: Data, figures: dict[str, Figure]) -> None:
+    import pandas as pd
+
+    # the workers import pandas first, untimed: a fork-started one has it already, and
+    # the import (about 0.5 s) would otherwise outweigh what the pools do
+    contender.map(import_pandas, [0.05] * WORKERS, 1)
+    seconds, got = _timed(lambda: pd.concat(contender.map(group_stats, data.parts, 1)).sort_index())
+    try:
+        pd.testing.assert_frame_equal(got, data.grouped)
+    except AssertionError as error:
+        raise WrongResults(f"{contender.name} returned wrong results for the pandas groupby: {error}") from None
+    figures["pandas"].values.append(seconds)

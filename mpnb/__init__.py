@@ -24,6 +24,7 @@ __all__ = [
     "doctor",
     "patch",
     "unpatch",
+    "shared_array",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -39,6 +40,7 @@ _LAZY = {
     # would replace the function mpnb.patch with the module
     "patch": "mpnb.patching",
     "unpatch": "mpnb.patching",
+    "shared_array": "mpnb.shared",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
+    from mpnb.shared import shared_array
 
 
 def __getattr__(name: str) -> Any:

@@ -15,9 +15,11 @@ nothing heavy: it is loaded by every worker at start-up.
                         <-------------------------   (INIT_FAILED, pid, Failure)
                         <-------------------------   (RECORDS, [Record, ...])
 
-Besides messages, a worker writes ``(chunk seq, position, start time)`` into
-its shared-memory slot (:data:`SLOT`) before each task: the engine reads it
-for timeouts, and after a crash to name the task that was running.
+Besides messages, a worker writes the position of each task into its
+shared-memory slot (:data:`SLOT`) before it runs, and the chunk's seq and the
+time with it whenever it reads the clock: the engine reads the slot for
+timeouts and the live view, and after a crash to name the task that was
+running.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ Run = namedtuple("Run", "seq count call fn_data items_data flush_each mode")
 
 #: outcomes of the tasks of chunk ``seq`` from position ``first`` on:
 #: ``values`` (a list, or a :class:`mpnb._task.PackedValues`), ``failures``
-#: and ``outputs`` by position in the chunk, each task's start time, the time
-#: the last one ended (the worker's ``time.monotonic``), and ``final`` when
-#: the chunk has no more tasks to report.
+#: and ``outputs`` by position in the chunk, ``starts``: the start times of
+#: the tasks that were timed, by position (always the first of the record;
+#: every one while tasks are slow; the tasks between two timed ones ran
+#: evenly between their times), the time the last one ended (the worker's
+#: ``time.monotonic``), and ``final`` when the chunk has no more tasks to report.
 Record = namedtuple("Record", "seq first values failures outputs starts end final")
 
 #: what an exec worker reads first from its pipe (see
@@ -70,8 +74,18 @@ Record = namedtuple("Record", "seq first values failures outputs starts end fina
 #: spawns; the worker's slot file and its configuration.
 Boot = namedtuple("Boot", "path site_dirs site_names flags slot_path config")
 
-#: (chunk seq, position in chunk, start time) of the task running now
+#: (chunk seq, position in chunk, time) of the task running now.  The
+#: position is written before every task; the seq and time only before
+#: the tasks the worker times (see :data:`STRIDE_SECONDS`), so the time is
+#: when the task started or a little before: exact for a slow task, and for
+#: every task of a call with a timeout
 SLOT = struct.Struct("<qqd")
+
+#: a worker reads the clock before every task while the tasks since its
+#: last reading took longer than this, and twice as rarely otherwise ...
+STRIDE_SECONDS = 0.001
+#: ... down to once every this many tasks
+MAX_STRIDE = 1024
 
 #: how many shipped functions a worker keeps
 FUNCTION_CACHE_SIZE = 8

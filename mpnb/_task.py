@@ -17,6 +17,7 @@ from __future__ import annotations
 import _pickle as pickle  # the C pickler: the pickle module imports re, 3 ms of a worker's start
 import itertools
 import os
+import sys
 import time
 
 from mpnb._protocol import Mode, Record
@@ -76,7 +77,8 @@ def is_plain(values: list) -> bool:
 
 class PackedValues:
     """Task values pickled one by one (``blobs``, ``None`` for a task that
-    failed), with their types' names, so that a value the parent cannot load
+    failed, a :class:`mpnb.shared.SharedResult` for one whose large buffers
+    are in shared memory), with their types' names, so that a value the parent cannot load
     fails its own task alone instead of the whole message."""
 
     __slots__ = ("blobs", "kinds")
@@ -111,6 +113,26 @@ def _result_error(value: Any, exc: BaseException) -> BaseException:
 # "module.Qualname" of each result type seen, for the parent's error messages
 _TYPE_NAMES: dict = {}
 
+#: set by a local worker (to its slot's path): results' large buffers then go
+#: through shared-memory files (:func:`mpnb.shared.dump_result`); a dask
+#: worker's go by value, as it may be on another machine
+share_results: str | None = None
+
+
+_shared_dumper: Callable[[Any], Any] | None = None
+
+
+def _value_dumper() -> Callable[[Any], Any]:
+    global _shared_dumper
+    if share_results is None or "numpy" not in sys.modules:  # only arrays have such buffers
+        return dumps
+    if _shared_dumper is None:
+        from mpnb.shared import dump_result, results_prefix
+
+        prefix = results_prefix(share_results)
+        _shared_dumper = dumps if prefix is None else lambda value: dump_result(value, prefix)
+    return _shared_dumper
+
 
 def pack(record: Record) -> Record:
     """``record`` with its values packed, unless all are plain; a value that
@@ -118,9 +140,10 @@ def pack(record: Record) -> Record:
     values, first, failures = record.values, record.first, record.failures
     if is_plain(values):
         return record
-    blobs: list[bytes | None] = []
+    blobs: list[Any] = []
     kinds: list[str] = []
     names = _TYPE_NAMES
+    dump = _value_dumper()
     for i, value in enumerate(values):
         kind = type(value)
         name = names.get(kind)
@@ -131,7 +154,7 @@ def pack(record: Record) -> Record:
             blobs.append(None)
             continue
         try:
-            blobs.append(dumps(value))
+            blobs.append(dump(value))
         except BaseException as exc:  # SystemExit from a __reduce__ too: the worker lives on
             blobs.append(None)
             failures[first + i] = Failure.from_exception(_result_error(value, exc))
@@ -278,5 +301,4 @@ def load_failure(seq: int, count: int, exc: BaseException) -> Record:
     ``count`` tasks fails with ``exc``."""
     failure = Failure.from_exception(exc)
     now = time.monotonic()
-    return Record(seq, 0, [None] * count, dict.fromkeys(range(count), failure), {},
-                  [now] * count, now, True)
+    return Record(seq, 0, [None] * count, dict.fromkeys(range(count), failure), {}, {0: now}, now, True)

@@ -17,7 +17,7 @@ import pickle
 import sys
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from mpnb import serialize
 from mpnb._protocol import Mode, Record
@@ -26,7 +26,7 @@ from mpnb._repr import short_repr
 from mpnb.errors import failure_here, note
 from mpnb.shared import SharedArrays
 
-__all__ = ["Call", "Chunk", "Outcomes", "arguments", "describe", "dump_items", "read_record", "task_errors"]
+__all__ = ["Call", "Chunk", "MapResults", "Outcomes", "arguments", "describe", "dump_items", "read_record", "task_errors"]
 
 
 class Call:
@@ -47,13 +47,13 @@ class Call:
         self.timeout = timeout
         self.mode = mode
         self.future = future
-        self.results: dict[int, Any] = {}
+        self.results: dict[int, Any] | MapResults = {}
         self.failed: set[int] = set()
         self.output: dict[int, list] = {}
         self.contiguous = 0  # tasks 0 .. contiguous-1 have all ended
         # a map's caller polls for progress and needs waking only at the end
         # or on a failure; waking it per delivery would cost throughput
-        self.total: int | None = None
+        self._total: int | None = None
         self.cancelled = False
         # seconds a task takes in a worker (moving average), once measured or
         # remembered from an earlier call of the same function
@@ -63,6 +63,25 @@ class Call:
         # large arrays in the arguments, written once to shared memory
         self.shares: SharedArrays | None = None
 
+    @property
+    def total(self) -> int | None:
+        """How many tasks the call has, once known (a map's at once, a lazy imap's at its input's end)."""
+        return self._total
+
+    @total.setter
+    def total(self, n: int | None) -> None:
+        self._total = n
+        if n is not None and not self.results:
+            # a list, not a dict: a run of tasks lands with one slice assignment
+            self.results = MapResults(n)
+
+    def values(self) -> list[Any]:
+        """Every task's outcome by index, once all ended (a map's result)."""
+        results = self.results
+        if type(results) is MapResults:
+            return results.slots[:]
+        return list(map(results.__getitem__, range(self.total or len(results))))
+
     def release(self) -> None:
         """Free what the call's arguments hold outside the pickles (shared arrays)."""
         if self.shares is not None:
@@ -70,7 +89,11 @@ class Call:
 
     def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
         with self.cond:
-            self.results.update(zip(indices, values))
+            results = self.results
+            if type(results) is MapResults and indices and indices[-1] - indices[0] == len(indices) - 1:
+                results.put_run(indices[0], values)
+            else:
+                results.update(zip(indices, values))
             self.failed.update(failed)
             self.output.update(output)
             results, contiguous = self.results, self.contiguous
@@ -95,6 +118,56 @@ class Call:
 
     def first_failure(self) -> int | None:
         return min(self.failed) if self.failed else None
+
+
+_MISSING = object()
+
+
+class MapResults:
+    """A map's outcomes by task index: ``dict``'s reading methods over a
+    list of ``total`` places, so a run of values lands with one slice
+    assignment and the result is one list copy."""
+
+    __slots__ = ("slots", "count")
+
+    def __init__(self, total: int):
+        self.slots: list[Any] = [_MISSING] * total
+        self.count = 0
+
+    def put_run(self, first: int, values: list[Any]) -> None:
+        slots = self.slots
+        self.count += slots[first : first + len(values)].count(_MISSING)
+        slots[first : first + len(values)] = values
+
+    def update(self, pairs: Iterable[tuple[int, Any]]) -> None:
+        slots = self.slots
+        for index, value in pairs:
+            self.count += slots[index] is _MISSING
+            slots[index] = value
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, index: object) -> bool:
+        return type(index) is int and 0 <= index < len(self.slots) and self.slots[index] is not _MISSING
+
+    def __getitem__(self, index: int) -> Any:
+        value = self.slots[index]
+        if value is _MISSING:
+            raise KeyError(index)
+        return value
+
+    def get(self, index: int, default: Any = None) -> Any:
+        return self.slots[index] if index in self else default
+
+    def pop(self, index: int) -> Any:
+        value = self[index]
+        self.slots[index] = _MISSING
+        self.count -= 1
+        return value
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for i, value in enumerate(self.slots) if value is not _MISSING)
 
 
 class Chunk:
@@ -187,7 +260,8 @@ def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, B
     values: list[Any] = []
     for i, blob in enumerate(packed.blobs):
         try:
-            values.append(None if blob is None else pickle.loads(blob))
+            # bytes, or a result whose buffers came through shared memory (mpnb.shared)
+            values.append(None if blob is None else pickle.loads(blob) if type(blob) is bytes else blob.load())
         except BaseException as exc:  # SystemExit too: loading runs the value's own code
             values.append(None)
             unloadable[first + i] = (packed.kinds[i], exc)

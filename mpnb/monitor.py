@@ -5,13 +5,16 @@ pool (the status widget, a text report, a test) reads it:
 
 - :meth:`Monitor.snapshot` returns one :class:`WorkerStatus` per worker, with
   the task each busy worker runs now (read from the worker's shared-memory
-  slot, so it is current even inside a chunk) and how long it has run.
+  slot, so it is current even inside a chunk) and how long it has run
+  (from the time in the slot: the task's start, or for a task among fast
+  ones, a moment before it).
 - :meth:`Monitor.sample` adds CPU percent and resident memory from psutil.
 - :meth:`Monitor.events` returns the :mod:`mpnb.events` recorded since a
   cursor, so a reader polling a few times a second sees every event once.
 - :meth:`Monitor.calls` returns progress per call (total, done, failed).
 
-Feeding the monitor is cheap: it stores one entry per batch of tasks, and
+Feeding the monitor is cheap: it stores one entry per batch of tasks, with
+the start times the worker took (a few for a batch of fast tasks), and
 event objects are built only when someone reads them.  A task's ``finished``
 time is when the worker moved on to the next task (or ended the batch).
 """
@@ -71,6 +74,9 @@ class Monitor:
         self._lock = threading.Lock()
         self._rows: dict[int, Any] = {}
         self._calls: dict[int, CallStatus] = {}
+        # [done, failed] per call, counted as tasks end; put into the
+        # CallStatus records only when read (a record per delivery is too dear)
+        self._counts: dict[int, list[int]] = {}
         # (first event number, count, kind, payload); expanded when read
         self._log: deque[tuple[int, int, str, tuple]] = deque()
         self._logged = 0
@@ -105,8 +111,9 @@ class Monitor:
     def call_started(self, call: int, total: int | None) -> None:
         with self._lock:
             self._calls[call] = CallStatus(call, total, started=time.monotonic())
+            self._counts[call] = [0, 0]
             while len(self._calls) > 100:
-                self._calls.pop(next(iter(self._calls)))
+                self._counts.pop(self._calls.pop(next(iter(self._calls))).call, None)
 
     def call_total(self, call: int, total: int) -> None:
         with self._lock:
@@ -125,10 +132,13 @@ class Monitor:
                 row.chunks.append((seq, call, indices, when))
                 row.state = "busy"
 
-    def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int], starts: list[float],
-                    end: float, errors: dict[int, str]) -> None:
-        """Tasks ``indices`` (started at ``starts``; the last ended at ``end``)
-        ended; ``errors`` maps the failed ones to a one-line description."""
+    def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int],
+                    starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
+        """Tasks ``indices`` ended; the last at ``end``.  ``starts`` holds each
+        one's start time, or (a dict) the start times of some of them by
+        their offset in ``indices``, the first always: the tasks between two
+        timed ones ran evenly between their times.  ``errors`` maps the
+        failed ones to a one-line description."""
         if not indices:
             return
         with self._lock:
@@ -137,17 +147,19 @@ class Monitor:
             if row is not None:
                 row.failed += len(errors)
                 row.done += len(indices) - len(errors)
-            status = self._calls.get(call)
-            if status is not None:
-                self._calls[call] = replace(
-                    status, done=status.done + len(indices) - len(errors), failed=status.failed + len(errors)
-                )
+            counts = self._counts.get(call)
+            if counts is not None:
+                counts[0] += len(indices) - len(errors)
+                counts[1] += len(errors)
 
     def chunk_ended(self, worker: int, seq: int) -> None:
         with self._lock:
             row = self._rows.get(worker)
             if row is not None:
-                row.chunks = [c for c in row.chunks if c[0] != seq]
+                if row.chunks and row.chunks[0][0] == seq:
+                    del row.chunks[0]  # the usual case: chunks end in the order they were sent
+                else:
+                    row.chunks = [c for c in row.chunks if c[0] != seq]
                 if not row.chunks:
                     row.state = "idle"
 
@@ -220,7 +232,8 @@ class Monitor:
     def calls(self) -> list[CallStatus]:
         """Progress of recent calls, oldest first."""
         with self._lock:
-            return list(self._calls.values())
+            return [replace(status, done=self._counts[call][0], failed=self._counts[call][1])
+                    for call, status in self._calls.items()]
 
 
 def process_stopped(pid: int | None) -> bool:
@@ -258,6 +271,8 @@ def _expand(kind: str, payload: tuple) -> list[Event]:
         cls, fields = payload
         return [cls(*fields)]
     worker, pid, call, indices, starts, end, errors = payload
+    if isinstance(starts, dict):
+        starts = _spread(starts, len(indices), end)
     events: list[Event] = []
     for i, index in enumerate(indices):
         started = starts[i]
@@ -268,3 +283,15 @@ def _expand(kind: str, payload: tuple) -> list[Event]:
         else:
             events.append(TaskFinished(worker, pid, call, index, started, finished))
     return events
+
+
+def _spread(timed: dict[int, float], count: int, end: float) -> list[float]:
+    """Start times of ``count`` tasks from those of some (``timed``, by
+    offset, the first always), the others spread evenly up to the next
+    timed one or ``end``."""
+    marks = sorted(timed.items()) + [(count, end)]
+    starts: list[float] = []
+    for (offset, time_), (following, next_time) in zip(marks, marks[1:]):
+        step = (next_time - time_) / (following - offset)
+        starts.extend(time_ + step * k for k in range(following - offset))
+    return starts

@@ -463,7 +463,7 @@ class MultiprocessingAPI:
         """A background map's outcome into its future (on the engine's thread, usually)."""
         with call.cond:
             failed = None if call.collect else call.first_failure()
-            values = [call.results[i] for i in range(call.total or 0)] if failed is None else None
+            values = call.values() if failed is None else None
             future._mpnb_output = [segment for i in sorted(call.output) for segment in call.output[i]]
             call.output.clear()
         if failed is not None:

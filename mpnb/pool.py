@@ -623,5 +623,5 @@ def _snapshot(call: Call, n: int) -> list[Any]:
     with call.cond:
         results = call.results
         if len(results) == n:
-            return list(map(results.__getitem__, range(n)))
+            return call.values()
         return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]

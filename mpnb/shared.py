@@ -19,10 +19,31 @@ directory where there is none) and pickled as a reference to that file::
 The workers' arrays are read-only views of the one copy; a task that writes
 to one gets numpy's "assignment destination is read-only" error.  Arrays of
 objects and ndarray subclasses are pickled as before, as are arrays below the
-threshold.  What workers return is pickled as usual (a copy).
+threshold.  pandas frames share their numeric blocks the same way: pickling a
+frame pickles its blocks' arrays.
 
-A file outlives its call only if the notebook process is killed; the next
-process that shares an array removes files of processes that no longer exist.
+:func:`shared_array` makes an array that lives in such a file from the start:
+tasks get it (or any view of it) mapped writable, so what they write is in the
+notebook's array, with no copy back.  Its file is unlinked when the array is
+freed, or at exit.
+
+Results come back the same way, from a local worker only (a dask worker's go
+by value)::
+
+    worker (packing a task's value)        parent (loading the record)
+    -------------------------------        ---------------------------
+    pickle protocol 5: each large buffer   receive_result: map each file
+      (a numpy array's, a frame block's)     copy-on-write, unlink it at once
+      written to mpnb-shared-<pool>-         -> pickle.loads(data, buffers=maps)
+      worker-<n>-<k>, out of band          the value's arrays are writable and
+                                             cost no copy
+
+A worker that dies before its record is loaded leaves its files: they are
+removed with the worker (:func:`remove_results`), and with the pool.
+
+A file outlives its pool only if the notebook process is killed; the next
+process that shares an array or starts a pool removes files of processes
+that no longer exist.
 """
 
 from __future__ import annotations
@@ -30,13 +51,14 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import pickle
 import shutil
 import sys
 import tempfile
 import weakref
 from typing import Any, Literal
 
-__all__ = ["SHARE_BYTES", "backing_file"]
+__all__ = ["SHARE_BYTES", "backing_file", "shared_array"]
 
 #: arrays of at least this many bytes are shared rather than pickled per task
 SHARE_BYTES = int(os.environ.get("MPNB_SHARE_BYTES", 1 << 20))
@@ -53,6 +75,11 @@ def _directory() -> str:
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         return "/dev/shm"
     return tempfile.gettempdir()
+
+
+def _new_path() -> str:
+    """A new file name in the shared directory, owned by this process."""
+    return os.path.join(_directory(), f"{_PREFIX}{os.getpid()}-{next(_names)}-{os.urandom(4).hex()}")
 
 
 def _is_shareable(obj: Any) -> bool:
@@ -79,6 +106,10 @@ class SharedArrays:
     def reduce(self, array: Any) -> tuple | None:
         """The pickle reduction of ``array``: a reference to its shared copy,
         or ``None`` when it is pickled as usual."""
+        placed = _in_shared_array(array)
+        if placed is not None:  # any size: what tasks write must land in it
+            self._arrays.append(array)
+            return attach_writable, placed
         if not _is_shareable(array):
             return None
         args = self._by_id.get(id(array))
@@ -91,7 +122,7 @@ class SharedArrays:
         import numpy
 
         order: Order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-        path = os.path.join(_directory(), f"{_PREFIX}{os.getpid()}-{next(_names)}-{os.urandom(4).hex()}")
+        path = _new_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, array.nbytes)
@@ -129,6 +160,12 @@ def _sweep_dead_once() -> None:
     global _swept
     if _swept:
         return
+    sweep_dead_shared()
+
+
+def sweep_dead_shared() -> None:
+    """Remove the shared files (arrays, results) of processes that no longer exist."""
+    global _swept
     _swept = True
     sweep_dead(_directory(), _PREFIX)
 
@@ -169,6 +206,86 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# ------------------------------------------------------------ shared_array
+
+
+class _SharedMap(mmap.mmap):
+    """The mapping of a :func:`shared_array`'s file, which knows its path."""
+
+    path: str
+    address: int  # where the array over the whole file starts in memory
+
+
+def shared_array(shape: Any, dtype: Any = float) -> Any:
+    """A numpy array of zeros in shared memory, for tasks to write into in place.
+
+    Give it (or any view of it, such as ``out[i]`` or ``out[:, 2:5]``) to a
+    task of a local pool: the task gets the same memory, writable, so what it
+    writes is in this array when the task ends, with nothing copied back.
+    It is an ordinary ``numpy.ndarray`` here.  Its file is removed when the
+    array and its views are freed, or when the interpreter exits.  Tasks
+    writing to the same elements at once race, as threads would.  A dask
+    pool's workers get a copy instead (they may run on other machines).
+    """
+    import numpy
+
+    dtype = numpy.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(f"mpnb.shared_array(dtype={dtype}): an array of Python objects cannot be shared "
+                        f"between processes; use a numeric, bool, string or structured dtype of those")
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+    nbytes = max(1, int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize)
+    _sweep_dead_once()
+    path = _new_path()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _reserve(fd, nbytes, f"mpnb.shared_array({shape}, {dtype})")
+        buffer = _SharedMap(fd, nbytes)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    buffer.path = path
+    weakref.finalize(buffer, _unlink_path, path)  # when the last view goes, or at exit
+    array = numpy.ndarray(shape, dtype, buffer=buffer)
+    buffer.address = array.__array_interface__["data"][0]
+    return array
+
+
+def _reserve(fd: int, nbytes: int, what: str) -> None:
+    """Give the file its pages now: a full /dev/shm then fails here, with a
+    sentence, rather than with SIGBUS when a page is first written."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} needs {nbytes:,} bytes in {_directory()}, which has not so "
+                      f"much free ({exc.strerror}); free some, or give the machine (or container) a "
+                      f"larger /dev/shm") from None
+
+
+def _unlink_path(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _in_shared_array(array: Any) -> tuple | None:
+    """Where ``array`` lies in a :func:`shared_array`'s file, as the arguments
+    of :func:`attach_writable`, or None when it is not in one."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or type(array) is not numpy.ndarray:
+        return None
+    base = array
+    while isinstance(base, numpy.ndarray):
+        base = base.base
+    if not isinstance(base, _SharedMap):
+        return None
+    offset = array.__array_interface__["data"][0] - base.address
+    return base.path, len(base), offset, array.dtype, array.shape, array.strides
+
+
 # ------------------------------------------------------------ worker side
 
 # path -> the whole array mapped from it, while this worker has queued chunks
@@ -187,6 +304,18 @@ def attach(path: str, dtype: Any, shape: tuple, order: Order) -> Any:
     return array
 
 
+def attach_writable(path: str, size: int, offset: int, dtype: Any, shape: tuple, strides: tuple) -> Any:
+    """Map a :func:`shared_array` writable and return the view a task was given."""
+    whole = _attached.get(path)
+    if whole is None:
+        import numpy
+
+        with open(path, "r+b") as f:
+            buffer = mmap.mmap(f.fileno(), size)
+        whole = _attached[path] = numpy.ndarray((size,), numpy.uint8, buffer=buffer)
+    return type(whole)(shape, dtype, buffer=whole, offset=offset, strides=strides)
+
+
 def forget() -> None:
     """Drop this worker's mappings; each unmaps when the last task's view of it is freed."""
     _attached.clear()
@@ -202,3 +331,144 @@ def backing_file(array: Any) -> str | None:
         if attached is base:
             return path
     return None
+
+
+# ------------------------------------------------------------ results
+
+_results = itertools.count()
+
+
+def results_prefix(marker: str) -> str | None:
+    """Where a local worker puts its results' buffers, as a file name prefix,
+    or None where there is no ``/dev/shm`` (a file on disk would cost more
+    than the pipe).
+
+    ``marker`` is the worker's slot (``<temp>/mpnb-pool-<pid>-<x>/worker-3``)
+    or its pool's directory (``<temp>/mpnb-pool-<pid>-<x>``): the prefix of one
+    worker's files, or of all the pool's.  The owner's pid comes first, so
+    :func:`sweep_dead` removes them once the pool's process is gone.
+    """
+    if _directory() != "/dev/shm":
+        return None
+    directory, name = os.path.split(marker)
+    if name.startswith("worker-"):
+        pool = os.path.basename(directory).split("-", 2)[2]
+        return os.path.join(_directory(), f"{_PREFIX}{pool}-{name}-")
+    return os.path.join(_directory(), f"{_PREFIX}{name.split('-', 2)[2]}-")
+
+
+def remove_results(marker: str) -> None:
+    """Remove the result files a worker (or a whole pool, by its directory)
+    wrote and the parent did not load: it died, or its record was dropped."""
+    where = results_prefix(marker)
+    if where is None:
+        return
+    directory, prefix = os.path.split(where)
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        _unlink_path(os.path.join(directory, name))
+
+
+class SharedResult:
+    """A task's value pickled with its large buffers left out, in files
+    (worker side).  Loading it in the parent maps the files and unlinks
+    them at once, whatever becomes of the record after."""
+
+    __slots__ = ("data", "files")
+
+    def __init__(self, data: bytes, files: list[tuple[str, int]]):
+        self.data, self.files = data, files
+
+    def __reduce__(self):
+        return (receive_result, (self.data, self.files))
+
+
+def dump_result(value: Any, prefix: str) -> Any:
+    """``value`` pickled (as bytes), or a :class:`SharedResult` when it holds
+    buffers of at least :data:`SHARE_BYTES`: each goes into a file named
+    ``prefix<n>``, and the pickle refers to it out of band."""
+    files: list[tuple[str, int]] = []
+
+    def place(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if raw.nbytes < SHARE_BYTES:
+            return True
+        written = _write_result(raw, f"{prefix}{next(_results)}")
+        if written is None:
+            return True  # no room in /dev/shm: the pipe it is
+        files.append(written)
+        return False
+
+    try:
+        try:
+            data = pickle.dumps(value, 5, buffer_callback=place)
+        except Exception:  # not importable here: cloudpickle, as _task.dumps does
+            _unlink_all(files)
+            import cloudpickle
+
+            data = cloudpickle.dumps(value, 5, buffer_callback=place)
+    except BaseException:
+        _unlink_all(files)
+        raise
+    return SharedResult(data, files) if files else data
+
+
+def _write_result(raw: memoryview, path: str) -> tuple[str, int] | None:
+    """Write a buffer into a new file; None when there is no room for it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        done = 0
+        while done < raw.nbytes:
+            done += os.write(fd, raw[done:])
+    except OSError:
+        os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
+    return path, raw.nbytes
+
+
+def _unlink_all(files: list[tuple[str, int]]) -> None:
+    for path, _ in files:
+        _unlink_path(path)
+    files.clear()
+
+
+class ReceivedResult:
+    """A :class:`SharedResult` as the parent received it: the pickle and its
+    buffers mapped copy-on-write (the files are gone already), or the error
+    that stopped mapping them."""
+
+    __slots__ = ("data", "buffers", "error")
+
+    def __init__(self, data: bytes, buffers: list[mmap.mmap], error: BaseException | None):
+        self.data, self.buffers, self.error = data, buffers, error
+
+    def load(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return pickle.loads(self.data, buffers=self.buffers)
+
+
+def receive_result(data: bytes, files: list[tuple[str, int]]) -> ReceivedResult:
+    """Map a result's files and unlink them (parent side, while its record
+    is unpickled).  Private copy-on-write mappings: the arrays are writable,
+    their pages are the file's until written, and nothing is left on disk."""
+    buffers: list[mmap.mmap] = []
+    error = None
+    for path, size in files:
+        try:
+            if error is None:
+                with open(path, "rb") as f:
+                    buffers.append(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
+        except OSError as exc:
+            error = exc
+        finally:
+            _unlink_path(path)
+    return ReceivedResult(data, buffers, error)

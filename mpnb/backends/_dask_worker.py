@@ -53,9 +53,9 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
     values: list[Any] = []
     failures: dict[int, Failure] = {}
     outputs: dict[int, list] = {}
-    starts: list[float] = []
+    starts: dict[int, float] = {}
     for pos, item in enumerate(items):
-        starts.append(time.monotonic())
+        starts[pos] = time.monotonic()
         segments: list[tuple[str, str]] = []
         local.segments = segments
         try:

@@ -136,7 +136,7 @@ class ClusterMonitor(Monitor):
             node.running[seq] = (call, index, time.monotonic())
 
     def chunk_done(self, address: str, pid: int, seq: int, call: int, indices: list[int],
-                   starts: list[float], end: float, errors: dict[int, str]) -> None:
+                   starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
         """A chunk's tasks ended on ``address`` (times on this machine's clock)."""
         with self._lock:
             node = self._node(address, pid)
@@ -380,7 +380,8 @@ class DaskEngine(EngineBase):
         chunk, call = entry.chunk, entry.chunk.call
         indices, values, failed, errors, output = read_record(chunk, record, f"on dask worker {address} (pid {pid})")
         self.cluster_monitor.chunk_done(address, pid, chunk.seq, call.id, indices,
-                                        [s + offset for s in record.starts], record.end + offset, errors)
+                                        {pos: started + offset for pos, started in record.starts.items()},
+                                        record.end + offset, errors)
         call.deliver(indices, values, failed, output)
 
     def _lost(self, entry: _Running) -> None:

@@ -54,7 +54,7 @@ from typing import Any, cast
 
 from mpnb import _worker
 from mpnb._protocol import SLOT, Boot
-from mpnb.shared import sweep_dead
+from mpnb.shared import remove_results, sweep_dead, sweep_dead_shared
 
 POOL_DIR_PREFIX = "mpnb-pool-"
 
@@ -105,6 +105,8 @@ class WorkerHandle:
         if not running and not self._tree_ended:
             # it ended by itself (a crash): what left its group is found by its mark
             _worker.kill_marked(self.slot_path)
+            # and the results it wrote but never sent go now, before its crash is reported
+            remove_results(self.slot_path)
         self._tree_ended = True
 
     def join(self, timeout: float | None = None) -> None:
@@ -137,6 +139,7 @@ class WorkerHandle:
                 os.unlink(path)
             except OSError:
                 pass
+        remove_results(self.slot_path)  # results it wrote and never sent (it died)
 
 
 START_METHODS = ("exec", "loky", "spawn", "forkserver")
@@ -421,7 +424,7 @@ class Launcher:
         # the owner's pid in the name: the next pool removes it if the owner was killed
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
         # also at interpreter exit, should the engine's thread not get there
-        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._remove_dir = weakref.finalize(self, _remove_pool_files, self._dir)
         self._lock = threading.Lock()
 
     def start_worker(self, worker_id: int) -> WorkerHandle:
@@ -463,6 +466,12 @@ class Launcher:
         self._remove_dir()
 
 
+def _remove_pool_files(directory: str) -> None:
+    """Remove the pool's directory (the workers' slots) and the result files its workers left."""
+    shutil.rmtree(directory, True)
+    remove_results(directory)
+
+
 _swept = False
 
 
@@ -471,3 +480,4 @@ def _sweep_dead_pools_once() -> None:
     if not _swept:
         _swept = True
         sweep_dead(tempfile.gettempdir(), POOL_DIR_PREFIX)
+        sweep_dead_shared()  # results of a pool whose process was killed

@@ -291,6 +291,9 @@ class LocalEngine(EngineBase):
         # first every idle worker gets work, then busy ones are topped up when
         # both their call and the next are fast (see _FAST) and have no timeout
         now = time.monotonic()
+        # a fair share of what is queued: the first idle worker must not take
+        # every chunk of a map while the others wait
+        share = -(-len(self.queue) // max(1, len(usable)))
         for idle in (True, False):
             for state in usable:
                 if not self.queue:
@@ -298,7 +301,7 @@ class LocalEngine(EngineBase):
                 if idle == bool(state.chunks):
                     continue
                 head = self.queue[0]
-                room = _ahead(head)
+                room = min(_ahead(head), share)
                 if not idle:
                     if not (_reserve_ok(state.chunks[0]) and _reserve_ok(head) and now - state.since < _FAST):
                         continue
@@ -448,8 +451,8 @@ class LocalEngine(EngineBase):
         state.next_pos = first + len(values)
         state.since = time.monotonic()
         # recorded before delivered: a summary made when the caller wakes counts them
-        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, record.starts, record.end,
-                                 errors_by_index)
+        starts = record.starts if not first else {pos - first: t for pos, t in record.starts.items()}
+        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, record.end, errors_by_index)
         call.deliver(indices, values, failed, output)
         if record.final:
             if first == 0:

@@ -1,0 +1,120 @@
+"""Maps of many fast tasks keep every guarantee.
+
+A worker reads the clock only now and then while its tasks run fast, and
+writes only the task's position before each one; the engine gives each idle
+worker its share of a map's chunks.  These tests check what must not change
+for that: a crash names its task, the live row names the task running,
+output comes in task order, every task has its events, and the work is
+spread over the workers.  Nothing here measures speed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import mpnb
+from kernel import TAG_VAR
+from mpnb.events import TaskFailed, TaskFinished, TaskStarted
+from mpnb.pool import WorkerCrashedError
+
+
+def identity(x):
+    return x
+
+
+def exit_at_537(x):
+    if x == 537:
+        os._exit(3)
+    return x
+
+
+def sleep_at_200(x):
+    if x == 200:
+        time.sleep(120)
+    return x
+
+
+def shout(x):
+    print(f"task {x}")
+    return x
+
+
+@pytest.fixture
+def pool(tag):
+    p = mpnb.Pool(2, live=False, env={TAG_VAR: tag})
+    try:
+        _wait_ready(p)
+        # the engine learns that this function is fast: its chunks then
+        # travel several to a message, and run with few clock readings
+        assert p.map(identity, range(2000), chunksize=1) == list(range(2000))
+        yield p
+    finally:
+        p.terminate()
+        p.join()
+
+
+def _wait_ready(pool, within=60.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(row.state != "starting" for row in pool.monitor.snapshot()) and len(pool.pids) == 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"workers not ready: {pool.monitor.snapshot()}")
+
+
+def test_a_crash_inside_a_fast_chunk_names_its_task(pool):
+    results = pool.map(exit_at_537, range(1000), on_error="collect")
+    crashed = results[537]
+    assert isinstance(crashed, WorkerCrashedError), crashed
+    text = str(crashed) + " ".join(getattr(crashed, "__notes__", []))
+    assert "task 537 (argument 537)" in text and "exit code 3" in text
+    assert [r for i, r in enumerate(results) if i != 537] == [i for i in range(1000) if i != 537]
+
+
+def test_the_live_row_names_a_slow_task_among_fast_ones(pool):
+    result = pool.map_async(sleep_at_200, range(300), chunksize=300)
+    deadline = time.monotonic() + 60
+    busy = []
+    while time.monotonic() < deadline:
+        busy = [row for row in pool.monitor.snapshot() if row.state == "busy" and row.index == 200]
+        if busy:
+            break
+        time.sleep(0.05)
+    assert busy, pool.monitor.snapshot()
+    assert busy[0].elapsed is not None and busy[0].elapsed >= 0
+    pool.cancel()
+    with pytest.raises(BaseException):
+        result.get(timeout=60)
+
+
+def test_output_of_fast_tasks_comes_in_task_order(pool, capsys):
+    capsys.readouterr()
+    assert pool.map(shout, range(1000)) == list(range(1000))
+    assert capsys.readouterr().out.splitlines() == [f"task {i}" for i in range(1000)]
+
+
+def test_every_fast_task_has_its_events_in_time_order(pool):
+    cursor = pool.monitor.cursor()
+    before = time.monotonic()
+    pool.map(identity, range(3000))
+    after = time.monotonic()
+    events, _ = pool.monitor.events(cursor)
+    started = {e.index: e for e in events if isinstance(e, TaskStarted)}
+    finished = {e.index: e for e in events if isinstance(e, (TaskFinished, TaskFailed))}
+    assert sorted(started) == sorted(finished) == list(range(3000))
+    for index, end in finished.items():
+        assert before <= started[index].time == end.started <= end.finished <= after
+
+
+def test_a_map_of_fast_tasks_is_spread_over_the_workers(pool):
+    # the first map teaches the engine how fast its chunks are: from then
+    # on an idle worker may take several at once, but not all of them
+    for _ in range(3):
+        before = {row.worker: row.tasks_done for row in pool.monitor.snapshot()}
+        assert pool.map(identity, range(20_000)) == list(range(20_000))
+        ran = {row.worker: row.tasks_done - before.get(row.worker, 0) for row in pool.monitor.snapshot()}
+        assert sum(ran.values()) == 20_000
+        assert all(count > 0 for count in ran.values()), ran
