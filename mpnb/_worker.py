@@ -126,8 +126,10 @@ class _Worker:
             self.slot = mmap.mmap(slot_fd, SLOT.size)
         finally:
             os.close(slot_fd)
-        # the slot's position field alone, written before each untimed task
+        # the slot's fields as 8-byte words, each written with one store
+        # (SLOT: seq, position, time); see _run_tasks for their order
         self.position = memoryview(self.slot).cast("q")
+        self.clock = memoryview(self.slot).cast("d")
         self.functions: OrderedDict[int, Any] = OrderedDict()
         _task.share_results = slot_path  # large results through shared memory, named after the slot
         self.capture = _Capture()
@@ -190,8 +192,8 @@ class _Worker:
         :data:`MAX_STRIDE` tasks) while a stride of tasks takes under
         :data:`STRIDE_SECONDS`.  A trivial task costs no clock read, no start
         time to send and no record of its own."""
-        capture, slot, monotonic = self.capture, self.slot, time.monotonic
-        pack_slot, position = SLOT.pack_into, self.position
+        capture, monotonic = self.capture, time.monotonic
+        position, clock = self.position, self.clock
         segments: list[tuple[str, str]] = []
         capture.segments = segments
         first = check_at = 0
@@ -216,7 +218,13 @@ class _Worker:
                     stride = 1
                 elif stride < MAX_STRIDE:
                     stride *= 2
-                pack_slot(slot, 0, seq, pos, now)
+                # the time first and the seq last: the engine reads the slot
+                # while it is written, and a read between two stores must
+                # never pair this chunk's seq with an older, smaller time
+                # (a task that just started would look hours old)
+                clock[2] = now
+                position[1] = pos
+                position[0] = seq
                 starts[pos] = checked = now
                 check_at = pos + stride
             else:

@@ -118,3 +118,37 @@ def test_a_map_of_fast_tasks_is_spread_over_the_workers(pool):
         ran = {row.worker: row.tasks_done - before.get(row.worker, 0) for row in pool.monitor.snapshot()}
         assert sum(ran.values()) == 20_000
         assert all(count > 0 for count in ran.values()), ran
+
+
+def wait_for_file(paths):
+    """Touch ``paths[0]``, then wait until ``paths[1]`` exists."""
+    started, release = paths
+    open(started, "w").close()
+    while not os.path.exists(release):
+        time.sleep(0.01)
+    return "released"
+
+
+def test_a_slot_read_half_written_is_no_timeout(tag, tmp_path):
+    """The engine reads a worker's slot while the worker writes it.  A read
+    that pairs the running chunk's seq with a time not written yet (0.0 in
+    a fresh slot) must not make the task look hours old and kill it: a task
+    cannot have started before its chunk was sent."""
+    import struct
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}, timeout=600) as pool:
+        future = pool.submit(wait_for_file, (str(started), str(release)))
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the task did not start"
+            time.sleep(0.02)
+        [state] = pool._engine.workers.values()
+        slot = struct.Struct("<qqd")
+        with open(state.handle.slot_path, "r+b") as file:
+            seq, pos, _ = slot.unpack(file.read(slot.size))
+            file.seek(0)
+            file.write(slot.pack(seq, pos, 0.0))  # as if read between the worker's stores
+        time.sleep(1.0)  # the engine looks at the slot every 0.1 s meanwhile
+        release.touch()
+        assert future.result(timeout=60) == "released"

@@ -501,6 +501,11 @@ class LocalEngine(EngineBase):
             pos, started, limit = state.next_pos, state.since, limit + _LOAD_GRACE
         elif pos < state.next_pos:
             pos, started = state.next_pos, state.since
+        else:
+            # no task of the chunk starts before it is sent: a bound that
+            # holds even for a slot read half-written on a machine that
+            # reorders the worker's stores
+            started = max(started, chunk.sent)
         if now - started > limit:
             state.kill_reason = ("timeout", pos, now - started)
             state.handle.kill()
