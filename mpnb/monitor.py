@@ -132,6 +132,14 @@ class Monitor:
                 row.chunks.append((seq, call, indices, when))
                 row.state = "busy"
 
+    def chunks_sent(self, worker: int, chunks: list[tuple[int, int, list[int], float]]) -> None:
+        """:meth:`chunk_sent` for several ``(seq, call, indices, when)`` at once."""
+        with self._lock:
+            row = self._rows.get(worker)
+            if row is not None and chunks:
+                row.chunks.extend(chunks)
+                row.state = "busy"
+
     def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int],
                     starts: list[float] | dict[int, float], end: float, errors: dict[int, str],
                     ended: int | None = None) -> None:

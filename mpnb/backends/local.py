@@ -313,6 +313,7 @@ class LocalEngine(EngineBase):
     def _send(self, state: _WorkerState, room: int) -> None:
         """Send up to ``room`` queued chunks of one call to a worker, in one message."""
         runs: list[Run] = []
+        held = len(state.chunks)
         while len(runs) < room and not self._spent(state):
             chunk = self._next_chunk()
             if chunk is None:
@@ -324,8 +325,11 @@ class LocalEngine(EngineBase):
                 break
         if not runs:
             return
+        # one lock for the message's chunks, not one per chunk
+        self.monitor.chunks_sent(state.handle.worker_id,
+                                 [(c.seq, c.call.id, c.indices, c.sent) for c in itertools.islice(state.chunks, held, None)])
         try:
-            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, runs), pickle.HIGHEST_PROTOCOL))
+            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, [tuple(run) for run in runs]), pickle.HIGHEST_PROTOCOL))
         except OSError:
             state.open = False  # dead: its sentinel fires and the chunks are requeued
 
@@ -353,7 +357,6 @@ class LocalEngine(EngineBase):
         chunk.sent = now
         state.chunks.append(chunk)
         state.tasks += len(chunk.indices)
-        self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
         return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None,
                    int(call.mode))
 
@@ -422,7 +425,7 @@ class LocalEngine(EngineBase):
                 return
             kind = message[0]
             if kind == Kind.RECORDS:
-                self._on_records(state, message[1])
+                self._on_records(state, [Record._make(record) for record in message[1]])
             elif kind == Kind.HELLO:
                 state.ready = True
                 self._start_failures = 0
