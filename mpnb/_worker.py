@@ -142,7 +142,7 @@ class _Worker:
         now = time.monotonic()
         if flush or now - self.last_sent > FLUSH_SECONDS:
             records, self.pending, self.last_sent = self.pending, [], now
-            self.conn.send_bytes(dumps((Kind.RECORDS, [pack(r) for r in records])))
+            self.conn.send_bytes(dumps((Kind.RECORDS, [tuple(pack(r)) for r in records])))
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so
@@ -249,7 +249,7 @@ class _Worker:
                 return  # the parent is gone or closed the connection
             if message is STOP:
                 return
-            runs = message[1]
+            runs = [Run._make(run) for run in message[1]]  # plain tuples on the wire
             # a message holds chunks of one call; a message of another call
             # may come before this worker was ever idle, so the arrays of the
             # call before are let go here too

@@ -132,16 +132,30 @@ class Monitor:
                 row.chunks.append((seq, call, indices, when))
                 row.state = "busy"
 
+    def chunks_sent(self, worker: int, chunks: list[tuple[int, int, list[int], float]]) -> None:
+        """:meth:`chunk_sent` for several ``(seq, call, indices, when)`` at once."""
+        with self._lock:
+            row = self._rows.get(worker)
+            if row is not None and chunks:
+                row.chunks.extend(chunks)
+                row.state = "busy"
+
     def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int],
-                    starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
+                    starts: list[float] | dict[int, float], end: float, errors: dict[int, str],
+                    ended: int | None = None) -> None:
         """Tasks ``indices`` ended; the last at ``end``.  ``starts`` holds each
         one's start time, or (a dict) the start times of some of them by
         their offset in ``indices``, the first always: the tasks between two
         timed ones ran evenly between their times.  ``errors`` maps the
-        failed ones to a one-line description."""
+        failed ones to a one-line description.  ``ended``: the seq of the
+        chunk these tasks ended, as :meth:`chunk_ended` (one lock, not two)."""
         if not indices:
+            if ended is not None:
+                self.chunk_ended(worker, ended)
             return
         with self._lock:
+            if ended is not None:
+                self._chunk_ended(worker, ended)
             self._emit(2 * len(indices), "tasks", (worker, pid, call, indices, starts, end, errors))
             row = self._rows.get(worker)
             if row is not None:
@@ -154,14 +168,17 @@ class Monitor:
 
     def chunk_ended(self, worker: int, seq: int) -> None:
         with self._lock:
-            row = self._rows.get(worker)
-            if row is not None:
-                if row.chunks and row.chunks[0][0] == seq:
-                    del row.chunks[0]  # the usual case: chunks end in the order they were sent
-                else:
-                    row.chunks = [c for c in row.chunks if c[0] != seq]
-                if not row.chunks:
-                    row.state = "idle"
+            self._chunk_ended(worker, seq)
+
+    def _chunk_ended(self, worker: int, seq: int) -> None:
+        row = self._rows.get(worker)
+        if row is not None:
+            if row.chunks and row.chunks[0][0] == seq:
+                del row.chunks[0]  # the usual case: chunks end in the order they were sent
+            else:
+                row.chunks = [c for c in row.chunks if c[0] != seq]
+            if not row.chunks:
+                row.state = "idle"
 
     # ------------------------------------------------------------- readers
 

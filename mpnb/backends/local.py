@@ -46,7 +46,7 @@ from mpnb import errors
 from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Record, Run
 from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
-from mpnb.calls import Call, Chunk, arguments, dump_items, read_record
+from mpnb.calls import Call, Chunk, Outcomes, arguments, dump_items, read_record
 from mpnb.monitor import Monitor, process_stopped
 
 __all__ = ["LocalEngine"]
@@ -313,6 +313,7 @@ class LocalEngine(EngineBase):
     def _send(self, state: _WorkerState, room: int) -> None:
         """Send up to ``room`` queued chunks of one call to a worker, in one message."""
         runs: list[Run] = []
+        held = len(state.chunks)
         while len(runs) < room and not self._spent(state):
             chunk = self._next_chunk()
             if chunk is None:
@@ -324,8 +325,11 @@ class LocalEngine(EngineBase):
                 break
         if not runs:
             return
+        # one lock for the message's chunks, not one per chunk
+        self.monitor.chunks_sent(state.handle.worker_id,
+                                 [(c.seq, c.call.id, c.indices, c.sent) for c in itertools.islice(state.chunks, held, None)])
         try:
-            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, runs), pickle.HIGHEST_PROTOCOL))
+            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, [tuple(run) for run in runs]), pickle.HIGHEST_PROTOCOL))
         except OSError:
             state.open = False  # dead: its sentinel fires and the chunks are requeued
 
@@ -353,7 +357,6 @@ class LocalEngine(EngineBase):
         chunk.sent = now
         state.chunks.append(chunk)
         state.tasks += len(chunk.indices)
-        self.monitor.chunk_sent(state.handle.worker_id, chunk.seq, call.id, chunk.indices, now)
         return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None,
                    int(call.mode))
 
@@ -422,8 +425,7 @@ class LocalEngine(EngineBase):
                 return
             kind = message[0]
             if kind == Kind.RECORDS:
-                for record in message[1]:
-                    self._on_record(state, record)
+                self._on_records(state, [Record._make(record) for record in message[1]])
             elif kind == Kind.HELLO:
                 state.ready = True
                 self._start_failures = 0
@@ -442,24 +444,53 @@ class LocalEngine(EngineBase):
         state.kill_reason = ("unreadable",)
         state.handle.kill()
 
-    def _on_record(self, state: _WorkerState, record: Record) -> None:
+    def _on_records(self, state: _WorkerState, records: list[Record]) -> None:
+        """Record a message's records in the monitor, then deliver each run of
+        one call's records at once: at chunksize 1 a message holds many
+        chunks, and the caller's lock is then taken once, not per chunk."""
+        call: Call | None = None
+        indices: list[int] = []
+        values: list[Any] = []
+        failed: list[int] = []
+        output: dict[int, list] = {}
+        for record in records:
+            got = self._on_record(state, record)
+            if got is None:
+                continue
+            chunk_call, outcomes = got
+            if call is not None and (chunk_call is not call or call.future is not None):
+                call.deliver(indices, values, failed, output)
+                indices, values, failed, output = [], [], [], {}
+            call = chunk_call
+            indices += outcomes.indices
+            values += outcomes.values
+            failed += outcomes.failed
+            if outcomes.output:
+                output.update(outcomes.output)
+        if call is not None:
+            call.deliver(indices, values, failed, output)
+
+    def _on_record(self, state: _WorkerState, record: Record) -> tuple[Call, Outcomes] | None:
+        """Note ``record`` in the monitor; its call and outcomes, to deliver (None: ignored)."""
         if not state.chunks or state.chunks[0].seq != record.seq:
-            return  # a chunk cancelled while it waited behind another call's task
+            return None  # a chunk cancelled while it waited behind another call's task
         chunk = state.chunks[0]
         call, pid, first = chunk.call, state.handle.pid, record.first
-        indices, values, failed, errors_by_index, output = read_record(chunk, record, f"in worker pid {pid}")
-        state.next_pos = first + len(values)
+        outcomes = read_record(chunk, record, f"in worker pid {pid}")
+        state.next_pos = first + len(outcomes.values)
         state.since = time.monotonic()
         # recorded before delivered: a summary made when the caller wakes counts them
         starts = record.starts if not first else {pos - first: t for pos, t in record.starts.items()}
-        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, indices, starts, record.end, errors_by_index)
-        call.deliver(indices, values, failed, output)
+        ended = None
         if record.final:
             if first == 0:
-                self._learn_pace(call, (record.end - record.starts[0]) / len(values))
+                self._learn_pace(call, (record.end - record.starts[0]) / len(outcomes.values))
             state.chunks.popleft()
             state.next_pos = 0
-            self.monitor.chunk_ended(state.handle.worker_id, record.seq)
+            ended = record.seq
+        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, outcomes.indices, starts, record.end,
+                                 outcomes.errors, ended=ended)
+        return call, outcomes
 
     def _learn_pace(self, call: Call, seconds: float) -> None:
         """Update the call's seconds per task, and remember it for its function."""
