@@ -52,11 +52,20 @@ def _this_interpreter_kernel():
 
 def shown(cell) -> str:
     """Everything a code cell showed, as text: streams, results, errors."""
-    parts = []
+    parts: list[str] = []
+    stream = None  # the name of the stream the last part came from
     for out in cell.get("outputs", []):
         if out.output_type == "stream":
-            parts.append(out.text)
-        elif out.output_type in ("execute_result", "display_data"):
+            # the kernel flushes a stream on a timer, so one print may arrive
+            # as several outputs: they join as written, as the page shows them
+            if parts and stream == out.name:
+                parts[-1] += out.text
+            else:
+                parts.append(out.text)
+            stream = out.name
+            continue
+        stream = None
+        if out.output_type in ("execute_result", "display_data"):
             parts.append(out.data.get("text/plain", ""))
         elif out.output_type == "error":
             parts.append(f"{out.ename}: {out.evalue}")

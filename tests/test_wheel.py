@@ -99,3 +99,22 @@ def test_the_suite_tests_the_mpnb_it_was_asked_to():
         assert package.is_relative_to(Path(sys.prefix).resolve()) and package != checkout, package
     else:
         assert package == checkout, package
+
+
+def test_demo_shows_one_print_split_by_the_kernel_as_written():
+    """ipykernel flushes a stream on a timer, so under load one ``print`` can
+    reach the notebook as two stream outputs; the demo's report (and every
+    kernel test that reads a cell's text) joins them as the page shows them,
+    and keeps a result or another stream on a line of its own."""
+    import nbformat
+
+    from mpnb.demo import shown
+
+    cell = nbformat.v4.new_code_cell("print('ProcessPoolExecutor:', [0.5]); 3")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="ProcessPoolExecutor:"),
+        nbformat.v4.new_output("stream", name="stdout", text=" [0.5]\n"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "3"}, execution_count=1),
+        nbformat.v4.new_output("stream", name="stderr", text="a warning"),
+    ]
+    assert shown(cell) == "ProcessPoolExecutor: [0.5]\n3\na warning\n"
