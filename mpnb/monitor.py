@@ -126,14 +126,10 @@ class Monitor:
                 self._calls[call] = replace(self._calls[call], finished=time.monotonic())
 
     def chunk_sent(self, worker: int, seq: int, call: int, indices: list[int], when: float) -> None:
-        with self._lock:
-            row = self._rows.get(worker)
-            if row is not None:
-                row.chunks.append((seq, call, indices, when))
-                row.state = "busy"
+        self.chunks_sent(worker, [(seq, call, indices, when)])
 
     def chunks_sent(self, worker: int, chunks: list[tuple[int, int, list[int], float]]) -> None:
-        """:meth:`chunk_sent` for several ``(seq, call, indices, when)`` at once."""
+        """Chunks ``(seq, call, indices, when)`` sent to ``worker``, in one step."""
         with self._lock:
             row = self._rows.get(worker)
             if row is not None and chunks:
