@@ -366,3 +366,40 @@ def test_a_stopped_worker_shows_times_out_and_is_killed_at_shutdown(tag, context
         assert isinstance(error, BrokenProcessPool) and "stopped by a signal" in str(error), error
     finally:
         engine.kill_now()
+
+
+def test_a_fork_while_workers_start_does_not_hold_their_pipes(tag):
+    """A process forked while a worker starts (a fork Pool made next to
+    mpnb's, a library that forks) copies every descriptor open at that
+    moment. Had it copied the new worker's start pipe, the start would wait
+    for the forked process to end; the pool must start and serve anyway."""
+    import warnings
+
+    stop, children = threading.Event(), []
+
+    def fork_until_stopped():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+            while not stop.is_set() and len(children) < 400:
+                pid = os.fork()
+                if pid == 0:  # lives until the test ends, holding what it copied
+                    time.sleep(DEADLINE * 2)
+                    os._exit(0)
+                children.append(pid)
+                time.sleep(0.001)
+
+    forker = threading.Thread(target=fork_until_stopped, daemon=True)
+    results: list = []
+    try:
+        forker.start()
+        with mpnb.Pool(2, env={TAG_VAR: tag}, context="exec", live=False) as pool:
+            done = threading.Thread(target=lambda: results.append(pool.map(square, range(8))), daemon=True)
+            done.start()
+            done.join(DEADLINE)
+            assert results == [[x * x for x in range(8)]], "the pool's workers never started"
+    finally:
+        stop.set()
+        forker.join(DEADLINE)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

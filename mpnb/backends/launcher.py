@@ -56,6 +56,17 @@ from mpnb import _worker
 from mpnb._protocol import SLOT, Boot
 from mpnb.shared import remove_results, sweep_dead, sweep_dead_shared
 
+# Held while a worker starts, from its pipe's creation until the child's ends
+# are closed here, and taken by every os.fork() of this process before it
+# forks (a fork Pool, a library that forks): a process forked in that window
+# would keep the child's ends open (the start's exec-error pipe among them),
+# so that subprocess waits forever for the new worker's exec and no end of
+# file ever tells the engine that a worker died.
+_STARTING = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_STARTING.acquire, after_in_parent=_STARTING.release,
+                        after_in_child=_STARTING.release)
+
 POOL_DIR_PREFIX = "mpnb-pool-"
 
 
@@ -425,27 +436,41 @@ class Launcher:
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
         # also at interpreter exit, should the engine's thread not get there
         self._remove_dir = weakref.finalize(self, _remove_pool_files, self._dir)
-        self._lock = threading.Lock()
 
     def start_worker(self, worker_id: int) -> WorkerHandle:
         slot_path = os.path.join(self._dir, f"worker-{worker_id}")
         with open(slot_path, "wb") as f:
             f.write(SLOT.pack(-1, -1, 0.0))
-        parent_end, child_end = Pipe(duplex=True)
-        if self.method == "exec":
-            spawning = _ExecSpawning()
-            set_spawning_popen(cast(Any, spawning))
+        setup, fds = self._boot(slot_path) if self.method == "exec" else (b"", [])
+        # no fork of this process may copy the new worker's pipe ends (see _STARTING)
+        with _STARTING:
+            parent_end, child_end = Pipe(duplex=True)
             try:
-                boot = Boot(sys.path, *self._site, self._flags, slot_path, self._config)
-                setup = pickle.dumps(boot, pickle.HIGHEST_PROTOCOL)
+                process = self._start(worker_id, child_end, slot_path, fds)
+            except BaseException:
+                parent_end.close()
+                raise
             finally:
-                set_spawning_popen(None)
-            with self._lock:
-                env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
-                process = _ExecProcess(child_end.fileno(), env, spawning.fds)
-            child_end.close()
+                child_end.close()
+        if setup:
             parent_end.send_bytes(setup)
-            return WorkerHandle(worker_id, process, parent_end, slot_path)
+        return WorkerHandle(worker_id, process, parent_end, slot_path)
+
+    def _boot(self, slot_path: str) -> tuple[bytes, list[int]]:
+        """An exec worker's set-up, pickled, and the descriptors it holds
+        (a multiprocessing queue's or lock's in the initializer's arguments)."""
+        spawning = _ExecSpawning()
+        set_spawning_popen(cast(Any, spawning))
+        try:
+            boot = Boot(sys.path, *self._site, self._flags, slot_path, self._config)
+            return pickle.dumps(boot, pickle.HIGHEST_PROTOCOL), spawning.fds
+        finally:
+            set_spawning_popen(None)
+
+    def _start(self, worker_id: int, child_end: Any, slot_path: str, fds: list[int]) -> Any:
+        if self.method == "exec":
+            env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
+            return _ExecProcess(child_end.fileno(), env, fds)
         # the mark is in a process's environment from its start only where the
         # launcher takes one; spawn and forkserver workers set it themselves,
         # which reaches what they exec but not what they fork
@@ -457,10 +482,8 @@ class Launcher:
             name=f"mpnb-worker-{worker_id}",
             **extra,
         )
-        with self._lock:
-            process.start()
-        child_end.close()
-        return WorkerHandle(worker_id, process, parent_end, slot_path)
+        process.start()
+        return process
 
     def close(self) -> None:
         self._remove_dir()
