@@ -54,6 +54,7 @@ from typing import Any, cast
 
 from mpnb import _worker
 from mpnb._protocol import SLOT, Boot
+from mpnb.resources import Resources, pin
 from mpnb.shared import remove_results, sweep_dead, sweep_dead_shared
 
 POOL_DIR_PREFIX = "mpnb-pool-"
@@ -395,10 +396,12 @@ class Launcher:
 
     ``env`` is set in each worker before it imports anything but mpnb's
     worker module (thread caps, the nesting depth); ``config`` goes to
-    :func:`mpnb._worker.main`.
+    :func:`mpnb._worker.main`.  ``resources`` adds each slot's own variables
+    (by its rank) and pins it to its CPUs (:mod:`mpnb.resources`).
     """
 
-    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = DEFAULT_METHOD):
+    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = DEFAULT_METHOD,
+                 resources: Resources | None = None):
         if method not in START_METHODS:
             raise ValueError(f"start method {method!r}: use one of {', '.join(START_METHODS)}")
         if method == "exec" and os.name != "posix":
@@ -412,6 +415,7 @@ class Launcher:
         else:
             self._context = multiprocessing.get_context(method)
         self.method = method
+        self.resources = resources or Resources()
         self._env = dict(env)
         self._config = dict(config, env=dict(env))
         self._config["authkey"] = bytes(multiprocessing.current_process().authkey)  # for Manager proxies
@@ -427,39 +431,48 @@ class Launcher:
         self._remove_dir = weakref.finalize(self, _remove_pool_files, self._dir)
         self._lock = threading.Lock()
 
-    def start_worker(self, worker_id: int) -> WorkerHandle:
+    def start_worker(self, worker_id: int, rank: int = 0) -> WorkerHandle:
+        """Start a worker for slot ``rank`` (its environment and CPUs)."""
         slot_path = os.path.join(self._dir, f"worker-{worker_id}")
         with open(slot_path, "wb") as f:
             f.write(SLOT.pack(-1, -1, 0.0))
         parent_end, child_end = Pipe(duplex=True)
+        own_env = {**self._env, **self.resources.env(rank)}
+        # a spawn or forkserver worker sets it from here, before the initializer runs
+        config = dict(self._config, env=own_env) if own_env != self._env else self._config
+        cpus = self.resources.cpu_set(rank)
         if self.method == "exec":
             spawning = _ExecSpawning()
             set_spawning_popen(cast(Any, spawning))
             try:
-                boot = Boot(sys.path, *self._site, self._flags, slot_path, self._config)
+                boot = Boot(sys.path, *self._site, self._flags, slot_path, config)
                 setup = pickle.dumps(boot, pickle.HIGHEST_PROTOCOL)
             finally:
                 set_spawning_popen(None)
             with self._lock:
-                env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
+                env = {**os.environ, **own_env, _worker.WORKER_VAR: slot_path}
                 process = _ExecProcess(child_end.fileno(), env, spawning.fds)
             child_end.close()
+            if cpus is not None:  # it waits for its setup: one thread, nothing imported yet
+                pin(process.pid, cpus)
             parent_end.send_bytes(setup)
             return WorkerHandle(worker_id, process, parent_end, slot_path)
         # the mark is in a process's environment from its start only where the
         # launcher takes one; spawn and forkserver workers set it themselves,
         # which reaches what they exec but not what they fork
-        extra = {"env": {**self._env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
+        extra = {"env": {**own_env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
         assert self._context is not None
         process = self._context.Process(
             target=_worker.main,
-            args=(child_end, slot_path, self._config),
+            args=(child_end, slot_path, config),
             name=f"mpnb-worker-{worker_id}",
             **extra,
         )
         with self._lock:
             process.start()
         child_end.close()
+        if cpus is not None:  # every thread it has; those it starts later inherit the set
+            pin(process.pid, cpus)
         return WorkerHandle(worker_id, process, parent_end, slot_path)
 
     def close(self) -> None:
