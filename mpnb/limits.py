@@ -7,7 +7,8 @@ variable that changes it.
 - ``MPNB_MAX_WORKERS``: the most workers one pool may start (default: four
   times the usable CPUs, at least 8).
 - ``MPNB_THREADS_PER_WORKER``: BLAS/OpenMP threads in each worker (default:
-  usable CPUs divided by the number of workers, at least 1).
+  usable CPUs divided by the number of workers, at least 1; a worker pinned
+  to its own CPUs, ``Pool(pin=True)``, gets their number).
 - ``MPNB_MAX_DEPTH``: how deep pools may nest (default 1: only the notebook's
   own process starts workers; a pool created inside a worker runs its tasks
   inline, in that worker, one after the other).
