@@ -160,3 +160,31 @@ def test_sizes_read_as_people_write_them():
     assert resources.parse_size("1.5G", "max_memory") == 3 << 29
     assert resources.parse_size("500MB", "max_memory") == 500_000_000
     assert resources.parse_size(1 << 20, "max_memory") == 1 << 20
+
+
+# ------------------------------------------------------------ in a kernel
+
+KERNEL_CELLS = [
+    """
+import os, mpnb
+pool = mpnb.Pool(2, max_memory="250MiB", gpus=[0, 1], live=False)
+def runaway(n):
+    if n == 0:
+        blocks = [b"x" * (8 << 20) for _ in range(128)]  # 1 GiB: the limit failed
+        return "not stopped"
+    return n
+""",
+    "pool.map(runaway, range(4), chunksize=1)",
+    "print(pool.last_results[1:], pool.map(abs, [-1, -2]))",
+    "print(sorted((r.rank, r.device, r.memory_limit) for r in pool.monitor.snapshot())); pool.shutdown()",
+]
+
+
+@pytest.mark.kernel
+def test_a_runaway_task_in_a_kernel_fails_alone_and_the_kernel_goes_on(kernel):
+    replies = [kernel.run(cell) for cell in KERNEL_CELLS]
+    replies[0].ok()
+    assert replies[1].ename == "WorkerMemoryError", replies[1]
+    assert "task 0 (argument 0)" in replies[1].evalue and "max_memory='250MiB'" in replies[1].evalue
+    assert replies[2].ok().stdout.strip() == "[1, 2, 3] [1, 2]"
+    assert replies[3].ok().stdout.strip() == str([(0, "0", 250 << 20), (1, "1", 250 << 20)])
