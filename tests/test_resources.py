@@ -19,7 +19,7 @@ from kernel import TAG_VAR
 from mpnb import facts, resources, widget
 from mpnb.errors import WorkerMemoryError
 from mpnb.events import WorkerStopped
-from resource_tasks import DEADLINE, SLOT_VARS, crash, hold, rank, runaway_or_wait, slot_facts
+from resource_tasks import DEADLINE, SLOT_VARS, crash_rank_1, hold, rank, runaway_or_wait, slot_facts
 
 
 # ------------------------------------------------------------ slots
@@ -46,10 +46,12 @@ def test_each_slot_gets_its_env_gpu_and_cpus_and_a_replacement_keeps_them(tag, t
         rows = {r.rank: r for r in pool.monitor.snapshot()}
         assert {r: rows[r].device for r in rows} == {0: "0", 1: "1"}
 
+        # the higher slot: a new worker numbered after the dead one would not land on it by chance
+        _wait_for(lambda: sum(r.state == "idle" for r in pool.monitor.snapshot()) == 2)
+        (tmp_path / "crash").mkdir()
         with pytest.raises(mpnb.pool.WorkerCrashedError):
-            pool.submit(crash, str(tmp_path / "crashed")).result(timeout=DEADLINE)
-        crashed_rank = (tmp_path / "crashed").read_text()
-        crashed = next(pid for pid, f in first.items() if f["RANK"] == crashed_rank)
+            pool.map(crash_rank_1, [str(tmp_path / "crash")] * 2, chunksize=1)
+        crashed = next(pid for pid, f in first.items() if f["RANK"] == "1")
         after = _slots(pool, tmp_path / "after")
         assert crashed not in after
         replacement = next(f for pid, f in after.items() if pid not in first)
