@@ -25,6 +25,7 @@ __all__ = [
     "patch",
     "unpatch",
     "shared_array",
+    "WorkerMemoryError",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -41,12 +42,14 @@ _LAZY = {
     "patch": "mpnb.patching",
     "unpatch": "mpnb.patching",
     "shared_array": "mpnb.shared",
+    "WorkerMemoryError": "mpnb.errors",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
     from mpnb.doctor import doctor
+    from mpnb.errors import WorkerMemoryError
     from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool

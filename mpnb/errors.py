@@ -25,6 +25,7 @@ __all__ = [
     "RemoteTraceback",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
 ]
 
 #: environment variable: seconds a worker may take to start, its initializer included
@@ -37,6 +38,10 @@ class WorkerCrashedError(BrokenProcessPool):
 
 class TaskTimeoutError(TimeoutError):
     """The task ran longer than the pool's timeout; its worker was killed and replaced."""
+
+
+class WorkerMemoryError(MemoryError):
+    """The task's worker held more memory than the pool's ``max_memory``; it was killed and replaced."""
 
 
 class RemoteTaskError(Exception):
@@ -152,6 +157,19 @@ def crash_error(pid: int, exitcode: int | None, report: str) -> Callable[[str], 
         if report:
             exc.__cause__ = RemoteTraceback("\n" + report + "\n")
         return exc
+
+    return make
+
+
+def memory_error(pid: int, peak: int, limit: int, given: Any) -> Callable[[str], BaseException]:
+    """The error of the task whose worker passed ``max_memory`` (``given`` as the user wrote it)."""
+    from mpnb.facts import byte_size
+
+    def make(where: str) -> BaseException:
+        return WorkerMemoryError(
+            f"{where} made its worker (pid {pid}) hold {byte_size(peak)}, past the pool's "
+            f"max_memory={given!r} ({byte_size(limit)} per worker); the worker was killed and replaced, "
+            f"and the other tasks go on. Give this task less data at once, or raise max_memory.")
 
     return make
 

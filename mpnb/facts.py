@@ -67,6 +67,15 @@ class Row:
     rss: int | None = None  # bytes
     address: str | None = None  # a cluster worker's address
     busy: float | None = None  # seconds spent on the watched calls' tasks
+    device: str | None = None  # its GPU (Pool(gpus=))
+    memory_limit: int | None = None  # bytes: what rss is held against (max_memory, else soft_memory)
+
+    @property
+    def memory(self) -> str:
+        """``120.0 MiB``, or ``120.0 MiB / 2.0 GiB`` against a limit."""
+        if self.memory_limit is None:
+            return byte_size(self.rss)
+        return f"{byte_size(self.rss)} / {byte_size(self.memory_limit)}"
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,8 @@ def summary_text(facts: Facts) -> str:
             + (f", busy {seconds(row.busy)}" if row.busy is not None else "")
             + (f", {row.task}" if row.state == "dead" else "")
             + (f", {row.address}" if row.address else "")
+            + (f", GPU {row.device}" if row.device is not None else "")
+            + (f", memory {row.memory}" if row.memory_limit is not None and row.rss is not None else "")
         )
     for failure in facts.failures:
         lines.append(f"  {failure.task} failed in pid {failure.pid}: {failure.error}")

@@ -7,7 +7,8 @@ variable that changes it.
 - ``MPNB_MAX_WORKERS``: the most workers one pool may start (default: four
   times the usable CPUs, at least 8).
 - ``MPNB_THREADS_PER_WORKER``: BLAS/OpenMP threads in each worker (default:
-  usable CPUs divided by the number of workers, at least 1).
+  usable CPUs divided by the number of workers, at least 1; a worker pinned
+  to its own CPUs, ``Pool(pin=True)``, gets their number).
 - ``MPNB_MAX_DEPTH``: how deep pools may nest (default 1: only the notebook's
   own process starts workers; a pool created inside a worker runs its tasks
   inline, in that worker, one after the other).
@@ -94,19 +95,20 @@ def resolve_workers(workers: int | None) -> int:
     return workers
 
 
-def threads_per_worker(workers: int) -> int:
+def threads_per_worker(workers: int, cpus: int | None = None) -> int:
     """BLAS/OpenMP threads for each of ``workers`` workers.
 
     N workers each starting one thread per core would run N x cores threads
-    on cores CPUs; dividing the CPUs among the workers avoids that.
+    on cores CPUs; dividing the CPUs among the workers avoids that.  A worker
+    pinned to its own ``cpus`` CPUs (``Pool(pin=True)``) gets that many.
     """
-    default = max(1, cpu_count() // max(1, workers))
+    default = max(1, cpus if cpus is not None else cpu_count() // max(1, workers))
     return max(1, _int_from_env("MPNB_THREADS_PER_WORKER", default))
 
 
-def thread_env(workers: int) -> dict[str, str]:
+def thread_env(workers: int, cpus: int | None = None) -> dict[str, str]:
     """Environment variables that cap native thread pools in a worker."""
-    n = str(threads_per_worker(workers))
+    n = str(threads_per_worker(workers, cpus))
     return {name: n for name in THREAD_VARS}
 
 

@@ -53,6 +53,9 @@ class WorkerStatus:
     cpu_percent: float | None = None
     rss: int | None = None  # bytes
     address: str | None = None  # a dask worker's address; None for local workers
+    rank: int | None = None  # its slot (Pool(worker_env=, gpus=, pin=)); a replacement keeps it
+    device: str | None = None  # its GPU (Pool(gpus=))
+    memory_limit: int | None = None  # bytes: Pool(max_memory=), else soft_memory=
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,11 @@ class Monitor:
         while self._log and self._logged - self._log[0][0] > EVENT_HISTORY:
             self._log.popleft()
 
-    def worker_starting(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]]) -> None:
+    def worker_starting(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]],
+                        rank: int | None = None, device: str | None = None, memory_limit: int | None = None) -> None:
         with self._lock:
-            self._rows[worker] = _MutableRow(worker, pid, current)
+            self._rows[worker] = row = _MutableRow(worker, pid, current)
+            row.slot = (rank, device, memory_limit)
 
     def worker_started(self, worker: int, pid: int, when: float) -> None:
         with self._lock:
@@ -185,7 +190,9 @@ class Monitor:
             rows = []
             for worker, row in sorted(self._rows.items()):
                 state = "stopped" if process_stopped(row.pid) else row.state
-                status = WorkerStatus(worker, row.pid, state, tasks_done=row.done, tasks_failed=row.failed)
+                rank, device, limit = row.slot
+                status = WorkerStatus(worker, row.pid, state, tasks_done=row.done, tasks_failed=row.failed,
+                                      rank=rank, device=device, memory_limit=limit)
                 if row.chunks:
                     seq, call, indices, sent = row.chunks[0]
                     slot_seq, pos, started = row.current()
@@ -271,12 +278,13 @@ def process_stopped(pid: int | None) -> bool:
 
 
 class _MutableRow:
-    __slots__ = ("worker", "pid", "state", "chunks", "done", "failed", "current")
+    __slots__ = ("worker", "pid", "state", "chunks", "done", "failed", "current", "slot")
 
     def __init__(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]]):
         self.worker, self.pid, self.state, self.current = worker, pid, "starting", current
         self.chunks: list[tuple[int, int, list[int], float]] = []  # (seq, call, indices, sent)
         self.done = self.failed = 0
+        self.slot: tuple[int | None, str | None, int | None] = (None, None, None)  # rank, device, memory limit
 
 
 def _expand(kind: str, payload: tuple) -> list[Event]:

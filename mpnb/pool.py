@@ -50,6 +50,7 @@ from mpnb.errors import (
     RemoteTraceback,
     TaskTimeoutError,
     WorkerCrashedError,
+    WorkerMemoryError,
     function_error,
     pickling_error,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "RemoteTraceback",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
 ]
 
 # how often a waiting caller wakes to notice Ctrl-C and replay output
@@ -102,6 +104,13 @@ class Pool(MultiprocessingAPI, Executor):
     runs the tasks on a dask.distributed cluster instead.  A worker is
     replaced after ``max_tasks_per_child`` tasks (a chunk is not split).
 
+    Per worker slot (local backend, :mod:`mpnb.resources`): ``worker_env(rank)``
+    adds variables, ``gpus`` (``"auto"``, ids, or a count) sets
+    ``CUDA_VISIBLE_DEVICES`` and its kin round-robin, ``pin=True`` gives each
+    worker its own CPUs.  ``max_memory`` (``"2GiB"``) kills a worker that holds
+    more and fails its task with :class:`WorkerMemoryError`; ``soft_memory``
+    replaces a worker between tasks once it holds more.
+
     Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
     inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
     """
@@ -124,6 +133,11 @@ class Pool(MultiprocessingAPI, Executor):
         backend: str = "local",
         address: Any = None,
         live: bool | None = None,
+        worker_env: Callable[[int], dict[str, str]] | None = None,
+        gpus: Any = None,
+        pin: bool = False,
+        max_memory: int | str | None = None,
+        soft_memory: int | str | None = None,
     ):
         given = pool_arguments(workers, initializer, initargs, maxtasksperchild, context, processes=processes,
                                max_workers=max_workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child)
@@ -144,7 +158,8 @@ class Pool(MultiprocessingAPI, Executor):
         engine = backends.create(backends.Options(
             backend=backend, address=address, workers=given.workers, initializer=given.initializer,
             initargs=given.initargs, env=dict(env or {}), context=given.context,
-            max_tasks_per_child=given.max_tasks_per_child))
+            max_tasks_per_child=given.max_tasks_per_child,
+            resources=dict(worker_env=worker_env, gpus=gpus, pin=pin, max_memory=max_memory, soft_memory=soft_memory)))
         self._engine = engine
         self.workers = engine.size
         self.monitor = engine.monitor

@@ -307,7 +307,7 @@ class Session:
                 task = watched.describe(status.call, status.index)
         return Row(
             pid=status.pid, state=state, task=task, running=status.elapsed, cpu=status.cpu_percent, rss=status.rss,
-            address=status.address,
+            address=status.address, device=status.device, memory_limit=status.memory_limit,
         )
 
 
@@ -320,6 +320,8 @@ def _death(reason: str) -> str:
         return "killed at shutdown: stopped by a signal"
     if reason == "start-timeout":
         return "killed: did not start in time"
+    if reason == "memory":
+        return "killed: past max_memory"
     return f"died ({reason})"
 
 

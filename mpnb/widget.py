@@ -25,7 +25,7 @@ from __future__ import annotations
 import html
 from typing import Any, Callable
 
-from mpnb.facts import Facts, Row, byte_size, seconds, summary_text
+from mpnb.facts import Facts, Row, seconds, summary_text
 
 __all__ = ["LiveWidget", "Summary", "header_html", "rows_html"]
 
@@ -69,23 +69,28 @@ def _total(facts: Facts) -> str:
 def rows_html(rows: tuple[Row, ...] | list[Row], summary: bool = False) -> str:
     """The worker table, one ``tr.mpnb-worker`` per worker."""
     addresses = any(r.address for r in rows)
+    devices = any(r.device is not None for r in rows)
     if summary:
         heads = ["pid", "state", "tasks done", "failed", "busy", "CPU", "RSS"]
     else:
         heads = ["pid", "state", "current task", "running", "tasks done", "CPU", "RSS"]
     if addresses:
         heads.insert(1, "address")
+    if devices:
+        heads.insert(1, "GPU")
     head = "".join(f'<th style="{_CELL}">{h}</th>' for h in heads)
-    body = "".join(_row_html(r, summary, addresses) for r in rows)
+    body = "".join(_row_html(r, summary, addresses, devices) for r in rows)
     return f'<table style="{_TABLE}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _row_html(row: Row, summary: bool, addresses: bool) -> str:
+def _row_html(row: Row, summary: bool, addresses: bool, devices: bool = False) -> str:
     colour = _STATE_COLOURS.get(row.state, "inherit")
     cpu = "–" if row.cpu is None else f"{row.cpu:.0f} %"
     cells = [str(row.pid), f'<span style="color:{colour}">{_e(row.state)}</span>']
     if addresses:
         cells.insert(1, _e(row.address or ""))
+    if devices:
+        cells.insert(1, _e(row.device or ""))
     if summary:
         busy = "–" if row.busy is None else seconds(row.busy)
         cells += [str(row.done), str(row.failed), busy]
@@ -94,7 +99,7 @@ def _row_html(row: Row, summary: bool, addresses: bool) -> str:
     else:
         running = "" if row.running is None else seconds(row.running)
         cells += [_e(row.task), running, str(row.done)]
-    cells += [cpu, byte_size(row.rss)]
+    cells += [cpu, row.memory]
     tds = "".join(f'<td style="{_CELL}">{c}</td>' for c in cells)
     return f'<tr class="mpnb-worker" data-pid="{row.pid}" data-state="{_e(row.state)}">{tds}</tr>'
 

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mpnb import limits
+from mpnb import limits, resources
 from mpnb.backends.base import Engine
 
 __all__ = ["BACKENDS", "Engine", "Options", "create"]
@@ -46,6 +46,10 @@ class Options:
     #: inline engine ignores it (it has no worker process of its own to
     #: replace), a dask cluster refuses it (its workers are not the pool's)
     max_tasks_per_child: int | None = None
+    #: worker_env, gpus, pin, max_memory, soft_memory as given (mpnb.resources);
+    #: a dask cluster refuses them, an inline engine ignores them (its tasks
+    #: run in a worker that already has its own)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 def check(backend: str, address: Any) -> str:
@@ -60,6 +64,7 @@ def check(backend: str, address: Any) -> str:
 def create(options: Options) -> Engine:
     """The engine for ``options``, started."""
     check(options.backend, options.address)
+    resources.check(options.resources, options.backend)
     if options.backend == "dask":
         from mpnb.backends.dask import connect
 
@@ -89,8 +94,9 @@ def _local(options: Options, workers: int) -> Engine:
     }
     initializer = _qualified_name(options.initializer) if options.initializer is not None else None
     seconds = start_timeout()  # a bad setting is refused before anything starts
-    launcher = Launcher(worker_env, config, options.context or DEFAULT_METHOD)
-    engine = LocalEngine(launcher, workers, initializer, seconds, options.max_tasks_per_child)
+    slots = resources.resolve(options.resources, workers, options.env)
+    launcher = Launcher(worker_env, config, options.context or DEFAULT_METHOD, slots)
+    engine = LocalEngine(launcher, workers, initializer, seconds, options.max_tasks_per_child, slots)
     engine.start()
     return engine
 

@@ -54,6 +54,7 @@ from typing import Any, cast
 
 from mpnb import _worker
 from mpnb._protocol import SLOT, Boot
+from mpnb.resources import Resources, pin
 from mpnb.shared import remove_results, sweep_dead, sweep_dead_shared
 
 # Held while a worker starts, from its pipe's creation until the child's ends
@@ -406,10 +407,12 @@ class Launcher:
 
     ``env`` is set in each worker before it imports anything but mpnb's
     worker module (thread caps, the nesting depth); ``config`` goes to
-    :func:`mpnb._worker.main`.
+    :func:`mpnb._worker.main`.  ``resources`` adds each slot's own variables
+    (by its rank) and pins it to its CPUs (:mod:`mpnb.resources`).
     """
 
-    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = DEFAULT_METHOD):
+    def __init__(self, env: dict[str, str], config: dict[str, Any], method: str = DEFAULT_METHOD,
+                 resources: Resources | None = None):
         if method not in START_METHODS:
             raise ValueError(f"start method {method!r}: use one of {', '.join(START_METHODS)}")
         if method == "exec" and os.name != "posix":
@@ -423,6 +426,7 @@ class Launcher:
         else:
             self._context = multiprocessing.get_context(method)
         self.method = method
+        self.resources = resources or Resources()
         self._env = dict(env)
         self._config = dict(config, env=dict(env))
         self._config["authkey"] = bytes(multiprocessing.current_process().authkey)  # for Manager proxies
@@ -437,48 +441,58 @@ class Launcher:
         # also at interpreter exit, should the engine's thread not get there
         self._remove_dir = weakref.finalize(self, _remove_pool_files, self._dir)
 
-    def start_worker(self, worker_id: int) -> WorkerHandle:
+    def start_worker(self, worker_id: int, rank: int = 0) -> WorkerHandle:
+        """Start a worker for slot ``rank`` (its environment and CPUs)."""
         slot_path = os.path.join(self._dir, f"worker-{worker_id}")
         with open(slot_path, "wb") as f:
             f.write(SLOT.pack(-1, -1, 0.0))
-        setup, fds = self._boot(slot_path) if self.method == "exec" else (b"", [])
+        env = {**self._env, **self.resources.env(rank)}
+        # a spawn or forkserver worker sets it from here, before the initializer runs
+        config = dict(self._config, env=env) if env != self._env else self._config
+        setup, fds = self._boot(slot_path, config) if self.method == "exec" else (b"", [])
         # no fork of this process may copy the new worker's pipe ends (see _STARTING)
         with _STARTING:
             parent_end, child_end = Pipe(duplex=True)
             try:
-                process = self._start(worker_id, child_end, slot_path, fds)
+                process = self._start(worker_id, child_end, slot_path, config, env, fds)
             except BaseException:
                 parent_end.close()
                 raise
             finally:
                 child_end.close()
+        cpus = self.resources.cpu_set(rank)
+        if cpus is not None:
+            # an exec worker waits for its setup: one thread, nothing imported
+            # yet; another has every thread pinned, and those it starts later
+            # inherit the set
+            pin(process.pid, cpus)
         if setup:
             parent_end.send_bytes(setup)
         return WorkerHandle(worker_id, process, parent_end, slot_path)
 
-    def _boot(self, slot_path: str) -> tuple[bytes, list[int]]:
+    def _boot(self, slot_path: str, config: dict[str, Any]) -> tuple[bytes, list[int]]:
         """An exec worker's set-up, pickled, and the descriptors it holds
         (a multiprocessing queue's or lock's in the initializer's arguments)."""
         spawning = _ExecSpawning()
         set_spawning_popen(cast(Any, spawning))
         try:
-            boot = Boot(sys.path, *self._site, self._flags, slot_path, self._config)
+            boot = Boot(sys.path, *self._site, self._flags, slot_path, config)
             return pickle.dumps(boot, pickle.HIGHEST_PROTOCOL), spawning.fds
         finally:
             set_spawning_popen(None)
 
-    def _start(self, worker_id: int, child_end: Any, slot_path: str, fds: list[int]) -> Any:
+    def _start(self, worker_id: int, child_end: Any, slot_path: str, config: dict[str, Any],
+               env: dict[str, str], fds: list[int]) -> Any:
         if self.method == "exec":
-            env = {**os.environ, **self._env, _worker.WORKER_VAR: slot_path}
-            return _ExecProcess(child_end.fileno(), env, fds)
+            return _ExecProcess(child_end.fileno(), {**os.environ, **env, _worker.WORKER_VAR: slot_path}, fds)
         # the mark is in a process's environment from its start only where the
         # launcher takes one; spawn and forkserver workers set it themselves,
         # which reaches what they exec but not what they fork
-        extra = {"env": {**self._env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
+        extra = {"env": {**env, _worker.WORKER_VAR: slot_path}} if self.method == "loky" else {}
         assert self._context is not None
         process = self._context.Process(
             target=_worker.main,
-            args=(child_end, slot_path, self._config),
+            args=(child_end, slot_path, config),
             name=f"mpnb-worker-{worker_id}",
             **extra,
         )

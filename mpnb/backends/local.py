@@ -48,6 +48,7 @@ from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
 from mpnb.calls import Call, Chunk, Outcomes, arguments, dump_items, read_record
 from mpnb.monitor import Monitor, process_stopped
+from mpnb.resources import SAMPLE_SECONDS, MemoryProbe, Resources
 
 __all__ = ["LocalEngine"]
 
@@ -74,10 +75,11 @@ _RETIRE_GRACE = 10.0
 
 class _WorkerState:
     __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
-                 "open", "started", "tasks", "retired")
+                 "open", "started", "tasks", "retired", "rank", "memory", "peak", "measured")
 
-    def __init__(self, handle: WorkerHandle):
+    def __init__(self, handle: WorkerHandle, rank: int):
         self.handle = handle
+        self.rank = rank  # its slot: a replacement gets the same environment, device and CPUs
         self.ready = False
         self.started = time.monotonic()  # start-up is bounded (MPNB_START_TIMEOUT)
         # chunks sent, oldest first; the first is running, more may wait
@@ -90,7 +92,10 @@ class _WorkerState:
         self.init_failure: Any = None
         self.open = True  # the connection has not reached EOF
         self.tasks = 0  # tasks sent to it, for max_tasks_per_child
-        self.retired: float | None = None  # when it was asked to leave (max_tasks_per_child)
+        self.retired: float | None = None  # when it was asked to leave (max_tasks_per_child, soft_memory)
+        self.memory = MemoryProbe(handle.pid)  # resident memory, when a limit is set
+        self.peak = 0  # the most resident memory seen
+        self.measured = 0  # its task count when it was last measured idle (soft_memory)
 
     @property
     def who(self) -> tuple[int, int]:
@@ -109,8 +114,12 @@ class LocalEngine(EngineBase):
     shares_memory = True
 
     def __init__(self, launcher: Launcher, workers: int, initializer: str | None, start_timeout: float,
-                 max_tasks: int | None = None):
+                 max_tasks: int | None = None, resources: Resources | None = None):
         super().__init__("mpnb-local-engine", Monitor(), workers)
+        # each slot's environment, CPUs and device (the launcher's business)
+        # and the memory limits (this engine's: see _check_memory)
+        self.resources = resources or Resources()
+        self._sampled = 0.0
         # a worker that was sent this many tasks gets no more and is replaced
         # once they are done (max_tasks_per_child); None: workers serve on
         self.max_tasks = max_tasks
@@ -161,6 +170,7 @@ class LocalEngine(EngineBase):
                 return
             self._wait_and_handle()
             self._check_timeouts()
+            self._check_memory(time.monotonic())
 
     def _close(self) -> None:
         try:
@@ -242,11 +252,13 @@ class LocalEngine(EngineBase):
         return self.max_tasks is not None and state.tasks >= self.max_tasks
 
     def _retire_spent(self) -> None:
-        """Ask each worker that ran its last allowed tasks to leave, and start its replacement."""
-        if self.max_tasks is None:
+        """Ask each worker that ran its last allowed tasks, or holds more memory
+        than soft_memory between tasks, to leave, and start its replacement."""
+        if self.max_tasks is None and self.resources.soft_memory is None:
             return
         for state in list(self.workers.values()):
-            if state.retired is None and not state.chunks and state.kill_reason is None and self._spent(state):
+            if state.retired is None and not state.chunks and state.kill_reason is None and (
+                    self._spent(state) or self._over_soft(state)):
                 state.retired = time.monotonic()
                 try:
                     state.handle.conn.send_bytes(pickle.dumps(STOP))
@@ -259,10 +271,39 @@ class LocalEngine(EngineBase):
         # a retired worker does not count: its replacement starts while it leaves
         while (sum(w.retired is None for w in self.workers.values()) < self.size
                and (not self.stopping or self.queue) and self._start_error is None):
+            taken = {w.rank for w in self.workers.values() if w.retired is None}
+            rank = min(set(range(self.size)) - taken)  # the slot it fills
             worker_id = next(self._worker_ids)
-            handle = self.launcher.start_worker(worker_id)
-            self.workers[worker_id] = _WorkerState(handle)
-            self.monitor.worker_starting(worker_id, handle.pid, handle.current)
+            handle = self.launcher.start_worker(worker_id, rank)
+            self.workers[worker_id] = _WorkerState(handle, rank)
+            self.monitor.worker_starting(worker_id, handle.pid, handle.current, rank=rank,
+                                         device=self.resources.device(rank),
+                                         memory_limit=self.resources.memory_limit)
+
+    def _over_soft(self, state: _WorkerState) -> bool:
+        """Whether an idle worker holds more than soft_memory (measured once per idle spell)."""
+        soft = self.resources.soft_memory
+        if soft is None or not state.ready:
+            return False
+        if state.measured != state.tasks:
+            state.measured = state.tasks
+            state.memory.sample()
+        return state.memory.last > soft
+
+    def _check_memory(self, now: float) -> None:
+        """Sample busy workers' memory; kill a worker past max_memory (its task
+        fails with WorkerMemoryError, see _settle_chunks)."""
+        if not self.resources.watches_memory or now - self._sampled < SAMPLE_SECONDS / 2:
+            return
+        self._sampled = now
+        limit = self.resources.max_memory
+        for state in self.workers.values():
+            if not state.chunks or state.kill_reason is not None:
+                continue
+            state.peak = max(state.peak, state.memory.sample())
+            if limit is not None and state.memory.last > limit:
+                state.kill_reason = ("memory", state.peak)
+                state.handle.kill()
 
     def _place(self, state: _WorkerState) -> tuple[str, tuple[int, int]]:
         return f" in worker pid {state.handle.pid}", state.who
@@ -286,8 +327,10 @@ class LocalEngine(EngineBase):
     def _dispatch(self) -> None:
         if not self.queue:
             return
+        soft = self.resources.soft_memory
         usable = [w for w in self.workers.values()
-                  if w.ready and w.open and w.kill_reason is None and not self._spent(w)]
+                  if w.ready and w.open and w.kill_reason is None and w.retired is None and not self._spent(w)
+                  and (soft is None or w.memory.last <= soft)]  # past soft_memory: it drains, then leaves
         # first every idle worker gets work, then busy ones are topped up when
         # both their call and the next are fast (see _FAST) and have no timeout
         now = time.monotonic()
@@ -404,6 +447,8 @@ class LocalEngine(EngineBase):
             timeouts.append(min(5.0, self.start_timeout))  # start-up is bounded too
         if self.stopping and any(w.chunks for w in self.workers.values()):
             timeouts.append(2.0)  # look for workers stopped by a signal (_check_timeouts)
+        if self.resources.watches_memory and any(w.chunks for w in self.workers.values()):
+            timeouts.append(SAMPLE_SECONDS * 10)  # sample busy workers' memory
         if not timeouts:
             return None
         return max(0.01, min(0.1, min(timeouts) / 10))
@@ -583,9 +628,12 @@ class LocalEngine(EngineBase):
             culprit, error = None, None
             if n == 0 and reason and reason[0] == "timeout":
                 culprit, error = reason[1], _timeout(reason[2], chunk.call.timeout, handle.pid)
-            elif n == crashed and not reason:
+            elif n == crashed and (not reason or reason[0] == "memory"):
+                # killed past max_memory: pinned to its task as a crash is
                 culprit = slot_pos if slot_seq == chunk.seq and slot_pos >= unreported.start else unreported.start
-                error = errors.crash_error(handle.pid, exitcode, handle.crash_report())
+                error = errors.crash_error(handle.pid, exitcode, handle.crash_report()) if not reason else \
+                    errors.memory_error(handle.pid, reason[1], self.resources.max_memory or 0,
+                                        self.resources.given.get("max_memory"))
             if culprit is not None and error is not None:
                 self._fail(chunk, [culprit], error, *place)
             rest = [p for p in unreported if p != culprit]
