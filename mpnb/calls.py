@@ -99,8 +99,11 @@ class Call:
             results, contiguous = self.results, self.contiguous
             if indices and indices[0] == contiguous and indices[-1] - contiguous == len(indices) - 1:
                 contiguous += len(indices)  # the usual case: the next run of tasks
-            while contiguous in results:
-                contiguous += 1
+            if type(results) is MapResults:
+                contiguous = results.first_missing(contiguous)  # at C speed: a map may have many
+            else:
+                while contiguous in results:
+                    contiguous += 1
             self.contiguous = contiguous
             if self.total is None or len(results) >= self.total or failed:
                 self.cond.notify_all()
@@ -120,54 +123,61 @@ class Call:
         return min(self.failed) if self.failed else None
 
 
-_MISSING = object()
-
-
 class MapResults:
     """A map's outcomes by task index: ``dict``'s reading methods over a
     list of ``total`` places, so a run of values lands with one slice
-    assignment and the result is one list copy."""
+    assignment and the result is one list copy.  ``filled`` marks the
+    places that hold an outcome, one byte each, so that counting them and
+    finding the first empty one run at C speed and never compare values."""
 
-    __slots__ = ("slots", "count")
+    __slots__ = ("slots", "filled", "count")
 
     def __init__(self, total: int):
-        self.slots: list[Any] = [_MISSING] * total
+        self.slots: list[Any] = [None] * total
+        self.filled = bytearray(total)
         self.count = 0
 
     def put_run(self, first: int, values: list[Any]) -> None:
-        slots = self.slots
-        self.count += slots[first : first + len(values)].count(_MISSING)
-        slots[first : first + len(values)] = values
+        end = first + len(values)
+        self.count += len(values) - self.filled.count(1, first, end)
+        self.filled[first:end] = b"\x01" * len(values)
+        self.slots[first:end] = values
 
     def update(self, pairs: Iterable[tuple[int, Any]]) -> None:
-        slots = self.slots
+        slots, filled = self.slots, self.filled
         for index, value in pairs:
-            self.count += slots[index] is _MISSING
+            self.count += not filled[index]
+            filled[index] = 1
             slots[index] = value
+
+    def first_missing(self, start: int) -> int:
+        """The first index from ``start`` without an outcome (``total`` when none is missing)."""
+        found = self.filled.find(0, start)
+        return len(self.slots) if found < 0 else found
 
     def __len__(self) -> int:
         return self.count
 
     def __contains__(self, index: object) -> bool:
-        return type(index) is int and 0 <= index < len(self.slots) and self.slots[index] is not _MISSING
+        return type(index) is int and 0 <= index < len(self.slots) and self.filled[index] == 1
 
     def __getitem__(self, index: int) -> Any:
-        value = self.slots[index]
-        if value is _MISSING:
+        if not self.filled[index]:
             raise KeyError(index)
-        return value
+        return self.slots[index]
 
     def get(self, index: int, default: Any = None) -> Any:
         return self.slots[index] if index in self else default
 
     def pop(self, index: int) -> Any:
         value = self[index]
-        self.slots[index] = _MISSING
+        self.slots[index] = None
+        self.filled[index] = 0
         self.count -= 1
         return value
 
     def __iter__(self) -> Iterator[int]:
-        return (i for i, value in enumerate(self.slots) if value is not _MISSING)
+        return (i for i, mark in enumerate(self.filled) if mark)
 
 
 class Chunk:
