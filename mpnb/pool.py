@@ -163,7 +163,9 @@ class Pool(MultiprocessingAPI, Executor):
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the live workers."""
+        """Process ids of the live workers (none where tasks run in this process)."""
+        if self._engine.in_process:
+            return []
         return [row.pid for row in self.monitor.snapshot() if row.pid is not None]
 
     @property

@@ -68,7 +68,8 @@ class ThreadEngine(InProcessEngine):
     def _call(self, fn: Callable, args: tuple, kwargs: dict, index: int,
               where: str) -> tuple[Any, dict[int, str], dict[int, list]]:
         local = capture.install()  # again each task: a %%capture may have put its own stream there
-        local.segments = segments = []
+        segments: list[tuple[str, str]] = []
+        local.segments = segments
         try:
             value, failures, _ = super()._call(fn, args, kwargs, index, where)
         finally:
