@@ -58,6 +58,8 @@ AFTER = """
 release.set()
 print(pool.map(abs, [-1, -2]))
 pool.shutdown(wait=True)
+# the threads that ran tasks have returned once shutdown returns; the engine's own ends just after
+print([t.name for t in threading.enumerate() if t.name.startswith("mpnb-threads-task")])
 deadline = time.monotonic() + 60
 while any(t.name.startswith("mpnb-threads") for t in threading.enumerate()) and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -89,7 +91,8 @@ def test_in_a_kernel_output_interrupt_and_no_thread_left(kernel, tmp_path):
     assert reply.status == "error" and reply.ename == "KeyboardInterrupt", reply
 
     after = kernel.run(AFTER).ok()
-    assert after.stdout.splitlines() == ["[1, 2]", "[0, 1]", "[]"], after.stdout  # pending tasks never ran
+    # the pending tasks never ran, and no thread of the pool is left
+    assert after.stdout.splitlines() == ["[1, 2]", "[]", "[0, 1]", "[]"], after.stdout
     assert kernel.descendants() == [], "a thread pool starts no process"
 
 
@@ -134,6 +137,8 @@ def test_worker_rows_are_the_threads_and_end_at_shutdown():
         release.set()
         pool.shutdown(wait=True)
     assert pool.monitor.snapshot() == []
+    # the threads that ran tasks have returned once shutdown returns; the engine's own ends just after
+    assert not [t for t in threading.enumerate() if t.name.startswith("mpnb-threads-task")]
     _wait(lambda: not [t for t in threading.enumerate() if t.name.startswith("mpnb-threads")],
           "no thread of the pool after shutdown")
 
