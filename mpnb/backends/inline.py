@@ -13,7 +13,9 @@ result is dropped, and the next task starts on a new thread (as on dask).
 What tasks print goes straight to this process's streams.
 
 :class:`InProcessEngine` is that machinery for any number of slots: each
-slot runs one chunk at a time on a thread started for it.
+slot runs one chunk at a time on a thread of its own, which serves the
+slot's chunks until one of them is abandoned (cancelled or timed out): the
+slot then gets a new thread, and the old one ends when its task returns.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from queue import Empty
+from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import errors
@@ -40,7 +42,7 @@ _JOIN = 5.0
 class _Running:
     """The chunk a runner thread works on, in slot ``slot``."""
 
-    __slots__ = ("chunk", "slot", "position", "started", "abandoned", "done", "lock", "thread")
+    __slots__ = ("chunk", "slot", "position", "started", "abandoned", "done", "lock")
 
     def __init__(self, chunk: Chunk, slot: int):
         self.chunk = chunk
@@ -50,7 +52,18 @@ class _Running:
         self.abandoned = False  # cancelled or timed out: what it still returns is dropped
         self.done = 0  # tasks delivered
         self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+
+
+class _Runner:
+    """A slot's thread and the chunks given to it (None: end)."""
+
+    __slots__ = ("thread", "work")
+
+    def __init__(self, engine: "InProcessEngine", slot: int):
+        self.work: SimpleQueue = SimpleQueue()
+        self.thread = threading.Thread(target=engine._serve, args=(self.work,),
+                                       name=f"{engine.name}-task-{slot}", daemon=True)
+        self.thread.start()
 
 
 class _Ended:
@@ -64,7 +77,7 @@ class _Ended:
 
 class InProcessEngine(EngineBase):
     """Runs chunks on threads of this process, ``slots`` chunks at a time,
-    each on a thread of its own (see the module docstring).
+    a thread per slot (see the module docstring).
 
     A subclass may name its slots as worker rows of the monitor (``rows``),
     catch more than ``Exception`` in a task (``catches``) and wrap each
@@ -84,7 +97,7 @@ class InProcessEngine(EngineBase):
         self.slots = slots
         self.queue: list[Chunk] = []
         self.running: dict[int, _Running] = {}  # by slot
-        self.finished: list[threading.Thread] = []  # runner threads that may still be returning
+        self.runners: dict[int, _Runner] = {}  # by slot, started as needed
         if self.rows:
             now, pid = time.monotonic(), os.getpid()
             for slot in range(slots):
@@ -130,9 +143,21 @@ class InProcessEngine(EngineBase):
             self.running[slot] = running = _Running(chunk, slot)
             if self.rows:
                 self.monitor.chunk_sent(slot, chunk.seq, call.id, chunk.indices, running.started)
-            running.thread = threading.Thread(target=self._run, args=(running,),
-                                              name=f"{self.name}-task-{slot}", daemon=True)
-            running.thread.start()
+            runner = self.runners.get(slot)
+            if runner is None:
+                runner = self.runners[slot] = _Runner(self, slot)
+            runner.work.put(running)
+
+    def _serve(self, work: SimpleQueue) -> None:
+        """A slot's thread: its chunks, until told to end or its chunk is
+        abandoned (the slot has another thread by then)."""
+        while True:
+            running = work.get()
+            if running is None:
+                return
+            self._run(running)
+            if running.abandoned:
+                return
 
     def _run(self, running: _Running) -> None:
         """A runner thread: the chunk's tasks, each outcome delivered as it ends."""
@@ -169,15 +194,22 @@ class InProcessEngine(EngineBase):
     def _on_ended(self, running: _Running) -> None:
         if self.running.get(running.slot) is running:
             self._free(running)
-            # a task raised what is not its own failure (SystemExit): the
-            # chunk's tasks from it on fail, so nobody waits for them
+            if running.done == len(running.chunk.indices):
+                return
+            # a task raised what is not its own failure (SystemExit) and ended
+            # the slot's thread: the chunk's tasks from it on fail, so nobody
+            # waits for them, and the slot's next chunk gets a new thread
+            self._retire(running.slot)
             self._fail(running.chunk, range(running.done, len(running.chunk.indices)), errors.broken(
                 "its thread ended without finishing the task (it raised an exception that is not "
                 "the task's failure, such as SystemExit)"))
-        # kept to be joined at shutdown; those that have returned are let go
-        self.finished = [thread for thread in self.finished if thread.is_alive()]
-        if running.thread is not None:
-            self.finished.append(running.thread)
+
+    def _retire(self, slot: int) -> None:
+        """The slot's thread serves no more chunks: it ends once its task
+        returns (or at once, if it has just finished its chunk)."""
+        runner = self.runners.pop(slot, None)
+        if runner is not None:
+            runner.work.put(None)
 
     def _free(self, running: _Running) -> None:
         del self.running[running.slot]
@@ -201,6 +233,7 @@ class InProcessEngine(EngineBase):
             running.abandoned = True
             first = running.done
         self._free(running)
+        self._retire(running.slot)  # its thread runs on; the slot's next chunk gets a new one
         self._fail(running.chunk, range(first, len(running.chunk.indices)), make_error, " in this process",
                    (running.slot if self.rows else 0, os.getpid()))
 
@@ -236,13 +269,17 @@ class InProcessEngine(EngineBase):
                 running.abandoned = True
                 first = running.done
             yield running.chunk, range(first, len(running.chunk.indices))
+            self._retire(running.slot)  # its thread runs on: nobody waits for it
         self.running.clear()
 
     def _close(self) -> None:
-        # the threads of chunks that ended are returning now: none outlives
-        # the engine (those of abandoned tasks run on until their task returns)
-        for thread in self.finished:
-            thread.join(_JOIN)
+        # the slots' threads end with the engine (those of abandoned tasks
+        # run on until their task returns)
+        runners, self.runners = list(self.runners.values()), {}
+        for runner in runners:
+            runner.work.put(None)
+        for runner in runners:
+            runner.thread.join(_JOIN)
         if self.rows:
             for slot in range(self.slots):
                 self.monitor.worker_stopped(slot, os.getpid(), None, "stopped")
