@@ -21,6 +21,8 @@ import time
 import pytest
 
 import mpnb
+import mpnb._protocol
+from mpnb import view
 from mpnb.backends.threads import default_size, gil_enabled
 from mpnb.doctor import doctor, gil_check
 from mpnb.pool import TaskTimeoutError
@@ -167,3 +169,24 @@ def test_doctor_says_whether_threads_run_python_in_parallel():
     assert "mpnb.Pool(backend='threads') for CPU-bound tasks" in free.advice
     held = gil_check(True, False)
     assert "use processes (mpnb.Pool) for CPU-bound" in held.advice
+
+
+def test_the_live_view_counts_each_threads_tasks():
+    """The rows share the process's pid: each counts its own thread's tasks.
+    The view is made as the pool makes it for a blocking call, and its facts
+    are read once the call's tasks have ended."""
+    pool = mpnb.Pool(2, backend="threads", live=False)
+    try:
+        call = pool._new_call(abs, None, mpnb._protocol.Mode.ARG)
+        call.total = 4
+        watched = view.Watched(pool.monitor, 2, "threads", "", lambda c, i: f"task {i}", lambda c, i: "",
+                               lambda: None)
+        session = view.Session(watched, call.id, "text")
+        pool._engine.submit([chunk for _, chunk in pool._chunks(call, range(-4, 0), 1)])
+        _wait(lambda: len(call.results) == 4, "the four tasks end")
+        facts = session.facts()
+        session.finish()
+    finally:
+        pool.shutdown(wait=True)
+    assert len(facts.rows) == 2
+    assert sum(row.done for row in facts.rows) == 4, facts.rows
