@@ -168,10 +168,9 @@ class InProcessEngine(EngineBase):
         pid = os.getpid()
         try:
             for position, (index, item) in enumerate(zip(chunk.indices, chunk.items)):
-                args, kwargs = arguments(call.mode, item)
                 running.position, running.started = position, time.monotonic()
                 started = running.started
-                value, failures, output = self._call(fn, args, kwargs, index, describe(call, index, item))
+                value, failures, output = self._call(fn, call, index, item)
                 with running.lock:
                     if running.abandoned:
                         break
@@ -182,14 +181,14 @@ class InProcessEngine(EngineBase):
         finally:  # whatever the task raised, the slot is freed
             self.inbox.put(_Ended(running))
 
-    def _call(self, fn: Callable, args: tuple, kwargs: dict, index: int,
-              where: str) -> tuple[Any, dict[int, str], dict[int, list]]:
-        """One task: its value (or its exception, noted with ``where``), its
-        failure by index, its output by index."""
+    def _call(self, fn: Callable, call: Call, index: int, item: Any) -> tuple[Any, dict[int, str], dict[int, list]]:
+        """Task ``index`` of ``call``: its value (or its exception, noted with
+        the task), its failure by index, its output by index."""
+        args, kwargs = arguments(call.mode, item)
         try:
             return fn(*args, **kwargs), {}, {}
         except self.catches as exc:  # as in a worker
-            return errors.note(exc, where), {index: f"{type(exc).__name__}: {exc}"}, {}
+            return errors.note(exc, describe(call, index, item)), {index: f"{type(exc).__name__}: {exc}"}, {}
 
     def _on_ended(self, running: _Running) -> None:
         if self.running.get(running.slot) is running:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 from mpnb import _capture as capture
 from mpnb import limits
 from mpnb.backends.inline import InProcessEngine
+from mpnb.calls import Call
 
 __all__ = ["ThreadEngine", "default_size", "gil_enabled"]
 
@@ -65,13 +66,12 @@ class ThreadEngine(InProcessEngine):
         self.method = "GIL" if gil_enabled() else "free-threaded"
         self.start()
 
-    def _call(self, fn: Callable, args: tuple, kwargs: dict, index: int,
-              where: str) -> tuple[Any, dict[int, str], dict[int, list]]:
+    def _call(self, fn: Callable, call: Call, index: int, item: Any) -> tuple[Any, dict[int, str], dict[int, list]]:
         local = capture.install()  # again each task: a %%capture may have put its own stream there
         segments: list[tuple[str, str]] = []
         local.segments = segments
         try:
-            value, failures, _ = super()._call(fn, args, kwargs, index, where)
+            value, failures, _ = super()._call(fn, call, index, item)
         finally:
             local.segments = None
         return value, failures, ({index: segments} if segments else {})
