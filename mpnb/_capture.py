@@ -36,6 +36,10 @@ class ThreadStream:
             segments.append((self.name, text))
         return len(text)
 
+    def writelines(self, lines: Any) -> None:
+        for line in lines:  # through write: the original's own writelines would skip the capture
+            self.write(line)
+
     def flush(self) -> None:
         if getattr(self.local, "segments", None) is None:
             self.original.flush()

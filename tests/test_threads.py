@@ -190,3 +190,27 @@ def test_the_live_view_counts_each_threads_tasks():
         pool.shutdown(wait=True)
     assert len(facts.rows) == 2
     assert sum(row.done for row in facts.rows) == 4, facts.rows
+
+
+def test_output_is_shown_in_task_order_whatever_writes_it(capsys):
+    """Task 0 writes after task 1 has ended; the cell still reads task 0's
+    lines first, ``writelines`` included."""
+    one_done = threading.Event()
+
+    def write(x):
+        if x == 0:
+            one_done.wait(DEADLINE)
+        sys.stdout.writelines([f"a{x}\n", f"b{x}\n"])
+        print(f"c{x}", file=sys.stderr)
+        if x == 1:
+            one_done.set()
+        return x
+
+    pool = mpnb.Pool(2, backend="threads", live=False)
+    try:
+        capsys.readouterr()
+        assert pool.map(write, [0, 1], chunksize=1) == [0, 1]
+    finally:
+        pool.shutdown(wait=True)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["a0", "b0", "a1", "b1"] and err.splitlines() == ["c0", "c1"]
