@@ -214,3 +214,15 @@ def test_output_is_shown_in_task_order_whatever_writes_it(capsys):
         pool.shutdown(wait=True)
     out, err = capsys.readouterr()
     assert out.splitlines() == ["a0", "b0", "a1", "b1"] and err.splitlines() == ["c0", "c1"]
+
+
+def test_a_task_that_exits_fails_alone():
+    """``sys.exit()`` in a task ends that task, as in ``ThreadPoolExecutor``,
+    not the thread that serves the pool."""
+    pool = mpnb.Pool(1, backend="threads", live=False)
+    try:
+        error = pool.submit(sys.exit, 3).exception(timeout=DEADLINE)
+        assert isinstance(error, SystemExit) and error.code == 3
+        assert pool.map(abs, [-1, -2]) == [1, 2]  # the same slot serves on
+    finally:
+        pool.shutdown(wait=True)
