@@ -11,13 +11,16 @@ Start methods: the stdlib pools run under each of spawn, forkserver and
 fork; ProcessPoolExecutor, mpire and pebble under spawn, which is what
 works from a notebook on every platform; loky and joblib use loky's own
 launcher; mpnb runs with ``context="exec"`` (its own launcher, the
-reference of the ratios) and with ``context="loky"``.
+reference of the ratios) and with ``context="loky"``.  The thread engine,
+``mpnb.Pool(backend="threads")``, runs beside ``ThreadPoolExecutor``, its
+peer: on a build with the GIL their CPU-bound speed-up is 1, on a
+free-threaded build (``python3.13t``) it is what threads can give.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -40,6 +43,9 @@ class Contender(ABC):
 
 
 class Mpnb(Contender):
+    """``mpnb.Pool`` with a start method (``"exec"``, ``"loky"``), or on
+    ``"threads"``: its thread engine."""
+
     def __init__(self, context: str):
         self.context = context
         self.name = f"mpnb.Pool ({context})"
@@ -47,7 +53,10 @@ class Mpnb(Contender):
     def start(self) -> None:
         import mpnb
 
-        self.pool = mpnb.Pool(WORKERS, context=self.context)
+        if self.context == "threads":
+            self.pool = mpnb.Pool(WORKERS, backend="threads")
+        else:
+            self.pool = mpnb.Pool(WORKERS, context=self.context)
 
     def map(self, fn, items, chunksize):
         return self.pool.map(fn, items, chunksize=chunksize)
@@ -83,6 +92,26 @@ class Executor(Contender):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+class ThreadExecutor(Contender):
+    name = "ThreadPoolExecutor"
+
+    def start(self) -> None:
+        self.pool = ThreadPoolExecutor(WORKERS)
+
+    def map(self, fn, items, chunksize):
+        return list(self.pool.map(fn, items))  # it takes chunksize and ignores it
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+#: pools of threads: the thread engine's peers, not the process pools'; a
+#: thread pool starts no process and sends nothing, so it would otherwise be
+#: the best peer of most columns, and every ratio to a process pool would be
+#: to it
+THREAD_POOLS = frozenset({"mpnb.Pool (threads)", ThreadExecutor.name})
 
 
 class Loky(Contender):
@@ -155,18 +184,29 @@ class Pebble(Contender):
         self.pool.join()
 
 
-def import_all() -> None:
-    """Import every library now, so no cold start pays for an import."""
+#: the libraries a contender imports, by the class that needs them
+_LIBRARIES = {"Joblib": "joblib", "Mpire": "mpire", "Pebble": "pebble"}
+
+
+def import_all(contenders: list) -> None:
+    """Import every library of ``contenders`` now, so no cold start pays for
+    an import; only theirs, so that ``--only thread`` runs where mpire and
+    pebble do not install (a free-threaded build)."""
+    import importlib
+
     import cloudpickle  # noqa: F401
-    import joblib  # noqa: F401
     import loky  # noqa: F401
-    import mpire  # noqa: F401
-    import pebble  # noqa: F401
 
     import mpnb.pool  # noqa: F401
+
+    for contender in contenders:
+        library = _LIBRARIES.get(type(contender).__name__)
+        if library is not None:
+            importlib.import_module(library)
 
 
 def all_contenders() -> list[Contender]:
     """Every contender, mpnb first; fork only where the platform has it."""
     methods = [m for m in ("spawn", "forkserver", "fork") if m in multiprocessing.get_all_start_methods()]
-    return [Mpnb("exec"), Mpnb("loky"), *(Stdlib(m) for m in methods), Executor(), Loky(), Joblib(), Mpire(), Pebble()]
+    return [Mpnb("exec"), Mpnb("loky"), *(Stdlib(m) for m in methods), Executor(), Loky(), Joblib(), Mpire(), Pebble(),
+            Mpnb("threads"), ThreadExecutor()]

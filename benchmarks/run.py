@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.baseline import Baseline
-from benchmarks.contenders import WORKERS, all_contenders, import_all
+from benchmarks.contenders import THREAD_POOLS, WORKERS, all_contenders, import_all
 from benchmarks.floor import ROWS as FLOOR_ROWS
 from benchmarks.floor import floor_round
 from benchmarks.measure import Figure, Layout, table
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [c for c in contenders if c.name in names]
     tmp, shm_before = _private_tempdir(), _shm()
     started = datetime.datetime.now()
-    import_all()
+    import_all(contenders)
     figures = {name: {key: Figure(UNITS[key]) for key in columns(sizes)}
                for name in [c.name for c in contenders] + list(FLOOR_ROWS)}
     cells: dict[str, Figure] = {}
@@ -355,5 +355,7 @@ def render(sizes, figures, cells, live, left, started, args, baselines: list[Bas
 
 
 def _is_peer(name: str) -> bool:
-    """A pool that is not mpnb, and not a floor row."""
-    return not name.startswith("mpnb") and name not in FLOOR_ROWS
+    """A pool that is not mpnb, and not a floor row: a process pool, the
+    peers of mpnb's ratios (a thread pool is the thread engine's, see
+    :data:`benchmarks.contenders.THREAD_POOLS`)."""
+    return not name.startswith("mpnb") and name not in FLOOR_ROWS and name not in THREAD_POOLS

@@ -139,6 +139,27 @@ def _threads() -> Check:
                  "do not fork from here: use spawn or forkserver, or mpnb.Pool")
 
 
+def _gil() -> Check:
+    from mpnb.backends.threads import gil_enabled
+
+    return gil_check(gil_enabled(), hasattr(sys, "_is_gil_enabled"))
+
+
+def gil_check(enabled: bool, free_threaded_build: bool) -> Check:
+    """The GIL line: whether threads run Python code in parallel here, and
+    which pool that makes the choice for CPU-bound tasks."""
+    if enabled:
+        found = ("enabled: threads run Python code one at a time"
+                 + (" (a free-threaded build with the GIL turned back on, by PYTHON_GIL=1, -X gil=1 "
+                    "or an extension module that needs it)" if free_threaded_build else ""))
+        return Check("gil", "GIL", "ok", found,
+                     "use processes (mpnb.Pool) for CPU-bound Python code; mpnb.Pool(backend='threads') "
+                     "suits tasks that wait (files, network)")
+    return Check("gil", "GIL", "note", "disabled (free-threaded Python): threads run Python code in parallel",
+                 "try mpnb.Pool(backend='threads') for CPU-bound tasks too: no process starts, nothing is "
+                 "pickled, and cell functions need no %%mppool")
+
+
 def _cpus() -> Check:
     from loky import cpu_count
 
@@ -362,5 +383,5 @@ def _read(path: str) -> str | None:
 
 
 _PROBES: tuple[Callable[[], Check], ...] = (
-    _python, _threads, _cpus, _memory, _shm, _blas, _process_limits, _worker_output,
+    _python, _gil, _threads, _cpus, _memory, _shm, _blas, _process_limits, _worker_output,
 )

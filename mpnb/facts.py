@@ -67,6 +67,7 @@ class Row:
     rss: int | None = None  # bytes
     address: str | None = None  # a cluster worker's address
     busy: float | None = None  # seconds spent on the watched calls' tasks
+    worker: int | None = None  # the monitor's worker number (threads of one process share their pid)
     device: str | None = None  # its GPU (Pool(gpus=))
     memory_limit: int | None = None  # bytes: what rss is held against (max_memory, else soft_memory)
 

@@ -101,7 +101,8 @@ class Pool(MultiprocessingAPI, Executor):
     always as fresh interpreters: ``"exec"`` (default on POSIX: mpnb's own
     launcher, the fastest), ``"loky"`` (loky's launcher), ``"spawn"`` or
     ``"forkserver"``; never ``fork``.  ``backend="dask"`` with ``address``
-    runs the tasks on a dask.distributed cluster instead.  A worker is
+    runs the tasks on a dask.distributed cluster instead; ``backend="threads"``
+    on threads of this process (:mod:`mpnb.backends.threads`).  A worker is
     replaced after ``max_tasks_per_child`` tasks (a chunk is not split).
 
     Per worker slot (local backend, :mod:`mpnb.resources`): ``worker_env(rank)``
@@ -170,13 +171,16 @@ class Pool(MultiprocessingAPI, Executor):
 
     def __repr__(self) -> str:
         engine = self._engine
-        state = "closed" if self._closed else ("inline" if engine.in_process else "running")
-        where = f"backend={engine.backend!r} address={self.address!r} " if self.address else ""
+        state = "closed" if self._closed else ("inline" if engine.backend == "inline" else "running")
+        where = f"backend={engine.backend!r} " if engine.backend in ("dask", "threads") else ""
+        where += f"address={self.address!r} " if self.address else ""
         return f"<mpnb.Pool {where}workers={self.workers} timeout={self.timeout} on_error={self.on_error!r} {state}>"
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the live workers."""
+        """Process ids of the live workers (none where tasks run in this process)."""
+        if self._engine.in_process:
+            return []
         return [row.pid for row in self.monitor.snapshot() if row.pid is not None]
 
     @property

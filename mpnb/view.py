@@ -171,7 +171,8 @@ class Session:
         self._failures: list[FailedTask] = []
         self._cancelled_tasks = 0
         self._dead: dict[int, Row] = {}
-        self._work: dict[int, tuple[int, int, float]] = {}  # pid -> (done, failed, seconds)
+        # (worker, pid) -> (done, failed, seconds): threads of one process share a pid
+        self._work: dict[tuple[int | None, int | None], tuple[int, int, float]] = {}
         self._cancelled = False
         self._stop = threading.Event()
         self._pump: CommPump | None = None
@@ -271,7 +272,7 @@ class Session:
         for event in events:
             if isinstance(event, WorkerStopped):
                 if event.reason != "stopped":
-                    self._dead[event.pid] = Row(event.pid, "dead", task=_death(event.reason))
+                    self._dead[event.pid] = Row(event.pid, "dead", task=_death(event.reason), worker=event.worker)
                     while len(self._dead) > MAX_DEAD_ROWS:
                         self._dead.pop(next(iter(self._dead)))
             elif isinstance(event, (TaskFinished, TaskFailed)) and event.call in calls:
@@ -279,9 +280,10 @@ class Session:
                 if isinstance(event, TaskFailed) and event.error.startswith("CancelledError"):
                     self._cancelled_tasks += 1  # cancelled, not failed: no row counts it
                     continue
-                done, fails, seconds = self._work.get(event.pid, (0, 0, 0.0))
-                self._work[event.pid] = (done + (not failed), fails + failed,
-                                         seconds + event.finished - event.started)
+                key = (event.worker, event.pid)
+                done, fails, seconds = self._work.get(key, (0, 0, 0.0))
+                self._work[key] = (done + (not failed), fails + failed,
+                                   seconds + event.finished - event.started)
                 if isinstance(event, TaskFailed):
                     self._on_failure(event, calls[event.call])
 
@@ -291,7 +293,7 @@ class Session:
                                           event.error, watched.traceback(event.call, event.index)))
 
     def _with_work(self, row: Row) -> Row:
-        done, failed, seconds = self._work.get(row.pid or -1, (0, 0, None))
+        done, failed, seconds = self._work.get((row.worker, row.pid), (0, 0, None))
         return replace(row, done=done, failed=failed, busy=seconds)
 
     def _row(self, status: WorkerStatus, calls: dict[int, Watched]) -> Row:
@@ -307,7 +309,7 @@ class Session:
                 task = watched.describe(status.call, status.index)
         return Row(
             pid=status.pid, state=state, task=task, running=status.elapsed, cpu=status.cpu_percent, rss=status.rss,
-            address=status.address, device=status.device, memory_limit=status.memory_limit,
+            address=status.address, worker=status.worker, device=status.device, memory_limit=status.memory_limit,
         )
 
 

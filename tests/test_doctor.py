@@ -15,7 +15,7 @@ from loky import cpu_count
 
 from mpnb.doctor import LEAK_AGE, Report, doctor, remove_leaked_shm
 
-KEYS = ["python", "threads", "cpus", "memory", "shm", "blas", "proc_limits", "output"]
+KEYS = ["python", "gil", "threads", "cpus", "memory", "shm", "blas", "proc_limits", "output"]
 
 
 def test_report_has_every_check_with_a_verdict():

@@ -6,7 +6,9 @@ API on every engine.
   one-thread workers on 127.0.0.1 (the ``cluster`` fixture of conftest.py);
 - ``inline``: the pool a task gets inside a worker at the deepest nesting
   level (``MPNB_DEPTH`` = ``MPNB_MAX_DEPTH``): no processes, the tasks run in
-  the caller's process, one at a time.
+  the caller's process, one at a time;
+- ``threads``: ``mpnb.Pool(2, backend="threads")``, two threads of the
+  caller's process: nothing travels, as inline, but two tasks run at once.
 
 Each row of the table is one function of a ``Run`` (the pool and the
 engine's traits) with one set of assertions, the same on every engine.  Where
@@ -28,8 +30,8 @@ Cancelling follows ``concurrent.futures``:
   future of a running task ends at once, without waiting for its task, with a
   ``CancelledError`` as its exception.  It had started, so it does not report
   ``cancelled()``.  Whether the task's code stops too is the engine's
-  affair: the local engine kills the worker, dask cannot stop a thread and
-  drops the result; the pool serves the next call either way.
+  affair: the local engine kills the worker, dask, threads and inline cannot
+  stop a thread and drop the result; the pool serves the next call either way.
 
 ``submit()`` returns before its task ends on every engine: otherwise nothing
 could ever be pending or running, and cancelling would mean nothing inline.
@@ -135,6 +137,7 @@ ENGINES = {
     "local": Engine("local", slots=2, elsewhere=True),
     "dask": Engine("dask", slots=2, elsewhere=True),  # two workers of one thread each
     "inline": Engine("inline", slots=1, elsewhere=False),  # one task after the other
+    "threads": Engine("threads", slots=2, elsewhere=False),  # two threads of this process
 }
 
 
@@ -199,6 +202,8 @@ def _pool(engine: Engine, request, tag: str, monkeypatch) -> mpnb.Pool:
         monkeypatch.setenv(mpnb.limits.DEPTH_VAR, "1")
         monkeypatch.setenv("MPNB_MAX_DEPTH", "1")
         return mpnb.Pool(2, live=False)
+    if engine.name == "threads":
+        return mpnb.Pool(2, backend="threads", live=False)
     return mpnb.Pool(2, live=False, env={TAG_VAR: tag})
 
 

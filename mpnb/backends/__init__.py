@@ -7,6 +7,7 @@ place that chooses between them:
   started by :mod:`mpnb.backends.launcher`;
 - ``dask`` (:mod:`mpnb.backends.dask`): a dask.distributed cluster, imported
   only when asked for, since ``distributed`` is an optional extra;
+- ``threads`` (:mod:`mpnb.backends.threads`): threads of this process;
 - ``inline`` (:mod:`mpnb.backends.inline`): this process, for a pool
   created inside a worker at the nesting limit.
 
@@ -25,7 +26,7 @@ from mpnb.backends.base import Engine
 
 __all__ = ["BACKENDS", "Engine", "Options", "create"]
 
-BACKENDS = ("local", "dask")
+BACKENDS = ("local", "dask", "threads")
 
 # how long a worker may take to start (its initializer included), in seconds
 _DEFAULT_START_TIMEOUT = 60.0
@@ -55,8 +56,9 @@ class Options:
 def check(backend: str, address: Any) -> str:
     """Refuse a backend name or an address that does not fit it."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use 'local' (processes on this machine) or 'dask'")
-    if backend == "local" and address is not None:
+        raise ValueError(f"backend={backend!r}: use 'local' (processes on this machine), 'dask' "
+                         "or 'threads' (threads of this process)")
+    if backend != "dask" and address is not None:
         raise ValueError(f"address={address!r} is for a dask cluster: pass backend='dask' with it")
     return backend
 
@@ -70,6 +72,8 @@ def create(options: Options) -> Engine:
 
         return connect(options.address, workers=options.workers, initializer=options.initializer,
                        env=options.env, context=options.context, max_tasks_per_child=options.max_tasks_per_child)
+    if options.backend == "threads":
+        return _threads(options)
     workers = limits.resolve_workers(options.workers)
     if limits.runs_inline():
         from mpnb.backends.inline import InlineEngine
@@ -78,6 +82,21 @@ def create(options: Options) -> Engine:
         # has no worker of its own to replace (and the outer pool's limit holds)
         return InlineEngine(workers, options.initializer, options.initargs)
     return _local(options, workers)
+
+
+def _threads(options: Options) -> Engine:
+    from mpnb.backends.threads import ThreadEngine
+
+    given = [
+        (bool(options.env), "env=", "its threads share this process's environment: set os.environ"),
+        (options.context is not None, f"context={options.context!r}", "it starts no processes"),
+        (options.max_tasks_per_child is not None, f"max_tasks_per_child={options.max_tasks_per_child!r}",
+         "it has no worker processes to replace"),
+    ]
+    for wrong, option, why in given:
+        if wrong:
+            raise ValueError(f"mpnb.Pool(backend='threads') does not take {option}: {why}. Leave it out.")
+    return ThreadEngine(options.workers, options.initializer, options.initargs)
 
 
 def _local(options: Options, workers: int) -> Engine:

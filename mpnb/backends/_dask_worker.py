@@ -9,14 +9,12 @@ worker, present and future; :mod:`mpnb.cells` finds them there.
 
 Unlike a local worker, a dask worker runs several tasks at once on threads
 of a process that other clients may share, so output is captured per thread
-(:class:`_ThreadStream`) and no task ever owns the process.
+(:mod:`mpnb._capture`) and no task ever owns the process.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from mpnb import cells
+from mpnb import _capture as capture, cells
 from mpnb._protocol import Record
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
@@ -49,7 +47,7 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
         items = loads(items_data)
     except BaseException as exc:  # most often a module the worker lacks
         return dumps(DaskRecord(os.getpid(), worker.address, pack(load_failure(seq, count, exc))))
-    local = _install_capture()._local
+    local = capture.install()
     values: list[Any] = []
     failures: dict[int, Failure] = {}
     outputs: dict[int, list] = {}
@@ -69,48 +67,6 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
             outputs[pos] = segments
     record = Record(seq, 0, values, failures, outputs, starts, time.monotonic(), True)
     return dumps(DaskRecord(os.getpid(), worker.address, pack(record)))
-
-
-class _ThreadStream:
-    """``sys.stdout``/``sys.stderr`` of a dask worker while mpnb tasks run.
-
-    Dask runs several tasks at once on threads of one process, so output is
-    captured per thread: writes from a thread running an mpnb task go to its
-    list, everything else to the stream the worker had.
-    """
-
-    _local = threading.local()
-
-    def __init__(self, original: Any, name: str):
-        self.original = original
-        self.name = name
-
-    def write(self, text: str) -> int:
-        segments = getattr(self._local, "segments", None)
-        if segments is None:
-            return self.original.write(text)
-        if text:
-            segments.append((self.name, text))
-        return len(text)
-
-    def flush(self) -> None:
-        if getattr(self._local, "segments", None) is None:
-            self.original.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.original, name)
-
-
-_capture_lock = threading.Lock()
-
-
-def _install_capture() -> type[_ThreadStream]:
-    with _capture_lock:
-        if not isinstance(sys.stdout, _ThreadStream):
-            sys.stdout = _ThreadStream(sys.stdout, "stdout")
-        if not isinstance(sys.stderr, _ThreadStream):
-            sys.stderr = _ThreadStream(sys.stderr, "stderr")
-    return _ThreadStream
 
 
 class CellModules(WorkerPlugin):

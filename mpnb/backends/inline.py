@@ -1,4 +1,5 @@
-"""The inline engine: a pool inside a worker runs its tasks in that worker's process.
+"""Engines whose tasks run on threads of this process: the inline engine, and
+the base it shares with the thread engine (:mod:`mpnb.backends.threads`).
 
 A pool created in a worker at the nesting limit (``MPNB_MAX_DEPTH``, see
 :mod:`mpnb.limits`) must not start processes of its own, or nested pools
@@ -10,6 +11,11 @@ rules.  A thread cannot be stopped: a task that is cancelled or times out
 fails at once for its caller, its thread runs on until the task returns, its
 result is dropped, and the next task starts on a new thread (as on dask).
 What tasks print goes straight to this process's streams.
+
+:class:`InProcessEngine` is that machinery for any number of slots: each
+slot runs one chunk at a time on a thread of its own, which serves the
+slot's chunks until one of them is abandoned (cancelled or timed out): the
+slot then gets a new thread, and the old one ends when its task returns.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from queue import Empty
+from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import errors
@@ -25,23 +31,39 @@ from mpnb.backends.base import EngineBase
 from mpnb.calls import Call, Chunk, arguments, describe
 from mpnb.monitor import Monitor
 
-__all__ = ["InlineEngine"]
+__all__ = ["InProcessEngine", "InlineEngine"]
 
 # how often the engine looks at timeouts while a task runs
 _TICK = 0.05
+# how long shutdown waits for the thread of a chunk that ended to return
+_JOIN = 5.0
 
 
 class _Running:
-    """The chunk a runner thread works on."""
+    """The chunk a runner thread works on, in slot ``slot``."""
 
-    __slots__ = ("chunk", "started", "abandoned", "done", "lock")
+    __slots__ = ("chunk", "slot", "position", "started", "abandoned", "done", "lock")
 
-    def __init__(self, chunk: Chunk):
+    def __init__(self, chunk: Chunk, slot: int):
         self.chunk = chunk
+        self.slot = slot
+        self.position = 0  # of the task running now (set by the runner)
         self.started = time.monotonic()  # of the task running now (set by the runner)
         self.abandoned = False  # cancelled or timed out: what it still returns is dropped
         self.done = 0  # tasks delivered
         self.lock = threading.Lock()
+
+
+class _Runner:
+    """A slot's thread and the chunks given to it (None: end)."""
+
+    __slots__ = ("thread", "work")
+
+    def __init__(self, engine: "InProcessEngine", slot: int):
+        self.work: SimpleQueue = SimpleQueue()
+        self.thread = threading.Thread(target=engine._serve, args=(self.work,),
+                                       name=f"{engine.name}-task-{slot}", daemon=True)
+        self.thread.start()
 
 
 class _Ended:
@@ -53,38 +75,63 @@ class _Ended:
         self.running = running
 
 
-class InlineEngine(EngineBase):
-    """Runs chunks one at a time on a thread of this process (see the module docstring)."""
+class InProcessEngine(EngineBase):
+    """Runs chunks on threads of this process, ``slots`` chunks at a time,
+    a thread per slot (see the module docstring).
 
-    backend = "inline"
+    A subclass may name its slots as worker rows of the monitor (``rows``),
+    catch more than ``Exception`` in a task (``catches``) and wrap each
+    task's call (:meth:`_call`), to capture its output."""
+
     in_process = True
+    #: what a task may raise and still be its own failure; the rest goes on up
+    catches: type[BaseException] = Exception
+    #: each slot is a worker row of the monitor (the live view's table)
+    rows = False
 
-    def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple):
-        super().__init__("mpnb-inline-engine", Monitor(), workers)
+    def __init__(self, name: str, size: int, slots: int,
+                 initializer: Callable[..., Any] | None, initargs: tuple):
+        super().__init__(name, Monitor(), size)
         if initializer is not None:
             initializer(*initargs)
+        self.slots = slots
         self.queue: list[Chunk] = []
-        self.current: _Running | None = None
-        self.start()
+        self.running: dict[int, _Running] = {}  # by slot
+        self.runners: dict[int, _Runner] = {}  # by slot, started as needed
+        if self.rows:
+            now, pid = time.monotonic(), os.getpid()
+            for slot in range(slots):
+                self.monitor.worker_starting(slot, pid, self._current(slot))
+                self.monitor.worker_started(slot, pid, now)
+
+    def _current(self, slot: int) -> Callable[[], tuple[int, int, float]]:
+        """What slot ``slot`` runs now, for the monitor: ``(chunk seq, position, start)``."""
+        def current() -> tuple[int, int, float]:
+            running = self.running.get(slot)
+            if running is None:
+                return -1, -1, 0.0
+            return running.chunk.seq, running.position, running.started
+        return current
 
     # -- the loop
 
     def _loop(self) -> None:
-        while not (self.stopping and self.current is None and not self.queue):
-            timeout = _TICK if self.current is not None and self.current.chunk.call.timeout else None
+        while not (self.stopping and not self.running and not self.queue):
+            timed = any(r.chunk.call.timeout for r in self.running.values())
             try:
-                message = self.inbox.get(timeout=timeout)
-            except Empty:  # time to look at the timeout
+                message = self.inbox.get(timeout=_TICK if timed else None)
+            except Empty:  # time to look at the timeouts
                 message = None
             if isinstance(message, _Ended):
                 self._on_ended(message.running)
             elif message is not None:
                 self._take(message)
-            self._check_timeout()
+            for running in list(self.running.values()):
+                self._check_timeout(running)
             self._start_next()
 
     def _start_next(self) -> None:
-        while self.current is None and self.queue:
+        while len(self.running) < self.slots and self.queue:
             chunk = self.queue.pop(0)
             call = chunk.call
             if call.cancelled:
@@ -92,8 +139,25 @@ class InlineEngine(EngineBase):
                 continue
             if call.future is not None and not call.future.set_running_or_notify_cancel():
                 continue  # cancelled by its owner before it started: it never runs
-            self.current = running = _Running(chunk)
-            threading.Thread(target=self._run, args=(running,), name="mpnb-inline-task", daemon=True).start()
+            slot = min(set(range(self.slots)) - set(self.running))
+            self.running[slot] = running = _Running(chunk, slot)
+            if self.rows:
+                self.monitor.chunk_sent(slot, chunk.seq, call.id, chunk.indices, running.started)
+            runner = self.runners.get(slot)
+            if runner is None:
+                runner = self.runners[slot] = _Runner(self, slot)
+            runner.work.put(running)
+
+    def _serve(self, work: SimpleQueue) -> None:
+        """A slot's thread: its chunks, until told to end or its chunk is
+        abandoned (the slot has another thread by then)."""
+        while True:
+            running = work.get()
+            if running is None:
+                return
+            self._run(running)
+            if running.abandoned:
+                return
 
     def _run(self, running: _Running) -> None:
         """A runner thread: the chunk's tasks, each outcome delivered as it ends."""
@@ -101,31 +165,59 @@ class InlineEngine(EngineBase):
         call = chunk.call
         fn = call.fn
         assert fn is not None, "an in-process engine's calls keep their function"
-        for index, item in zip(chunk.indices, chunk.items):
-            args, kwargs = arguments(call.mode, item)
-            running.started = started = time.monotonic()
-            failures = {}
-            try:
-                value = fn(*args, **kwargs)
-            except Exception as exc:  # as in a worker; an exit or Ctrl-C goes on up
-                value = errors.note(exc, describe(call, index, item))
-                failures[index] = f"{type(exc).__name__}: {exc}"
-            with running.lock:
-                if running.abandoned:
-                    break
-                self.monitor.tasks_ended(0, os.getpid(), call.id, [index], [started], time.monotonic(), failures)
-                call.deliver([index], [value], failures, {})
-                running.done += 1
-        self.inbox.put(_Ended(running))
+        pid = os.getpid()
+        try:
+            for position, (index, item) in enumerate(zip(chunk.indices, chunk.items)):
+                running.position, running.started = position, time.monotonic()
+                started = running.started
+                value, failures, output = self._call(fn, call, index, item)
+                with running.lock:
+                    if running.abandoned:
+                        break
+                    self.monitor.tasks_ended(running.slot if self.rows else 0, pid, call.id, [index], [started],
+                                             time.monotonic(), failures)
+                    call.deliver([index], [value], failures, output)
+                    running.done += 1
+        finally:  # whatever the task raised, the slot is freed
+            self.inbox.put(_Ended(running))
+
+    def _call(self, fn: Callable, call: Call, index: int, item: Any) -> tuple[Any, dict[int, str], dict[int, list]]:
+        """Task ``index`` of ``call``: its value (or its exception, noted with
+        the task), its failure by index, its output by index."""
+        args, kwargs = arguments(call.mode, item)
+        try:
+            return fn(*args, **kwargs), {}, {}
+        except self.catches as exc:  # as in a worker
+            return errors.note(exc, describe(call, index, item)), {index: f"{type(exc).__name__}: {exc}"}, {}
 
     def _on_ended(self, running: _Running) -> None:
-        if running is self.current:
-            self.current = None
+        if self.running.get(running.slot) is running:
+            self._free(running)
+            if running.done == len(running.chunk.indices):
+                return
+            # a task raised what is not its own failure (SystemExit) and ended
+            # the slot's thread: the chunk's tasks from it on fail, so nobody
+            # waits for them, and the slot's next chunk gets a new thread
+            self._retire(running.slot)
+            self._fail(running.chunk, range(running.done, len(running.chunk.indices)), errors.broken(
+                "its thread ended without finishing the task (it raised an exception that is not "
+                "the task's failure, such as SystemExit)"))
 
-    def _check_timeout(self) -> None:
-        running = self.current
-        timeout = running.chunk.call.timeout if running is not None else None
-        if running is None or timeout is None:
+    def _retire(self, slot: int) -> None:
+        """The slot's thread serves no more chunks: it ends once its task
+        returns (or at once, if it has just finished its chunk)."""
+        runner = self.runners.pop(slot, None)
+        if runner is not None:
+            runner.work.put(None)
+
+    def _free(self, running: _Running) -> None:
+        del self.running[running.slot]
+        if self.rows:
+            self.monitor.chunk_ended(running.slot, running.chunk.seq)
+
+    def _check_timeout(self, running: _Running) -> None:
+        timeout = running.chunk.call.timeout
+        if timeout is None:
             return
         seconds = time.monotonic() - running.started
         if seconds > timeout:
@@ -139,9 +231,10 @@ class InlineEngine(EngineBase):
         with running.lock:
             running.abandoned = True
             first = running.done
-        self.current = None
+        self._free(running)
+        self._retire(running.slot)  # its thread runs on; the slot's next chunk gets a new one
         self._fail(running.chunk, range(first, len(running.chunk.indices)), make_error, " in this process",
-                   (0, os.getpid()))
+                   (running.slot if self.rows else 0, os.getpid()))
 
     # -- commands
 
@@ -152,8 +245,8 @@ class InlineEngine(EngineBase):
         for chunk in [c for c in self.queue if c.call is call]:
             self._drop(chunk)
         self.queue = [c for c in self.queue if c.call is not call]
-        if self.current is not None and self.current.chunk.call is call:
-            self._abandon(self.current, errors.cancelled)
+        for running in [r for r in self.running.values() if r.chunk.call is call]:
+            self._abandon(running, errors.cancelled)
         done.set()
 
     def _on_shutdown(self, cancel_pending: bool) -> None:
@@ -170,10 +263,32 @@ class InlineEngine(EngineBase):
         queue, self.queue = self.queue, []
         for chunk in queue:
             yield chunk, range(len(chunk.indices))
-        running = self.current
-        if running is not None:
+        for running in list(self.running.values()):
             with running.lock:
                 running.abandoned = True
                 first = running.done
             yield running.chunk, range(first, len(running.chunk.indices))
-            self.current = None
+            self._retire(running.slot)  # its thread runs on: nobody waits for it
+        self.running.clear()
+
+    def _close(self) -> None:
+        # the slots' threads end with the engine (those of abandoned tasks
+        # run on until their task returns)
+        runners, self.runners = list(self.runners.values()), {}
+        for runner in runners:
+            runner.work.put(None)
+        for runner in runners:
+            runner.thread.join(_JOIN)
+        if self.rows:
+            for slot in range(self.slots):
+                self.monitor.worker_stopped(slot, os.getpid(), None, "stopped")
+
+
+class InlineEngine(InProcessEngine):
+    """Runs chunks one at a time on a thread of this process (see the module docstring)."""
+
+    backend = "inline"
+
+    def __init__(self, workers: int, initializer: Callable[..., Any] | None, initargs: tuple):
+        super().__init__("mpnb-inline-engine", workers, 1, initializer, initargs)
+        self.start()
