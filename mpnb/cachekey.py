@@ -32,7 +32,7 @@ import struct
 import sys
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import cloudpickle
 
@@ -91,7 +91,7 @@ def _importable(obj: Any) -> bool:
 
 
 @functools.cache
-def _distributions() -> dict[str, list[str]]:
+def _distributions() -> Mapping[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
@@ -214,10 +214,11 @@ class _Walker:
         if obj.dtype.hasobject:
             self.walk(obj.tolist(), where)
         else:
-            self.hash.update(memoryview(numpy.ascontiguousarray(obj)).cast("B"))
+            contiguous: Any = numpy.ascontiguousarray(obj)
+            self.hash.update(memoryview(contiguous).cast("B"))
 
     def pandas(self, obj: Any, where: str) -> None:
-        import pandas
+        import pandas  # type: ignore[import-untyped]
 
         self.put(type(obj).__name__, repr(getattr(obj, "dtypes", getattr(obj, "dtype", None))).encode())
         for part in ("name", "names", "columns"):
