@@ -246,7 +246,7 @@ class Store:
         freed = 0
         if total <= self.bound:
             return doomed
-        for key, size, blobs in db.execute("SELECT key, size, blobs FROM entries ORDER BY used").fetchall():
+        for key, size, blobs in db.execute("SELECT key, size, blobs FROM entries ORDER BY used, rowid").fetchall():
             if total - freed <= self.bound:
                 break
             db.execute("DELETE FROM entries WHERE key = ?", (key,))
