@@ -119,15 +119,20 @@ class Store:
     def get(self, keys: list[bytes]) -> dict[bytes, tuple[Any, bool]]:
         """The stored ``(value, failed)`` of those ``keys`` that hit; an entry that cannot be loaded is left out."""
         found: dict[bytes, tuple[Any, bool]] = {}
-        db = self._db()
-        for start in range(0, len(keys), 500):
-            part = keys[start : start + 500]
-            rows = db.execute(f"SELECT key, failed, format, data, blobs FROM entries WHERE key IN "
-                              f"({','.join('?' * len(part))})", part).fetchall()
-            for key, failed, fmt, data, blobs in rows:
-                value = self._load(fmt, data, blobs)
-                if value is not _MISS:
-                    found[key] = (value, bool(failed))
+        rows = []
+        try:
+            db = self._db()
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                rows += db.execute(f"SELECT key, failed, format, data, blobs FROM entries WHERE key IN "
+                                   f"({','.join('?' * len(part))})", part).fetchall()
+        except sqlite3.Error as exc:  # locked for a minute, or a damaged file: the tasks run
+            warnings.warn(f"mpnb cache: could not read {self.path} ({exc}); these tasks run", RuntimeWarning,
+                          stacklevel=2)
+        for key, failed, fmt, data, blobs in rows:
+            value = self._load(fmt, data, blobs)
+            if value is not _MISS:
+                found[key] = (value, bool(failed))
         if found:
             self._queue_op(("touch", list(found)))
         return found
@@ -313,7 +318,11 @@ def open_store(where: Any) -> Store | None:
     path = path.resolve()
     with _stores_lock:
         if path not in _stores:
-            _stores[path] = Store(path)
+            try:
+                _stores[path] = Store(path)
+            except (OSError, sqlite3.Error) as exc:
+                raise OSError(f"cache={where!r}: {path} cannot hold the task cache ({exc}); give cache= a "
+                              f"directory you can write, or set {ENV_DIR}") from exc
         return _stores[path]
 
 

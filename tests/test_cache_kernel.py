@@ -148,3 +148,22 @@ def test_a_kernel_killed_while_writing_then_a_reader_and_eviction(tag, tmp_path)
         assert 300 in again and 5 <= len(again) <= 8, again
     finally:
         reader.shutdown()
+
+
+def test_the_resume_notebook_resumes_then_takes_everything_from_the_cache(tag, tmp_path):
+    import re
+
+    from kernel import cell_text, notebook_errors, run_notebook
+
+    env = {"MPNB_CACHE_DIR": str(tmp_path / "cache")}
+    counts = []
+    for _ in range(2):  # the second run is the notebook after a kernel restart
+        nb = run_notebook("resume.ipynb", tag=tag, env=env, timeout=300)
+        assert notebook_errors(nb) == []
+        texts = [cell_text(cell) for cell in nb.cells if cell.cell_type == "code"]
+        counts.append([tuple(map(int, re.search(r"(\d+) computed, (\d+) from the cache", text).groups()))
+                       for text in texts[1:3]])
+        assert "simulate (%%mppool cell_" in texts[3] and "24 results" in texts[3]
+    (first_done, _), (rest_done, rest_cached) = counts[0]
+    assert first_done < 24 and rest_cached == first_done and rest_done == 24 - first_done
+    assert counts[1] == [(0, 24), (0, 24)]
