@@ -103,6 +103,11 @@ class Pool(MultiprocessingAPI, Executor):
     runs the tasks on a dask.distributed cluster instead.  A worker is
     replaced after ``max_tasks_per_child`` tasks (a chunk is not split).
 
+    ``cache=True`` (or a directory) keeps each task's result across kernels
+    and takes stored results instead of running their tasks; ``map`` and the
+    other calls take ``cache=`` too (:mod:`mpnb.cache`); ``cache_errors=True``
+    stores failures as well.
+
     Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
     inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
     """

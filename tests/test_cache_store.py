@@ -34,7 +34,7 @@ def _key_in_fresh_interpreter(code: str) -> str:
 def test_keys_are_stable_across_interpreters_and_follow_content():
     code = """
         import numpy as np, pandas as pd, fractions
-        value = ({"b": {1, "x", (2, 3)}, "a": [1.5, None]}, np.arange(12.0).reshape(3, 4),
+        value = ({"b": {1, "x", (2, 3)} | {f"s{i}" for i in range(20)}, "a": [1.5, None]}, np.arange(12.0).reshape(3, 4),
                  pd.DataFrame({"x": [1, 2], "y": ["a", "b"]}, index=[5, 6]), fractions.Fraction(1, 3))
     """
     first, second = _key_in_fresh_interpreter(code), _key_in_fresh_interpreter(code)
