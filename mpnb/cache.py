@@ -103,6 +103,23 @@ class Store:
         self._lock = threading.Lock()
         with self._db() as db:
             db.executescript(_SCHEMA)
+        self._sweep()
+
+    def _sweep(self, age: float = 3600.0) -> None:
+        """Remove what a writer killed between writing a blob and committing its row left: files
+        of no row, an hour old (younger ones may be a live writer's, about to be committed)."""
+        old = time.time() - age
+        try:
+            files = [p for p in self.blobs.iterdir() if p.stat().st_mtime < old]
+            if not files:
+                return
+            named = {n for (blobs,) in self._db().execute("SELECT blobs FROM entries WHERE blobs != ''")
+                     for n in blobs.split(",")}
+        except (OSError, sqlite3.Error):
+            return
+        for path in files:
+            if path.name not in named:
+                path.unlink(missing_ok=True)
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections are not shared between threads)."""

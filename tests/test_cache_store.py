@@ -134,3 +134,28 @@ def test_a_call_cache_takes_hits_and_warns_once_for_unhashable(store):
     assert delivered == [([0, 1], [2.0, 3.0])]
     assert left == ([2, 3], [lock, lock])
     assert len(caught) == 1 and "task 2" in str(caught[0].message) and "args[0]" in str(caught[0].message)
+
+
+def test_files_a_killed_writer_left_are_swept_once_old(store):
+    store.put(b"f", ("f", "test"), [(b"k", np.zeros(2**18), False)])
+    store.flush()
+    (kept,) = os.listdir(store.blobs)
+    for name in (".partial.tmp", "uncommitted"):
+        (store.blobs / name).write_bytes(b"x")
+    store._sweep()
+    assert len(os.listdir(store.blobs)) == 3  # young: perhaps a live writer's
+    for name in os.listdir(store.blobs):
+        os.utime(store.blobs / name, (0, 0))
+    store._sweep()
+    assert os.listdir(store.blobs) == [kept]
+    assert store.get([b"k"])[b"k"][0].shape == (2**18,)
+
+
+def test_the_dask_engine_fills_and_reads_the_cache(cluster, tag, tmp_path):
+    import mpnb
+
+    with mpnb.Pool(backend="dask", address=cluster.address, cache=tmp_path / "c", live=False) as pool:
+        assert pool.map(abs, range(-5, 5)) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+        assert pool.map(abs, range(-5, 7)) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6]
+        status = pool.monitor.calls()[-1]
+        assert (status.done, status.cached) == (2, 10)
