@@ -105,6 +105,11 @@ def test_two_kernels_fill_one_cache_at_once(tag, tmp_path):
         assert reply.ok().stdout.startswith("True\n")
         assert "slow (%%mppool cell_" in reply.stdout and ": 90 results" in reply.stdout
         assert _ran(runs) == []
+        # a function of an ordinary cell: the same key in both kernels; a changed global it uses, another
+        code = ("import numpy as np, mpnb.cachekey as ck\nSCALE = np.array([{}])\ndef helper(x):\n"
+                "    return x * SCALE[0]\ndef plain(x):\n    return helper(x) + 1\nprint(ck.function_key(plain).hex())")
+        keys = [[k.run(code.format(scale)).ok().stdout for scale in (2.0, 3.0)] for k in kernels]
+        assert keys[0] == keys[1] and keys[0][0] != keys[0][1]
     finally:
         for k in kernels:
             k.shutdown()
