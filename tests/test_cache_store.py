@@ -159,3 +159,14 @@ def test_the_dask_engine_fills_and_reads_the_cache(cluster, tag, tmp_path):
         assert pool.map(abs, range(-5, 7)) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5, 6]
         status = pool.monitor.calls()[-1]
         assert (status.done, status.cached) == (2, 10)
+
+
+def test_views_count_results_from_the_cache_apart_and_the_eta_counts_what_is_left():
+    from mpnb.facts import Facts, status_line, summary_text
+
+    facts = Facts(name="pool", backend="local", method="exec", alive=2, size=2, done=10, failed=0, total=100,
+                  elapsed=10.0, rows=(), failures=(), cached=50)
+    assert facts.progress == "60/100 (60%)"
+    assert facts.rate == 1.0 and facts.eta == 40.0  # 40 left at 1 computed task per second
+    assert "50 from cache" in status_line(facts)
+    assert "10 of 100 tasks returned, 0 failed" in summary_text(facts) and "50 from cache" in summary_text(facts)
