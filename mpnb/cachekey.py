@@ -23,6 +23,7 @@ raises :class:`Uncacheable`, naming where in the arguments it is.
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import hashlib
 import importlib.metadata
@@ -120,8 +121,14 @@ class _KeyPickler(cloudpickle.CloudPickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.CodeType and obj.co_filename != "<cell>":
-            return super().reducer_override(obj.replace(co_filename="<cell>"))
+            # the copy is pickled as an argument: cloudpickle before 3.1.3 leaves code to its
+            # dispatch table, which would be given obj itself after this method
+            return _same, (obj.replace(co_filename="<cell>"),)
         return super().reducer_override(obj)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _by_value(obj: Any, where: str) -> bytes:
@@ -237,7 +244,9 @@ class _Walker:
             self.global_(obj)
             return
         try:
-            reduction = obj.__reduce_ex__(5)
+            # as pickle does: a reducer registered with copyreg first (numpy 1's ufuncs)
+            registered = copyreg.dispatch_table.get(kind)
+            reduction = registered(obj) if registered is not None else obj.__reduce_ex__(5)
         except Exception as exc:
             raise Uncacheable(where, obj, f"it cannot be pickled ({exc})") from None
         if isinstance(reduction, str):  # a global, by name
