@@ -110,6 +110,8 @@ def test_two_kernels_fill_one_cache_at_once(tag, tmp_path):
                 "    return x * SCALE[0]\ndef plain(x):\n    return helper(x) + 1\nprint(ck.function_key(plain).hex())")
         keys = [[k.run(code.format(scale)).ok().stdout for scale in (2.0, 3.0)] for k in kernels]
         assert keys[0] == keys[1] and keys[0][0] != keys[0][1]
+        reply = kernels[1].run("%mpcache --clear slow\n%mpcache").ok()
+        assert reply.stdout.startswith("mpnb cache: removed 90 results of slow\n") and ": empty" in reply.stdout
     finally:
         for k in kernels:
             k.shutdown()
