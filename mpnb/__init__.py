@@ -58,9 +58,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
-    if module is None:
+    if module is None and name != "cache":  # mpnb.cache, the task cache, is a submodule
         raise AttributeError(f"module 'mpnb' has no attribute {name!r}")
     import importlib  # here: a worker imports this package at start-up
+
+    if module is None:
+        return importlib.import_module("mpnb.cache")
 
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -62,6 +62,8 @@ class Call:
         self.cond = threading.Condition(threading.Lock())
         # large arrays in the arguments, written once to shared memory
         self.shares: SharedArrays | None = None
+        # where its results are stored across kernels (mpnb.cache.CallCache), or None
+        self.cache: Any = None
 
     @property
     def total(self) -> int | None:
@@ -95,6 +97,7 @@ class Call:
             else:
                 results.update(zip(indices, values))
             self.failed.update(failed)
+            stored = self.cache is not None and [i for i in indices if i in self.failed]
             self.output.update(output)
             results, contiguous = self.results, self.contiguous
             if indices and indices[0] == contiguous and indices[-1] - contiguous == len(indices) - 1:
@@ -107,6 +110,8 @@ class Call:
             self.contiguous = contiguous
             if self.total is None or len(results) >= self.total or failed:
                 self.cond.notify_all()
+        if stored is not False:
+            self.cache.put(indices, values, stored)
         future = self.future
         if future is not None:
             self.release()  # before the result is seen: nothing is left once it is

@@ -107,10 +107,11 @@ class Facts:
     failures: tuple[FailedTask, ...]
     finished: bool = False
     cancelled: bool = False
+    cached: int = 0  # tasks whose result came from the cache, not counted in done
 
     @property
     def ended(self) -> int:
-        return self.done + self.failed
+        return self.done + self.failed + self.cached
 
     @property
     def percent(self) -> int | None:
@@ -120,8 +121,9 @@ class Facts:
 
     @property
     def rate(self) -> float | None:
-        """Tasks ended per second so far."""
-        return self.ended / self.elapsed if self.elapsed > 0 and self.ended else None
+        """Tasks computed per second so far (results from the cache took no time)."""
+        computed = self.done + self.failed
+        return computed / self.elapsed if self.elapsed > 0 and computed else None
 
     @property
     def eta(self) -> float | None:
@@ -150,6 +152,7 @@ def status_line(facts: Facts) -> str:
     return (
         f"mpnb {facts.name}: {facts.progress} | workers {facts.alive}/{facts.size} ({busy} busy) | "
         f"{rate} | {seconds(facts.elapsed)}{eta} | {facts.failed} failed"
+        + (f" | {facts.cached} from cache" if facts.cached else "")
     )
 
 
@@ -161,6 +164,7 @@ def summary_text(facts: Facts) -> str:
         f"mpnb {facts.name} ({facts.backend}{', ' + facts.method if facts.method else ''}): {state}, "
         f"{facts.done} of {facts.total if facts.total is not None else '?'} tasks returned, "
         f"{facts.failed} failed, {seconds(facts.elapsed)}{rate}"
+        + (f", {facts.cached} from cache" if facts.cached else "")
     ]
     for row in facts.rows:
         lines.append(

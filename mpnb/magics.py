@@ -14,6 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from mpnb import cache as task_cache
 from mpnb import cellmodule, cells, processes
 
 
@@ -35,6 +36,9 @@ class MpnbMagics(Magics):
               help="The dask scheduler's address, such as tcp://host:8786 (implies --backend dask).")
     @argument("--no-live", action="store_true",
               help="Show no live status widget while the cell's pool works.")
+    @argument("--cache", nargs="?", const=True, default=False, metavar="DIR",
+              help="Keep each task's result in the cache (default directory, or DIR) and take "
+                   "results computed before, in this kernel or an earlier one, instead of running them.")
     @cell_magic
     def mppool(self, line: str, cell: str) -> Any:
         """Move the cell's definitions into an importable module, then run the rest.
@@ -65,9 +69,29 @@ class MpnbMagics(Magics):
         if not rest:
             return None
         _bind_pool(shell, args)
-        shell.user_ns[args.name].live = False if args.no_live else None
+        pool = shell.user_ns[args.name]
+        pool.live = False if args.no_live else None
+        pool.cache = task_cache.open_store(args.cache)
         return _run(rest, filename, shell.user_ns, quiet=cell.rstrip().endswith(";"))
 
+
+    @magic_arguments()
+    @argument("--clear", nargs="?", const="", default=None, metavar="NAME",
+              help="Remove the cached results of function NAME, or all of them.")
+    @argument("--dir", default=None,
+              help="The cache directory (default: $MPNB_CACHE_DIR, else the user cache directory + mpnb).")
+    @line_magic
+    def mpcache(self, line: str) -> Any:
+        """List the task cache per function (entries, size, last use, cell), or clear it."""
+        args = _arguments(self.mpcache, "%mpcache", line)
+        where = args.dir or True
+        if args.clear is not None:
+            removed = task_cache.clear(args.clear or None, where)
+            print(f"mpnb cache: removed {removed} result{'s' * (removed != 1)}"
+                  + (f" of {args.clear}" if args.clear else ""))
+            return None
+        print(task_cache.listing_text(where))
+        return None
 
     @line_magic
     def mpdoctor(self, line: str) -> Any:
@@ -196,6 +220,7 @@ def unload(shell: Any) -> None:
 
     shell.magics_manager.magics["cell"].pop("mppool", None)
     shell.magics_manager.magics["line"].pop("mpdoctor", None)
+    shell.magics_manager.magics["line"].pop("mpcache", None)
     shell.magics_manager.magics["line"].pop("mpstatus", None)
     shell.magics_manager.magics["line"].pop("mppool_patch", None)
     processes.stop_guard()

@@ -67,6 +67,7 @@ class CallStatus:
     done: int = 0
     failed: int = 0
     started: float = 0.0
+    cached: int = 0  # tasks whose stored result was taken from the cache (mpnb.cache)
     finished: float | None = None
 
 
@@ -116,9 +117,15 @@ class Monitor:
     def call_started(self, call: int, total: int | None) -> None:
         with self._lock:
             self._calls[call] = CallStatus(call, total, started=time.monotonic())
-            self._counts[call] = [0, 0]
+            self._counts[call] = [0, 0, 0]
             while len(self._calls) > 100:
                 self._counts.pop(self._calls.pop(next(iter(self._calls))).call, None)
+
+    def tasks_cached(self, call: int, n: int) -> None:
+        """``n`` tasks of ``call`` took their result from the cache: they ran nowhere."""
+        with self._lock:
+            if call in self._counts:
+                self._counts[call][2] += n
 
     def call_total(self, call: int, total: int) -> None:
         with self._lock:
@@ -252,7 +259,8 @@ class Monitor:
     def calls(self) -> list[CallStatus]:
         """Progress of recent calls, oldest first."""
         with self._lock:
-            return [replace(status, done=self._counts[call][0], failed=self._counts[call][1])
+            return [replace(status, done=self._counts[call][0], failed=self._counts[call][1],
+                            cached=self._counts[call][2])
                     for call, status in self._calls.items()]
 
 

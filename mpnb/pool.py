@@ -29,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import backends, serialize, view
+from mpnb import cache as task_cache
 from mpnb._protocol import Mode
 from mpnb.calls import Call, Chunk, arguments, describe, dump_items
 from mpnb.mpcompat import (
@@ -111,6 +112,10 @@ class Pool(MultiprocessingAPI, Executor):
     worker its own CPUs.  ``max_memory`` (``"2GiB"``) kills a worker that holds
     more and fails its task with :class:`WorkerMemoryError`; ``soft_memory``
     replaces a worker between tasks once it holds more.
+    ``cache=True`` (or a directory) keeps each task's result across kernels
+    and takes stored results instead of running their tasks; ``map`` and the
+    other calls take ``cache=`` too (:mod:`mpnb.cache`); ``cache_errors=True``
+    stores failures as well.
 
     Inside a worker, a new ``Pool`` starts no processes: it runs its tasks
     inline (see :mod:`mpnb.limits`, ``MPNB_MAX_DEPTH``).
@@ -139,6 +144,8 @@ class Pool(MultiprocessingAPI, Executor):
         pin: bool = False,
         max_memory: int | str | None = None,
         soft_memory: int | str | None = None,
+        cache: Any = False,
+        cache_errors: bool = False,
     ):
         given = pool_arguments(workers, initializer, initargs, maxtasksperchild, context, processes=processes,
                                max_workers=max_workers, mp_context=mp_context, max_tasks_per_child=max_tasks_per_child)
@@ -156,6 +163,9 @@ class Pool(MultiprocessingAPI, Executor):
         self._running: dict[int, Call] = {}  # calls under way, for cancel()
         self._interrupts: set[int] = set()  # blocking calls that cancel() stopped
         self._last_call: int | None = None
+        #: where finished tasks' results are kept across kernels (mpnb.cache), or None
+        self.cache = task_cache.open_store(cache)
+        self.cache_errors = bool(cache_errors)
         engine = backends.create(backends.Options(
             backend=backend, address=address, workers=given.workers, initializer=given.initializer,
             initargs=given.initargs, env=dict(env or {}), context=given.context,
@@ -201,7 +211,7 @@ class Pool(MultiprocessingAPI, Executor):
                                "workers were stopped as the interpreter exits")
 
     def _new_call(self, fn: Callable, timeout: float | None, mode: Mode, future: Future | None = None,
-                  kind: type[Call] = Call) -> Call:
+                  kind: type[Call] = Call, cache: Any = None) -> Call:
         if not callable(fn):
             raise TypeError(f"the pool needs a callable, not a {type(fn).__name__}")
         fn_bytes = None
@@ -215,7 +225,10 @@ class Pool(MultiprocessingAPI, Executor):
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         # the function itself is kept only where tasks run in this process: a
         # future kept by its caller must not keep the function's objects alive
-        return kind(fn if self._engine.in_process else None, fn_bytes, timeout, mode, future)
+        call = kind(fn if self._engine.in_process else None, fn_bytes, timeout, mode, future)
+        store = self.cache if cache is None else task_cache.open_store(cache)
+        call.cache = task_cache.for_call(store, fn, functools.partial(arguments, mode), self.cache_errors)
+        return call
 
     def _chunks(self, call: Call, items: Iterable[Any], chunksize: int) -> Iterator[tuple[int, Chunk]]:
         """``(tasks so far, chunk)`` pairs; a chunk may be empty when its
@@ -228,6 +241,11 @@ class Pool(MultiprocessingAPI, Executor):
                 return
             indices = list(range(index, index + len(batch)))
             index += len(batch)
+            if call.cache is not None:  # stored results are delivered, the rest run
+                indices, batch = call.cache.take(indices, batch, functools.partial(_cached, self.monitor, call))
+                if not batch:
+                    yield index, Chunk(call, [], [], b"")
+                    continue
             try:
                 data = self._dump(call, batch)
             except KeyboardInterrupt:
@@ -235,7 +253,7 @@ class Pool(MultiprocessingAPI, Executor):
             except BaseException:  # SystemExit from a __reduce__ too: it is the task's failure
                 # find out which argument does not pickle, fail that task alone
                 for i, item in zip(indices, batch):
-                    yield i + 1, self._single_chunk(call, i, item)
+                    yield max(i + 1, index if i == indices[-1] else 0), self._single_chunk(call, i, item)
                 continue
             yield index, Chunk(call, indices, batch, data)
 
@@ -293,7 +311,7 @@ class Pool(MultiprocessingAPI, Executor):
         self._running[call.id] = call
         future.add_done_callback(functools.partial(_submitted_done, self._running, self._engine, call))
         self._watch_background(call, [(args, kwargs)], future.done)
-        self._send([self._single_chunk(call, 0, (args, kwargs))])
+        self._send([chunk for _, chunk in self._chunks(call, [(args, kwargs)], 1)])
         return future
 
     def _watch_background(self, call: Call, items: list, done: Callable[[], bool]) -> None:
@@ -306,6 +324,7 @@ class Pool(MultiprocessingAPI, Executor):
         chunksize: int | None = None,
         timeout: float | None = None,
         on_error: str | None = None,
+        cache: Any = None,
     ) -> list[Any]:
         """``[fn(x) for x in iterable]`` on the workers; a list in input order.
 
@@ -321,8 +340,8 @@ class Pool(MultiprocessingAPI, Executor):
             raise TypeError("map() needs at least one iterable")
         iterables, chunksize = map_arguments(iterables, chunksize)
         if len(iterables) == 1:
-            return self._map(fn, list(iterables[0]), Mode.ARG, chunksize, timeout, on_error)
-        return self._map(fn, list(zip(*iterables)), Mode.STAR, chunksize, timeout, on_error)
+            return self._map(fn, list(iterables[0]), Mode.ARG, chunksize, timeout, on_error, cache)
+        return self._map(fn, list(zip(*iterables)), Mode.STAR, chunksize, timeout, on_error, cache)
 
     def starmap(
         self,
@@ -332,24 +351,25 @@ class Pool(MultiprocessingAPI, Executor):
         *,
         timeout: float | None = None,
         on_error: str | None = None,
+        cache: Any = None,
     ) -> list[Any]:
         """``[fn(*args) for args in iterable]`` on the workers, in input order."""
         __tracebackhide__ = True
-        return self._map(fn, [tuple(args) for args in iterable], Mode.STAR, chunksize, timeout, on_error)
+        return self._map(fn, [tuple(args) for args in iterable], Mode.STAR, chunksize, timeout, on_error, cache)
 
-    def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
+    def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None, *, cache: Any = None) -> Any:
         """Run ``func(*args, **kwds)`` in a worker and wait for its value
         (as ``multiprocessing.Pool.apply``; ``submit`` takes ``*args``)."""
         __tracebackhide__ = True
         args, kwds = apply_arguments(args, kwds)
-        results = self._map(func, [(args, kwds)], Mode.KWARGS, 1, None, "raise")
+        results = self._map(func, [(args, kwds)], Mode.KWARGS, 1, None, "raise", cache)
         return results[0]
 
-    def _map(self, fn, items, mode, chunksize, timeout, on_error) -> list[Any]:
+    def _map(self, fn, items, mode, chunksize, timeout, on_error, cache=None) -> list[Any]:
         __tracebackhide__ = True
         on_error = self.on_error if on_error is None else check_on_error(on_error)
         self._check_open()
-        call = self._new_call(fn, timeout, mode)
+        call = self._new_call(fn, timeout, mode, cache=cache)
         n = call.total = len(items)
         chunksize = self._auto_chunksize(n) if chunksize is None else check_chunksize(chunksize)
         self.last_results = None
@@ -409,6 +429,8 @@ class Pool(MultiprocessingAPI, Executor):
         self._running.pop(call.id, None)
         self._interrupts.discard(call.id)
         call.release()
+        if call.cache is not None:  # what the call computed is stored before the cell ends
+            call.cache.store.flush()
         self.monitor.call_finished(call.id)
         if live is not None:
             live.finish(interrupted)
@@ -421,6 +443,7 @@ class Pool(MultiprocessingAPI, Executor):
         *,
         timeout: float | None = None,
         on_error: str | None = None,
+        cache: Any = None,
     ) -> Iterator[Any]:
         """Lazy ``map``: yields results in input order as they are ready.
 
@@ -429,7 +452,7 @@ class Pool(MultiprocessingAPI, Executor):
         (or is yielded, with ``on_error="collect"``).
         """
         __tracebackhide__ = True
-        return self._imap(fn, iterable, chunksize, timeout, on_error, ordered=True)
+        return self._imap(fn, iterable, chunksize, timeout, on_error, True, cache)
 
     def imap_unordered(
         self,
@@ -439,17 +462,18 @@ class Pool(MultiprocessingAPI, Executor):
         *,
         timeout: float | None = None,
         on_error: str | None = None,
+        cache: Any = None,
     ) -> Iterator[Any]:
         """Like :meth:`imap`, but yields each result as soon as it is ready."""
         __tracebackhide__ = True
-        return self._imap(fn, iterable, chunksize, timeout, on_error, ordered=False)
+        return self._imap(fn, iterable, chunksize, timeout, on_error, False, cache)
 
-    def _imap(self, fn, iterable, chunksize, timeout, on_error, ordered) -> Iterator[Any]:
+    def _imap(self, fn, iterable, chunksize, timeout, on_error, ordered, cache=None) -> Iterator[Any]:
         __tracebackhide__ = True
         on_error = self.on_error if on_error is None else check_on_error(on_error)
         self._check_open()
         chunksize = check_chunksize(chunksize)
-        call = self._new_call(fn, timeout, Mode.ARG)
+        call = self._new_call(fn, timeout, Mode.ARG, cache=cache)
         return self._imap_results(call, iterable, chunksize, on_error, ordered)
 
     def _imap_results(self, call, iterable, chunksize, on_error, ordered) -> Iterator[Any]:
@@ -599,6 +623,13 @@ def _submitted_done(running: dict[int, Call], engine: backends.Engine, call: Cal
         # cancelled by its owner while pending: the engine drops it now
         # (one that holds it elsewhere, a cluster, would still run it)
         engine.cancel(call)
+
+
+def _cached(monitor: Any, call: Call, indices: list[int], values: list[Any], failed: list[int],
+            output: dict) -> None:
+    """Deliver results taken from the cache, counted apart from computed ones."""
+    monitor.tasks_cached(call.id, len(indices))
+    call.deliver(indices, values, failed, output)
 
 
 def _watched(pool: Pool, call: Call, items: list | None) -> view.Watched:

@@ -265,6 +265,7 @@ class Session:
             done=sum(s.done for s in statuses), failed=sum(s.failed for s in statuses) - cancelled_tasks,
             total=total, elapsed=time.monotonic() - min((s.started for s in statuses), default=self._started),
             rows=tuple(rows), failures=failures, finished=finished, cancelled=self._cancelled,
+            cached=sum(s.cached for s in statuses),
         )
 
     def _read_events(self, calls: dict[int, Watched]) -> None:

@@ -58,7 +58,8 @@ def header_html(facts: Facts) -> str:
         f' · <span class="mpnb-progress" data-done="{facts.ended}" data-total="{_e(_total(facts))}">'
         f"{_e(facts.progress)}</span>"
         f" · {rate} · {seconds(facts.elapsed)} elapsed{eta}"
-        f' · <span style="{failed_style}">{facts.failed} failed</span></div>'
+        f' · <span style="{failed_style}">{facts.failed} failed</span>'
+        + (f" · {facts.cached} from cache" if facts.cached else "") + "</div>"
     )
 
 
@@ -192,7 +193,8 @@ class Summary:
             f' style="border-left:3px solid {colour};padding:2px 8px">'
             f'<div style="font-size:13px"><b>{_e(f.name)}</b> · {_e(f.backend)}{method} · '
             f'<span style="color:{colour}">{state}</span>: {f.done} of {_e(_total(f) or "?")} tasks returned'
-            f" · {f.failed} failed · {seconds(f.elapsed)}{rate} · {f.size} workers</div>"
+            f" · {f.failed} failed{f' · {f.cached} from cache' if f.cached else ''}"
+            f" · {seconds(f.elapsed)}{rate} · {f.size} workers</div>"
             f"{rows_html(f.rows, summary=True)}{errors}</div>"
         )
 
