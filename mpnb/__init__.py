@@ -25,6 +25,8 @@ __all__ = [
     "patch",
     "unpatch",
     "shared_array",
+    "progress",
+    "report",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -41,6 +43,10 @@ _LAZY = {
     "patch": "mpnb.patching",
     "unpatch": "mpnb.patching",
     "shared_array": "mpnb.shared",
+    # mpnb.reporting, not mpnb.progress: a submodule named ``progress`` would
+    # replace the function mpnb.progress with the module
+    "progress": "mpnb.reporting",
+    "report": "mpnb.reporting",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
+    from mpnb.reporting import progress, report
     from mpnb.shared import shared_array
 
 

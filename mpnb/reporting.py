@@ -1,0 +1,181 @@
+"""Progress from inside a task: ``mpnb.progress`` and ``mpnb.report``.
+
+(This module is not ``mpnb.progress``: importing a submodule of that name
+would replace the function ``mpnb.progress`` with the module.)
+
+::
+
+    task (in a worker)                    worker                      parent
+    ------------------                    ------                      ------
+    for x in mpnb.progress(xs): ...
+    mpnb.report(340, 1000, "fitting")
+      └─ at most every INTERVAL s ──> the worker's sink ──(PROGRESS)──> monitor row
+                                      (local: its pipe;                 ──> live view
+                                       dask: an event on its topic)
+
+In a worker, :func:`report` feeds the worker's row of the parent's live view:
+``task 7 (argument 0.3) · fitting · 340/1000 (34%)``.  A call that is not
+sent costs a clock reading and a comparison: a task may call it in its
+innermost loop.  Outside a worker :func:`report` does nothing, and
+:func:`progress` is ``tqdm.auto.tqdm`` when tqdm is installed, otherwise the
+plain iteration.
+
+A worker routes ``tqdm`` bars the same way (:func:`quiet_tqdm`, run by the
+worker once ``tqdm`` is imported): a bar made inside a task writes nothing
+into the task's output, and its count, total and description go to the row.
+
+A local worker runs one task at a time and sets its sink for the whole
+process (``mpnb._worker.progress_sink``: this module is not imported by a
+worker whose tasks never report); a dask worker runs a task per thread and
+sets it per thread (:func:`set_thread_sink`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a worker 3 ms
+    from typing import Any, Callable, Iterable, Iterator
+
+    #: ``sink(done, total, note)`` sends one update to the parent
+    Sink = Callable[[float, "float | None", "str | None"], None]
+
+__all__ = ["INTERVAL", "progress", "report"]
+
+#: at most one update per this many seconds leaves a worker
+INTERVAL = 0.1
+#: a note is cut to this many characters
+MAX_NOTE = 80
+
+_threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
+_next = 0.0  # the earliest time the next update may leave
+_monotonic = time.monotonic
+
+
+def set_thread_sink(sink: "Sink | None") -> None:
+    """A dask worker: the task this thread runs now reports to ``sink``."""
+    _threads.sink = sink
+
+
+def _sink() -> "Sink | None":
+    sink = getattr(_threads, "sink", None)
+    if sink is not None:
+        return sink
+    # a local worker's (pid, sink); a process a task forked must not write
+    # into the worker's pipe
+    found = getattr(sys.modules.get("mpnb._worker"), "progress_sink", None)
+    if found is not None and found[0] == os.getpid():
+        return found[1]
+    return None
+
+
+def in_task() -> bool:
+    """Whether the code calling runs in an mpnb task, whose reports reach a live view."""
+    return _sink() is not None
+
+
+def report(done: float, total: float | None = None, note: str | None = None) -> None:
+    """Say how far the running task is: ``done`` of ``total`` (units of your
+    choice), with an optional ``note`` (``"fitting"``).  Cheap enough for
+    the innermost loop: at most one update every :data:`INTERVAL` seconds
+    leaves the worker.  Outside a task it does nothing."""
+    global _next
+    now = _monotonic()
+    if now < _next:
+        return
+    _next = now + INTERVAL
+    _send(done, total, note)
+
+
+def _send(done: Any, total: Any, note: Any) -> None:
+    sink = _sink()
+    if sink is None:
+        return
+    try:
+        done = float(done)
+        total = None if total is None else float(total)
+    except (TypeError, ValueError):
+        raise TypeError(f"mpnb.report({done!r}, {total!r}): done and total must be numbers "
+                        "(how many units of work are done, and of how many)") from None
+    if note is not None:
+        note = str(note)[:MAX_NOTE]
+    sink(done, total, note)
+
+
+def progress(iterable: Iterable[Any], total: float | None = None, desc: str | None = None) -> Iterable[Any]:
+    """Iterate over ``iterable``, showing how far the loop is.
+
+    In a task it reports to the worker's row of the live view (``desc``
+    reads as the note); elsewhere it is ``tqdm.auto.tqdm(iterable,
+    total=total, desc=desc)`` when tqdm is installed, otherwise ``iterable``
+    itself.  ``total`` defaults to ``len(iterable)`` when it has one."""
+    if in_task():
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+        return _reporting(iterable, total, desc)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc)
+
+
+def _reporting(iterable: Iterable[Any], total: float | None, desc: str | None) -> Iterator[Any]:
+    _send(0, total, desc)
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        report(done, total, desc)
+
+
+# ------------------------------------------------------------------ tqdm in a worker
+
+class _Nowhere:
+    """What a bar made inside a task writes to."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+_NOWHERE = _Nowhere()
+
+
+def quiet_tqdm(std: Any) -> None:
+    """Patch ``tqdm.std`` (the module) in a worker: a bar made inside a task
+    writes nowhere and reports its count to the live view instead.
+
+    Relies on two things of tqdm, checked by tests/test_progress.py: every
+    bar class derives from ``tqdm.std.tqdm``, whose ``__init__`` takes
+    ``file=`` and whose ``display()`` is called at each refresh with ``n``,
+    ``total`` and ``desc`` set.  A bar whose ``file`` is not the task's
+    output (a file the task opened) writes there as before."""
+    cls = getattr(std, "tqdm", None)
+    if cls is None or getattr(cls, "_mpnb_quiet", False) or not hasattr(cls, "display"):
+        return
+    init, display = cls.__init__, cls.display
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if in_task() and kwargs.get("file") in (None, sys.stdout, sys.stderr) and len(args) < 5:
+            kwargs["file"] = _NOWHERE
+        init(self, *args, **kwargs)
+
+    def show(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if in_task():
+            report(self.n, self.total, self.desc or None)
+        return display(self, *args, **kwargs)
+
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    show.__wrapped__ = display  # type: ignore[attr-defined]
+    cls.__init__, cls.display = __init__, show
+    cls._mpnb_quiet = True
