@@ -36,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from mpnb import _task
+from mpnb import _task, reporting
 from mpnb._protocol import (FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, SLOT, STOP, STRIDE_SECONDS, Boot,
                             Kind, Progress, Record, Run)
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
@@ -117,11 +117,6 @@ def _route_logging() -> None:
 
 # ------------------------------------------------------------------ worker
 
-#: ``(pid, send)``: where ``mpnb.report`` sends from a task of this worker
-#: (:mod:`mpnb.reporting` reads it; the pid keeps forked children out)
-progress_sink = None
-
-
 class _Worker:
     def __init__(self, conn, slot_path: str):
         self.conn = conn
@@ -142,8 +137,7 @@ class _Worker:
         # a task's own threads may report progress while this one sends records
         self.send_lock = threading.Lock()
         self.seq = -1  # the chunk running now, for progress reports
-        global progress_sink
-        progress_sink = (os.getpid(), self.send_progress)
+        reporting.process_sink = (os.getpid(), self.send_progress)  # mpnb.report sends here
 
     def report(self, record: Record, flush: bool) -> None:
         """Queue a record; send every queued one if ``flush`` or they are old."""
@@ -661,13 +655,7 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     if "logging" in sys.modules:
         _route_logging()
     # tqdm bars inside tasks report to the live view instead of writing
-    _after_import("tqdm.std", _quiet_tqdm)
-
-
-def _quiet_tqdm(std) -> None:
-    from mpnb.reporting import quiet_tqdm
-
-    quiet_tqdm(std)
+    _after_import("tqdm.std", reporting.quiet_tqdm)
 
 
 _fault_file = None

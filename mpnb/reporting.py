@@ -25,9 +25,9 @@ worker once ``tqdm`` is imported): a bar made inside a task writes nothing
 into the task's output, and its count, total and description go to the row.
 
 A local worker runs one task at a time and sets its sink for the whole
-process (``mpnb._worker.progress_sink``: this module is not imported by a
-worker whose tasks never report); a dask worker runs a task per thread and
-sets it per thread (:func:`set_thread_sink`).
+process (:data:`process_sink`); a dask worker runs a task per thread and
+sets it per thread (:func:`set_thread_sink`).  This module imports nothing
+a worker has not loaded already.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ INTERVAL = 0.1
 #: a note is cut to this many characters
 MAX_NOTE = 80
 
+#: ``(pid, sink)``: a local worker's; a process a task forked (another pid)
+#: must not write into the worker's pipe
+process_sink: "tuple[int, Sink] | None" = None
 _threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
 _next = 0.0  # the earliest time the next update may leave
 _monotonic = time.monotonic
@@ -65,9 +68,7 @@ def _sink() -> "Sink | None":
     sink = getattr(_threads, "sink", None)
     if sink is not None:
         return sink
-    # a local worker's (pid, sink); a process a task forked must not write
-    # into the worker's pipe
-    found = getattr(sys.modules.get("mpnb._worker"), "progress_sink", None)
+    found = process_sink
     if found is not None and found[0] == os.getpid():
         return found[1]
     return None
