@@ -137,7 +137,7 @@ class _Worker:
         # a task's own threads may report progress while this one sends records
         self.send_lock = threading.Lock()
         self.seq = -1  # the chunk running now, for progress reports
-        reporting.process_sink = (os.getpid(), self.send_progress)  # mpnb.report sends here
+        reporting.process_sink = (os.getpid(), self.send_progress, self.running)  # mpnb.report sends here
 
     def report(self, record: Record, flush: bool) -> None:
         """Queue a record; send every queued one if ``flush`` or they are old."""
@@ -148,6 +148,10 @@ class _Worker:
             data = dumps((Kind.RECORDS, [tuple(pack(r)) for r in records]))
             with self.send_lock:
                 self.conn.send_bytes(data)
+
+    def running(self) -> tuple[int, int]:
+        """The task running now, as ``mpnb.report`` names it."""
+        return self.seq, self.position[1]
 
     def send_progress(self, done: float, total: float | None, note: str | None) -> None:
         """``mpnb.report`` of the running task (throttled by the caller); an

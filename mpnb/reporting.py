@@ -51,12 +51,20 @@ INTERVAL = 0.1
 #: a note is cut to this many characters
 MAX_NOTE = 80
 
-#: ``(pid, sink)``: a local worker's; a process a task forked (another pid)
-#: must not write into the worker's pipe
-process_sink: "tuple[int, Sink] | None" = None
+#: ``(pid, sink, task)``: a local worker's; ``task()`` names the task
+#: running now.  A process a task forked (another pid) must not write into
+#: the worker's pipe.
+process_sink: "tuple[int, Sink, Callable[[], Any]] | None" = None
 _threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
 _next = 0.0  # the earliest time the next update may leave
 _monotonic = time.monotonic
+# the last update held back by the throttle, and the task that sent the one
+# before it (local workers): the flusher sends it if that task still runs
+_pending: "tuple[Any, Any, Any] | None" = None
+_sent_by: Any = None
+_flusher: "threading.Thread | None" = None
+#: a flusher with nothing to send for this long ends (the next update starts another)
+FLUSHER_IDLE = 5.0
 
 
 def set_thread_sink(sink: "Sink | None") -> None:
@@ -84,18 +92,24 @@ def report(done: float, total: float | None = None, note: str | None = None) -> 
     choice), with an optional ``note`` (``"fitting"``).  Cheap enough for
     the innermost loop: at most one update every :data:`INTERVAL` seconds
     leaves the worker.  Outside a task it does nothing."""
-    global _next
+    global _next, _pending
     now = _monotonic()
     if now < _next:
+        _pending = (done, total, note)  # the flusher sends it if no later update does
         return
     _next = now + INTERVAL
+    _pending = None
     _send(done, total, note)
 
 
 def _send(done: Any, total: Any, note: Any) -> None:
+    global _sent_by
     sink = _sink()
     if sink is None:
         return
+    if process_sink is not None and sink is process_sink[1]:
+        _sent_by = process_sink[2]()
+        _start_flusher()
     try:
         done = float(done)
         total = None if total is None else float(total)
@@ -105,6 +119,34 @@ def _send(done: Any, total: Any, note: Any) -> None:
     if note is not None:
         note = str(note)[:MAX_NOTE]
     sink(done, total, note)
+
+
+def _start_flusher() -> None:
+    global _flusher
+    if _flusher is None or not _flusher.is_alive():
+        _flusher = threading.Thread(target=_flush, name="mpnb-progress", daemon=True)
+        _flusher.start()
+
+
+def _flush() -> None:
+    """A local worker's: send the update the throttle held back, once its
+    time has come, if the task that sent the update before it still runs
+    (an update of the task after it is dropped: it is not known to be
+    that task's)."""
+    global _pending, _next
+    idle_since = _monotonic()
+    while _monotonic() - idle_since < FLUSHER_IDLE:
+        time.sleep(INTERVAL)
+        pending, found, now = _pending, process_sink, _monotonic()
+        if pending is None or now < _next:
+            continue
+        _pending, idle_since = None, now
+        if found is not None and found[0] == os.getpid() and found[2]() == _sent_by:
+            _next = now + INTERVAL
+            try:
+                _send(*pending)
+            except TypeError:
+                pass  # the task's own call raised this already, or will
 
 
 def progress(iterable: Iterable[Any], total: float | None = None, desc: str | None = None) -> Iterable[Any]:
