@@ -58,6 +58,16 @@ process_sink: "tuple[int, Sink, Callable[[], Any]] | None" = None
 _threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
 _next = 0.0  # the earliest time the next update may leave
 _monotonic = time.monotonic
+# report() reads the clock once every _stride calls (_countdown counts them
+# down): the stride doubles while that many calls take under STRIDE_SECONDS,
+# and the flusher sets it back to 1 once the calls slow down
+_countdown = 1
+_stride = 1
+_checked = 0.0
+#: calls closer together than this (seconds, a stride of them) widen the stride ...
+STRIDE_SECONDS = 0.001
+#: ... up to this many calls between two readings of the clock
+MAX_STRIDE = 256
 # the last update held back by the throttle, and the task that sent the one
 # before it (local workers): the flusher sends it if that task still runs
 _pending: "tuple[Any, Any, Any] | None" = None
@@ -92,10 +102,25 @@ def report(done: float, total: float | None = None, note: str | None = None) -> 
     choice), with an optional ``note`` (``"fitting"``).  Cheap enough for
     the innermost loop: at most one update every :data:`INTERVAL` seconds
     leaves the worker.  Outside a task it does nothing."""
-    global _next, _pending
+    global _countdown, _pending
+    _countdown -= 1
+    if _countdown:
+        _pending = (done, total, note)  # a later call or the flusher sends it
+        return
+    _on_clock(done, total, note)
+
+
+def _on_clock(done: Any, total: Any, note: Any) -> None:
+    """The calls of a stride are over: read the clock, adapt the stride, send if it is time."""
+    global _countdown, _stride, _checked, _next, _pending
     now = _monotonic()
+    if now - _checked < STRIDE_SECONDS:
+        _stride = min(MAX_STRIDE, 2 * _stride)
+    else:
+        _stride = 1
+    _countdown, _checked = _stride, now
     if now < _next:
-        _pending = (done, total, note)  # the flusher sends it if no later update does
+        _pending = (done, total, note)
         return
     _next = now + INTERVAL
     _pending = None
@@ -109,7 +134,7 @@ def _send(done: Any, total: Any, note: Any) -> None:
         return
     if process_sink is not None and sink is process_sink[1]:
         _sent_by = process_sink[2]()
-        _start_flusher()
+    _start_flusher()
     try:
         done = float(done)
         total = None if total is None else float(total)
@@ -129,15 +154,18 @@ def _start_flusher() -> None:
 
 
 def _flush() -> None:
-    """A local worker's: send the update the throttle held back, once its
-    time has come, if the task that sent the update before it still runs
-    (an update of the task after it is dropped: it is not known to be
-    that task's)."""
-    global _pending, _next
+    """Once the calls of a stride are slower than :data:`INTERVAL`, set the
+    stride back to 1.  In a local worker, also send the update the throttle
+    held back once its time has come, if the task that sent the update
+    before it still runs (an update of the task after it is dropped: it is
+    not known to be that task's)."""
+    global _pending, _next, _countdown
     idle_since = _monotonic()
     while _monotonic() - idle_since < FLUSHER_IDLE:
         time.sleep(INTERVAL)
         pending, found, now = _pending, process_sink, _monotonic()
+        if now - _checked > INTERVAL:
+            _countdown = 1  # the next call reads the clock
         if pending is None or now < _next:
             continue
         _pending, idle_since = None, now
