@@ -94,15 +94,40 @@ def test_outside_a_worker_report_is_silent_and_progress_is_tqdm():
         _with_sink(lambda: mpnb.report("many", 10))
 
 
+def _due() -> None:
+    """The next report is sent (as after a pause of the task)."""
+    reporting._next, reporting._countdown = 0.0, 1
+
+
 def _with_sink(call):
     sent: list = []
     reporting.set_thread_sink(lambda *update: sent.append(update))
     try:
-        reporting._next = 0.0
+        _due()
         call()
     finally:
         reporting.set_thread_sink(None)
     return sent
+
+
+def test_tqdm_internals_the_routing_relies_on(capsys):
+    # a worker patches tqdm.std.tqdm's __init__ (file=) and display(): this
+    # fails loudly when a tqdm release moves them
+    import tqdm.std
+
+    reporting.quiet_tqdm(tqdm.std)
+    assert tqdm.std.tqdm._mpnb_quiet, "tqdm.std.tqdm has no display() to route"
+
+    def bar():
+        with tqdm.std.tqdm(total=40, desc="routed", mininterval=0) as progress:
+            for _ in range(40):
+                progress.update(1)
+            _due()
+            progress.refresh()
+
+    sent = _with_sink(bar)
+    assert (40.0, 40.0, "routed") in sent
+    assert capsys.readouterr().err == "", "a bar inside a task writes nothing"
 
 
 def test_facts_text_widget_and_summary_show_a_report():
