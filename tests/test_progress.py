@@ -66,7 +66,7 @@ class Terminal(io.StringIO):
 def wait_for(condition, what: str, seen=lambda: "", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s; seen: {seen()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s; seen: {str(seen())[-600:]}"
         time.sleep(0.05)
 
 
