@@ -660,6 +660,7 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
         _route_logging()
     # tqdm bars inside tasks report to the live view instead of writing
     _after_import("tqdm.std", reporting.quiet_tqdm)
+    _after_import("tqdm.notebook", reporting.quiet_tqdm_notebook)
 
 
 _fault_file = None

@@ -232,7 +232,7 @@ def quiet_tqdm(std: Any) -> None:
     ``total`` and ``desc`` set.  A bar whose ``file`` is not the task's
     output (a file the task opened) writes there as before."""
     cls = getattr(std, "tqdm", None)
-    if cls is None or getattr(cls, "_mpnb_quiet", False) or not hasattr(cls, "display"):
+    if cls is None or "_mpnb_quiet" in vars(cls) or not hasattr(cls, "display"):
         return
     init, display = cls.__init__, cls.display
 
@@ -249,4 +249,41 @@ def quiet_tqdm(std: Any) -> None:
     __init__.__wrapped__ = init  # type: ignore[attr-defined]
     show.__wrapped__ = display  # type: ignore[attr-defined]
     cls.__init__, cls.display = __init__, show
+    cls._mpnb_quiet = True
+
+
+def quiet_tqdm_notebook(notebook: Any) -> None:
+    """Patch ``tqdm.notebook`` (the module) in a worker: its widget bar
+    (``tqdm.notebook.tqdm``, what a notebook's ``tqdm.auto`` is, pickled
+    with a task that uses it) made inside a task is a plain bar that writes
+    nowhere and reports, as :func:`quiet_tqdm` makes them; outside a task it
+    is left as it is.  Relies on ``tqdm_notebook`` deriving from
+    ``tqdm.std.tqdm`` and overriding ``__init__``, ``display`` and
+    ``reset``, checked by tests/test_progress.py."""
+    cls = getattr(notebook, "tqdm_notebook", None)
+    std = sys.modules.get("tqdm.std")
+    if cls is None or std is None or "_mpnb_quiet" in vars(cls):  # not inherited: its own
+        return
+    quiet_tqdm(std)
+    init, display, reset = cls.__init__, cls.display, cls.reset
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not in_task():
+            return init(self, *args, **kwargs)
+        kwargs.pop("display", None)  # the widget's own option
+        std.tqdm.__init__(self, *args, **kwargs)
+        self.disp = lambda *_, **__: report(self.n, self.total, self.desc or None)
+
+    def show(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(self, "container"):  # made inside a task
+            report(self.n, self.total, self.desc or None)
+            return None
+        return display(self, *args, **kwargs)
+
+    def reset_bar(self: Any, total: Any = None) -> Any:
+        if not hasattr(self, "container"):
+            return std.tqdm.reset(self, total=total)
+        return reset(self, total=total)
+
+    cls.__init__, cls.display, cls.reset = __init__, show, reset_bar
     cls._mpnb_quiet = True

@@ -129,6 +129,24 @@ def test_tqdm_internals_the_routing_relies_on(capsys):
     assert (40.0, 40.0, "routed") in sent
     assert capsys.readouterr().err == "", "a bar inside a task writes nothing"
 
+    # tqdm.notebook's widget bar, made inside a task, is a plain bar that reports
+    import tqdm.notebook
+
+    reporting.quiet_tqdm_notebook(tqdm.notebook)
+    assert "_mpnb_quiet" in vars(tqdm.notebook.tqdm_notebook)
+
+    def widget_bar():
+        with tqdm.notebook.tqdm(total=10, desc="widget", mininterval=0) as progress:
+            progress.update(4)
+            _due()
+            progress.refresh()
+            progress.reset(total=20)
+
+    sent = _with_sink(widget_bar)
+    assert (4.0, 10.0, "widget") in sent
+    out = capsys.readouterr()
+    assert out.out == out.err == "", "no widget and no text from a bar inside a task"
+
 
 def test_facts_text_widget_and_summary_show_a_report():
     row = Row(101, "busy", "task 7 (argument 0.3)", 1.0, task_done=340, task_total=1000, note="fitting")

@@ -101,6 +101,7 @@ def _route_tqdm() -> None:
     from mpnb._worker import _after_import
 
     _after_import("tqdm.std", reporting.quiet_tqdm)
+    _after_import("tqdm.notebook", reporting.quiet_tqdm_notebook)
 
 
 class _ThreadStream:
