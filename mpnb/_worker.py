@@ -117,6 +117,7 @@ def _route_logging() -> None:
 
 # ------------------------------------------------------------------ worker
 
+
 class _Worker:
     def __init__(self, conn, slot_path: str):
         self.conn = conn
