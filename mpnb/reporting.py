@@ -15,8 +15,8 @@ would replace the function ``mpnb.progress`` with the module.)
 
 In a worker, :func:`report` feeds the worker's row of the parent's live view:
 ``task 7 (argument 0.3) · fitting · 340/1000 (34%)``.  A call that is not
-sent costs a clock reading and a comparison: a task may call it in its
-innermost loop.  Outside a worker :func:`report` does nothing, and
+sent counts down and keeps its values (the clock is read once per stride of
+calls): a task may call it in its innermost loop.  Outside a worker :func:`report` does nothing, and
 :func:`progress` is ``tqdm.auto.tqdm`` when tqdm is installed, otherwise the
 plain iteration.
 
@@ -68,10 +68,11 @@ _checked = 0.0
 STRIDE_SECONDS = 0.001
 #: ... up to this many calls between two readings of the clock
 MAX_STRIDE = 256
-# the last update held back by the throttle, and the task that sent the one
-# before it (local workers): the flusher sends it if that task still runs
+# the last update held back by the throttle, and the task that ran at the
+# last reading of the clock (local workers): the flusher sends the update if
+# that task still runs
 _pending: "tuple[Any, Any, Any] | None" = None
-_sent_by: Any = None
+_held_by: Any = None
 _flusher: "threading.Thread | None" = None
 #: a flusher with nothing to send for this long ends (the next update starts another)
 FLUSHER_IDLE = 5.0
@@ -112,7 +113,7 @@ def report(done: float, total: float | None = None, note: str | None = None) -> 
 
 def _on_clock(done: Any, total: Any, note: Any) -> None:
     """The calls of a stride are over: read the clock, adapt the stride, send if it is time."""
-    global _countdown, _stride, _checked, _next, _pending
+    global _countdown, _stride, _checked, _next, _pending, _held_by
     now = _monotonic()
     if now - _checked < STRIDE_SECONDS:
         _stride = min(MAX_STRIDE, 2 * _stride)
@@ -121,6 +122,9 @@ def _on_clock(done: Any, total: Any, note: Any) -> None:
     _countdown, _checked = _stride, now
     if now < _next:
         _pending = (done, total, note)
+        found = process_sink
+        _held_by = found[2]() if found is not None else None
+        _start_flusher()
         return
     _next = now + INTERVAL
     _pending = None
@@ -128,12 +132,9 @@ def _on_clock(done: Any, total: Any, note: Any) -> None:
 
 
 def _send(done: Any, total: Any, note: Any) -> None:
-    global _sent_by
     sink = _sink()
     if sink is None:
         return
-    if process_sink is not None and sink is process_sink[1]:
-        _sent_by = process_sink[2]()
     _start_flusher()
     try:
         done = float(done)
@@ -156,9 +157,9 @@ def _start_flusher() -> None:
 def _flush() -> None:
     """Once the calls of a stride are slower than :data:`INTERVAL`, set the
     stride back to 1.  In a local worker, also send the update the throttle
-    held back once its time has come, if the task that sent the update
-    before it still runs (an update of the task after it is dropped: it is
-    not known to be that task's)."""
+    held back once its time has come, if the task that ran when the clock
+    was last read still runs (otherwise the update is dropped: it is not
+    known to be the running task's)."""
     global _pending, _next, _countdown
     idle_since = _monotonic()
     while _monotonic() - idle_since < FLUSHER_IDLE:
@@ -169,7 +170,7 @@ def _flush() -> None:
         if pending is None or now < _next:
             continue
         _pending, idle_since = None, now
-        if found is not None and found[0] == os.getpid() and found[2]() == _sent_by:
+        if found is not None and found[0] == os.getpid() and found[2]() == _held_by:
             _next = now + INTERVAL
             try:
                 _send(*pending)
@@ -199,7 +200,7 @@ def progress(iterable: Iterable[Any], total: float | None = None, desc: str | No
 
 
 def _reporting(iterable: Iterable[Any], total: float | None, desc: str | None) -> Iterator[Any]:
-    _send(0, total, desc)
+    report(0, total, desc)  # throttled too: a loop in each of many short tasks sends no flood
     done = 0
     for item in iterable:
         yield item
@@ -208,6 +209,7 @@ def _reporting(iterable: Iterable[Any], total: float | None, desc: str | None) -
 
 
 # ------------------------------------------------------------------ tqdm in a worker
+
 
 class _Nowhere:
     """What a bar made inside a task writes to."""
