@@ -1,11 +1,12 @@
 """The cost of ``mpnb.report`` inside a task: ``python -m benchmarks.report_cost [--rounds N]``.
 
-One local worker runs the same task with and without a call of
-``mpnb.report(i, n, "note")`` at each of its ``n`` = 1,000,000 iterations,
-alternately, for ``--rounds`` rounds.  Each iteration does about
-``WORK`` of arithmetic.  The row gives the median time of each, the
-difference as a share of the task's time, and the cost of one call (a
-tight loop of calls minus an empty loop, in the same worker).
+One local worker runs a loop of ``n`` = 1,000,000 iterations with a call of
+``mpnb.report(i, n, "note")`` at each, and the same loop without it: in
+blocks of 50,000 iterations taken in turn (so a change of the machine's
+load falls on both alike), for ``--rounds`` rounds.  Each iteration does
+``WORK``.  The row gives the median time of each, the difference as a share
+of the time with reports, and the cost of one call (a tight loop of calls
+minus an empty loop, in the same worker).
 """
 
 from __future__ import annotations
@@ -19,17 +20,24 @@ ITERATIONS = 1_000_000
 TASK_SOURCE = '''
 import time, mpnb
 
-def loop(n, reporting):
-    """n iterations of a little arithmetic, with or without a report each."""
+def loops(n, block=50_000):
+    """Seconds of n iterations without, then with, a report at each, in alternate blocks."""
     report = mpnb.report
-    start = time.perf_counter()
+    plain = reporting = 0.0
     acc = 0
-    for i in range(n):
-        for k in range(30):
-            acc += k * i
-        if reporting:
+    for first in range(0, n, block):
+        start = time.perf_counter()
+        for i in range(first, first + block):
+            for k in range(30):
+                acc += k * i
+        middle = time.perf_counter()
+        for i in range(first, first + block):
+            for k in range(30):
+                acc += k * i
             report(i, n, "looping")
-    return time.perf_counter() - start
+        plain += middle - start
+        reporting += time.perf_counter() - middle
+    return plain, reporting
 
 def per_call(n):
     """Nanoseconds of one report call (its loop minus an empty loop)."""
@@ -58,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     calls: list[float] = []
     with mpnb.Pool(1, live=False) as pool:
         for _ in range(args.rounds):
-            plain.append(pool.submit(TASKS["loop"], ITERATIONS, False).result())
-            reporting.append(pool.submit(TASKS["loop"], ITERATIONS, True).result())
+            without, with_ = pool.submit(TASKS["loops"], ITERATIONS).result()
+            plain.append(without)
+            reporting.append(with_)
             calls.append(pool.submit(TASKS["per_call"], ITERATIONS).result())
     base, with_reports = statistics.median(plain), statistics.median(reporting)
     share = 100 * (with_reports - base) / with_reports
