@@ -26,6 +26,8 @@ __all__ = [
     "unpatch",
     "shared_array",
     "WorkerMemoryError",
+    "progress",
+    "report",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -43,6 +45,10 @@ _LAZY = {
     "unpatch": "mpnb.patching",
     "shared_array": "mpnb.shared",
     "WorkerMemoryError": "mpnb.errors",
+    # mpnb.reporting, not mpnb.progress: a submodule named ``progress`` would
+    # replace the function mpnb.progress with the module
+    "progress": "mpnb.reporting",
+    "report": "mpnb.reporting",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mpnb.patching import patch, unpatch
     from mpnb.pickling import PicklingProblem, diagnose
     from mpnb.pool import Pool
+    from mpnb.reporting import progress, report
     from mpnb.shared import shared_array
 
 

@@ -17,6 +17,7 @@ nothing heavy: it is loaded by every worker at start-up.
                         <-------------------------   (HELLO, pid, monotonic time)
                         <-------------------------   (INIT_FAILED, pid, Failure)
                         <-------------------------   (RECORDS, [Record, ...])
+                        <-------------------------   (PROGRESS, Progress)
 
 Besides messages, a worker writes the position of each task into its
 shared-memory slot (:data:`SLOT`) before it runs, and the chunk's seq and the
@@ -47,6 +48,7 @@ class Kind(enum.IntEnum):
     HELLO = 2  #: worker -> engine: ready to run tasks
     INIT_FAILED = 3  #: worker -> engine: its set-up (the initializer) raised
     RECORDS = 4  #: worker -> engine: outcomes of tasks
+    PROGRESS = 5  #: worker -> engine: how far the running task is (a :data:`Progress`)
 
 
 #: what the engine sends to make a worker leave its loop
@@ -68,6 +70,11 @@ Run = namedtuple("Run", "seq count call fn_data items_data flush_each mode")
 #: evenly between their times), the time the last one ended (the worker's
 #: ``time.monotonic``), and ``final`` when the chunk has no more tasks to report.
 Record = namedtuple("Record", "seq first values failures outputs starts end final")
+
+#: ``mpnb.report`` from the task at ``position`` of chunk ``seq``: ``done``
+#: of ``total`` (floats; total may be None) and a ``note`` (a str or None).
+#: At most about ten a second leave a worker (``mpnb.reporting.INTERVAL``).
+Progress = namedtuple("Progress", "seq position done total note")
 
 #: what an exec worker reads first from its pipe (see
 #: :func:`mpnb._worker.boot`): the parent's ``sys.path``; the site

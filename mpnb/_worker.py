@@ -36,9 +36,9 @@ import threading
 import time
 from collections import OrderedDict
 
-from mpnb import _task
+from mpnb import _task, reporting
 from mpnb._protocol import (FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, SLOT, STOP, STRIDE_SECONDS, Boot,
-                            Kind, Record, Run)
+                            Kind, Progress, Record, Run)
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
@@ -135,6 +135,10 @@ class _Worker:
         self.capture = _Capture()
         self.pending: list[Record] = []  # records not sent yet
         self.last_sent = time.monotonic()
+        # a task's own threads may report progress while this one sends records
+        self.send_lock = threading.Lock()
+        self.seq = -1  # the chunk running now, for progress reports
+        reporting.process_sink = (os.getpid(), self.send_progress, self.running)  # mpnb.report sends here
 
     def report(self, record: Record, flush: bool) -> None:
         """Queue a record; send every queued one if ``flush`` or they are old."""
@@ -142,7 +146,24 @@ class _Worker:
         now = time.monotonic()
         if flush or now - self.last_sent > FLUSH_SECONDS:
             records, self.pending, self.last_sent = self.pending, [], now
-            self.conn.send_bytes(dumps((Kind.RECORDS, [tuple(pack(r)) for r in records])))
+            data = dumps((Kind.RECORDS, [tuple(pack(r)) for r in records]))
+            with self.send_lock:
+                self.conn.send_bytes(data)
+
+    def running(self) -> tuple[int, int]:
+        """The task running now, as ``mpnb.report`` names it."""
+        return self.seq, self.position[1]
+
+    def send_progress(self, done: float, total: float | None, note: str | None) -> None:
+        """``mpnb.report`` of the running task (throttled by the caller); an
+        update that would wait for a record being sent is dropped."""
+        if not self.send_lock.acquire(blocking=False):
+            return
+        try:
+            progress = Progress(self.seq, self.position[1], done, total, note)
+            self.conn.send_bytes(dumps((Kind.PROGRESS, tuple(progress))))
+        finally:
+            self.send_lock.release()
 
     def function(self, key: int, data: bytes | None):
         # the parent decides what to send from a mirror of this LRU cache, so
@@ -177,6 +198,7 @@ class _Worker:
             return
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self.capture.stdout, self.capture.stderr
+        self.seq = run.seq
         try:
             record = self._run_tasks(run.seq, task, items, run.flush_each)
         finally:
@@ -637,6 +659,9 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
         initializer(*initargs)
     if "logging" in sys.modules:
         _route_logging()
+    # tqdm bars inside tasks report to the live view instead of writing
+    _after_import("tqdm.std", reporting.quiet_tqdm)
+    _after_import("tqdm.notebook", reporting.quiet_tqdm_notebook)
 
 
 _fault_file = None

@@ -6,7 +6,7 @@
                                    │                        │
                                    └──── mpnb.facts ────────┘
                           Facts, Row, FailedTask, seconds(), byte_size(),
-                          status_line(), summary_text()
+                          task_text(), status_line(), summary_text()
 
 This module has no threads, widgets or IPython: :mod:`mpnb.view` builds
 :class:`Facts` from the monitor, and :mod:`mpnb.widget` and the text view draw
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Facts", "FailedTask", "Row", "byte_size", "seconds", "status_line", "summary_text"]
+__all__ = ["Facts", "FailedTask", "Row", "byte_size", "seconds", "status_line", "summary_text", "task_progress",
+           "task_text"]
 
 
 # ------------------------------------------------------------------ numbers
@@ -77,6 +78,17 @@ class Row:
         if self.memory_limit is None:
             return byte_size(self.rss)
         return f"{byte_size(self.rss)} / {byte_size(self.memory_limit)}"
+    # what the current task reported of itself (mpnb.report, a tqdm bar)
+    task_done: float | None = None
+    task_total: float | None = None
+    note: str | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """How far the current task says it is, 0 to 1; None when it did not say."""
+        if self.task_done is None or not self.task_total or self.task_total < 0:
+            return None
+        return min(1.0, max(0.0, self.task_done / self.task_total))
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class Facts:
     finished: bool = False
     cancelled: bool = False
     cached: int = 0  # tasks whose result came from the cache, not counted in done
+    partial: float = 0.0  # the running tasks' reported fractions, summed
 
     @property
     def ended(self) -> int:
@@ -115,15 +128,17 @@ class Facts:
 
     @property
     def percent(self) -> int | None:
+        """Of the total, counting running tasks by how far they said they are."""
         if not self.total:
             return 100 if self.total == 0 else None
-        return int(100 * self.ended / self.total)
+        return min(100, int(100 * (self.ended + self.partial) / self.total))
 
     @property
     def rate(self) -> float | None:
-        """Tasks computed per second so far (results from the cache took no time)."""
-        computed = self.done + self.failed
-        return computed / self.elapsed if self.elapsed > 0 and computed else None
+        """Tasks computed per second so far: running tasks count their reported
+        part; results from the cache took no time."""
+        work = self.done + self.failed + self.partial
+        return work / self.elapsed if self.elapsed > 0 and work else None
 
     @property
     def eta(self) -> float | None:
@@ -131,7 +146,7 @@ class Facts:
         rate = self.rate
         if rate is None or self.total is None or self.finished:
             return None
-        return max(0.0, (self.total - self.ended) / rate)
+        return max(0.0, (self.total - self.ended - self.partial) / rate)
 
     @property
     def progress(self) -> str:
@@ -144,15 +159,40 @@ class Facts:
 # ------------------------------------------------------------------ text
 
 
+def _amount(value: float) -> str:
+    return str(int(value)) if abs(value) < 1e15 and value == int(value) else f"{value:.3g}"
+
+
+def task_progress(row: Row) -> str:
+    """What the task reported: ``fitting · 340/1000 (34%)``, ``fitting``,
+    ``340``; empty when it reported nothing."""
+    parts = [row.note] if row.note else []
+    if row.task_done is not None:
+        amount = _amount(row.task_done)
+        if row.task_total is not None:
+            amount += f"/{_amount(row.task_total)}"
+            if row.fraction is not None:
+                amount += f" ({int(100 * row.fraction)}%)"
+        parts.append(amount)
+    return " · ".join(parts)
+
+
+def task_text(row: Row) -> str:
+    """The current task with what it reported: ``task 7 (argument 0.3) · fitting · 340/1000 (34%)``."""
+    reported = task_progress(row)
+    return f"{row.task} · {reported}" if reported and row.task else row.task or reported
+
+
 def status_line(facts: Facts) -> str:
     """One line of facts: progress, workers, rate, time, failures."""
     busy = sum(1 for r in facts.rows if r.state == "busy")
     rate = f"{facts.rate:.1f} tasks/s" if facts.rate else "- tasks/s"
     eta = f", ETA {seconds(facts.eta)}" if facts.eta is not None else ""
+    reports = "".join(f" | {task_text(r)}" for r in facts.rows if r.state == "busy" and task_progress(r))
     return (
         f"mpnb {facts.name}: {facts.progress} | workers {facts.alive}/{facts.size} ({busy} busy) | "
         f"{rate} | {seconds(facts.elapsed)}{eta} | {facts.failed} failed"
-        + (f" | {facts.cached} from cache" if facts.cached else "")
+        + (f" | {facts.cached} from cache" if facts.cached else "") + reports
     )
 
 
@@ -171,6 +211,7 @@ def summary_text(facts: Facts) -> str:
             f"  pid {row.pid}: {row.state}, {row.done} done, {row.failed} failed"
             + (f", busy {seconds(row.busy)}" if row.busy is not None else "")
             + (f", {row.task}" if row.state == "dead" else "")
+            + (f", {task_text(row)}" if row.state == "busy" and task_progress(row) else "")
             + (f", {row.address}" if row.address else "")
             + (f", GPU {row.device}" if row.device is not None else "")
             + (f", memory {row.memory}" if row.memory_limit is not None and row.rss is not None else "")

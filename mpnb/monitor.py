@@ -12,6 +12,9 @@ pool (the status widget, a text report, a test) reads it:
 - :meth:`Monitor.events` returns the :mod:`mpnb.events` recorded since a
   cursor, so a reader polling a few times a second sees every event once.
 - :meth:`Monitor.calls` returns progress per call (total, done, failed).
+- :meth:`Monitor.task_progress` notes what a task reported of itself
+  (``mpnb.report``, a tqdm bar); the row of the worker running it shows it
+  while that task runs.
 
 Feeding the monitor is cheap: it stores one entry per batch of tasks, with
 the start times the worker took (a few for a batch of fast tasks), and
@@ -56,6 +59,10 @@ class WorkerStatus:
     rank: int | None = None  # its slot (Pool(worker_env=, gpus=, pin=)); a replacement keeps it
     device: str | None = None  # its GPU (Pool(gpus=))
     memory_limit: int | None = None  # bytes: Pool(max_memory=), else soft_memory=
+    # what the current task reported of itself (mpnb.report): done of total, a note
+    task_done: float | None = None
+    task_total: float | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,14 @@ class Monitor:
                 counts[0] += len(indices) - len(errors)
                 counts[1] += len(errors)
 
+    def task_progress(self, worker: int, seq: int, position: int, done: float, total: float | None,
+                      note: str | None) -> None:
+        """The task at ``position`` of chunk ``seq`` reported ``done`` of ``total``."""
+        with self._lock:
+            row = self._rows.get(worker)
+            if row is not None:
+                row.progress = (seq, position, done, total, note)
+
     def chunk_ended(self, worker: int, seq: int) -> None:
         with self._lock:
             self._chunk_ended(worker, seq)
@@ -206,8 +221,11 @@ class Monitor:
                     if slot_seq == seq and 0 <= pos < len(indices):
                         index, since = indices[pos], started
                     else:
-                        index, since = indices[0], sent
+                        pos, index, since = 0, indices[0], sent
                     status = replace(status, call=call, index=index, since=since, elapsed=now - since)
+                    if row.progress is not None and row.progress[:2] == (seq, pos):
+                        status = replace(status, task_done=row.progress[2], task_total=row.progress[3],
+                                         note=row.progress[4])
                 rows.append(status)
             return rows
 
@@ -286,13 +304,15 @@ def process_stopped(pid: int | None) -> bool:
 
 
 class _MutableRow:
-    __slots__ = ("worker", "pid", "state", "chunks", "done", "failed", "current", "slot")
+    __slots__ = ("worker", "pid", "state", "chunks", "done", "failed", "current", "slot", "progress")
 
     def __init__(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]]):
         self.worker, self.pid, self.state, self.current = worker, pid, "starting", current
         self.chunks: list[tuple[int, int, list[int], float]] = []  # (seq, call, indices, sent)
         self.done = self.failed = 0
         self.slot: tuple[int | None, str | None, int | None] = (None, None, None)  # rank, device, memory limit
+        # (seq, position, done, total, note): the last report of a task
+        self.progress: tuple[int, int, float, float | None, str | None] | None = None
 
 
 def _expand(kind: str, payload: tuple) -> list[Event]:

@@ -257,7 +257,10 @@ class Session:
         total: int | None = 0
         for status in statuses:
             total = None if total is None or status.total is None else total + status.total
-        rows = [self._row(status, calls) for status in self.monitor.sample()]
+        samples = self.monitor.sample()
+        rows = [self._row(status, calls) for status in samples]
+        # running tasks of these calls count by how far they said they are
+        partial = sum(row.fraction or 0.0 for status, row in zip(samples, rows) if status.call in calls)
         alive = len(rows)
         rows = [self._with_work(row) for row in rows + dead]
         return Facts(
@@ -266,6 +269,7 @@ class Session:
             total=total, elapsed=time.monotonic() - min((s.started for s in statuses), default=self._started),
             rows=tuple(rows), failures=failures, finished=finished, cancelled=self._cancelled,
             cached=sum(s.cached for s in statuses),
+            partial=0.0 if finished else partial,
         )
 
     def _read_events(self, calls: dict[int, Watched]) -> None:
@@ -311,6 +315,7 @@ class Session:
         return Row(
             pid=status.pid, state=state, task=task, running=status.elapsed, cpu=status.cpu_percent, rss=status.rss,
             address=status.address, worker=status.worker, device=status.device, memory_limit=status.memory_limit,
+            task_done=status.task_done, task_total=status.task_total, note=status.note,
         )
 
 

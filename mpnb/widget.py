@@ -7,7 +7,9 @@ nothing did::
     VBox .mpnb-live
     ├── IntProgress
     ├── HTML      header (name, backend, workers, .mpnb-progress, rate, time,
-    │             failures) and one table: tr.mpnb-worker[data-pid][data-state]
+    │             failures) and one table: tr.mpnb-worker[data-pid][data-state];
+    │             a task that reports its progress (mpnb.report) has
+    │             span.mpnb-task-progress[data-done][data-total] and a small bar
     ├── HTML      .mpnb-errors: each failure's task and traceback (empty when none)
     └── Button    .mpnb-cancel
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import html
 from typing import Any, Callable
 
-from mpnb.facts import Facts, Row, seconds, summary_text
+from mpnb.facts import Facts, Row, seconds, summary_text, task_progress, task_text
 
 __all__ = ["LiveWidget", "Summary", "header_html", "rows_html"]
 
@@ -97,12 +99,33 @@ def _row_html(row: Row, summary: bool, addresses: bool, devices: bool = False) -
         cells += [str(row.done), str(row.failed), busy]
         if row.state == "dead":
             cells[-1] += f" ({_e(row.task)})"
+        elif row.state == "busy" and task_progress(row):
+            cells[-1] += f" ({_task_html(row)})"
     else:
         running = "" if row.running is None else seconds(row.running)
-        cells += [_e(row.task), running, str(row.done)]
+        cells += [_task_html(row), running, str(row.done)]
     cells += [cpu, row.memory]
     tds = "".join(f'<td style="{_CELL}">{c}</td>' for c in cells)
     return f'<tr class="mpnb-worker" data-pid="{row.pid}" data-state="{_e(row.state)}">{tds}</tr>'
+
+
+def _task_html(row: Row) -> str:
+    """The task cell: its description, and what it reported with a small bar."""
+    if not task_progress(row):
+        return _e(row.task)
+    total = "" if row.task_total is None else _amount_attr(row.task_total)
+    bar = ""
+    if row.fraction is not None:
+        bar = ('<span style="display:inline-block;width:60px;height:7px;margin-left:6px;background:#d0d7de;'
+               f'border-radius:3px;vertical-align:middle"><span style="display:block;height:100%;'
+               f'width:{100 * row.fraction:.0f}%;background:#1a7f37;border-radius:3px"></span></span>')
+    done = "" if row.task_done is None else _amount_attr(row.task_done)
+    return (f'<span class="mpnb-task-progress" data-done="{done}" data-total="{total}">'
+            f"{_e(task_text(row))}{bar}</span>")
+
+
+def _amount_attr(value: float) -> str:
+    return str(int(value)) if abs(value) < 1e15 and value == int(value) else repr(value)
 
 
 def errors_html(facts: Facts) -> str:
@@ -161,7 +184,7 @@ class LiveWidget:
         with self.bar.hold_sync():
             if facts.total is not None:
                 self.bar.max = max(1, facts.total)
-            self.bar.value = min(facts.ended, self.bar.max)
+            self.bar.value = min(int(facts.ended + facts.partial), self.bar.max)
             self.bar.bar_style = "danger" if facts.failed else "info"
         self.errors.value = errors_html(facts)
 

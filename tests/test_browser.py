@@ -4,7 +4,7 @@ JupyterLab runs on 127.0.0.1 with a temporary root holding
 ``mpnb/notebooks/live_status.ipynb``; Debian's chromium, driven by Playwright,
 opens it, runs all cells, and the test reads the page's DOM: the contract the
 widget keeps (``.mpnb-live``, ``tr.mpnb-worker[data-pid][data-state]``,
-``.mpnb-progress``, ``.mpnb-cancel``, ``.mpnb-errors``, ``.mpnb-summary``,
+``.mpnb-progress``, ``.mpnb-task-progress``, ``.mpnb-cancel``, ``.mpnb-errors``, ``.mpnb-summary``,
 ``svg.mpnb-timeline rect.mpnb-task``).  Every wait is on a condition of the
 page with a generous deadline; a failure shows the page's text, the browser
 console and the server's log.  Screenshots go to ``tests/artifacts/``.
@@ -73,6 +73,18 @@ LIVE_ROWS = """(workers) => {
         progress: progress && {done: progress.dataset.done, total: progress.dataset.total},
         cancel: live.querySelectorAll('.mpnb-cancel').length,
         errors: live.querySelectorAll('.mpnb-errors').length,
+    };
+}"""
+
+# a worker row of the live widget shows a task's own progress (mpnb.progress
+# with ``note``) past its start, and a bar; what it shows
+TASK_PROGRESS = """(note) => {
+    const reports = [...document.querySelectorAll('.mpnb-live tr.mpnb-worker .mpnb-task-progress')]
+        .filter(r => r.textContent.includes(note) && parseFloat(r.dataset.done) > 0);
+    return reports.length > 0 && {
+        text: reports[0].textContent, done: reports[0].dataset.done, total: reports[0].dataset.total,
+        bars: reports[0].querySelectorAll('span').length,
+        header: document.querySelector('.mpnb-live .mpnb-progress').textContent,
     };
 }"""
 
@@ -238,6 +250,12 @@ def test_live_widget_in_jupyterlab(tag, tmp_path):
         nb.check(live["progress"] is not None and live["progress"]["total"] == str(LONG_TASKS),
                  f"the live progress (.mpnb-progress) does not count {LONG_TASKS} tasks: {live}")
 
+        # a task's own progress (mpnb.progress) in its worker's row, with its bar
+        report = nb.until(TASK_PROGRESS, "a worker row with the task's own progress (.mpnb-task-progress)", "fitting")
+        nb.page.locator(".mpnb-live").first.screenshot(path=ARTIFACTS / "browser-progress.png")
+        nb.check(report["total"] == "20" and " · fitting · " in report["text"] and "/20 (" in report["text"]
+                 and report["bars"] == 2, f"the task's progress does not read 'task … · fitting · n/20 (p%)' with a bar: {report}")
+
         nb.until(ALL_RAN, "every cell ran and the kernel is idle")
         cells = nb.page.evaluate(CELLS)
         nb.page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
@@ -245,7 +263,7 @@ def test_live_widget_in_jupyterlab(tag, tmp_path):
         failing_output = nb.page.locator(".jp-CodeCell").filter(has_text="def inverse").locator(".jp-OutputArea")
         failing_output.screenshot(path=ARTIFACTS / "browser-errors.png")
         nb.page.locator("svg.mpnb-timeline").screenshot(path=ARTIFACTS / "browser-timeline.png")
-        print(f"screenshots: {ARTIFACTS}/browser-{{live,notebook,errors,timeline}}.png")
+        print(f"screenshots: {ARTIFACTS}/browser-{{live,progress,notebook,errors,timeline}}.png")
 
         errors = [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
         nb.check(not errors, f"cells raised: {json.dumps(errors)[:3000]}")
@@ -271,11 +289,13 @@ def test_live_widget_in_jupyterlab(tag, tmp_path):
                  and [t["index"] for t in tasks if t["failed"]] == [FAILING_INDEX]
                  and len({t["worker"] for t in tasks}) <= WORKERS,
                  f"the timeline (svg.mpnb-timeline) is not one rect per task with task {FAILING_INDEX} failed: {tasks}")
+        nb.check(_result_text(_cell(cells, "def fit")) == "[0.2, 0.4, 0.6, 0.8]",
+                 f"the map with progress returned {_result_text(_cell(cells, 'def fit'))!r}")
         nb.check_console()
 
     # saved without a kernel: the summaries and the timeline are plain HTML in the file
     saved = _saved_html(tmp_path / NOTEBOOK)
-    assert saved.count('class="mpnb-summary"') == 2 and 'class="mpnb-timeline"' in saved, saved[:3000]
+    assert saved.count('class="mpnb-summary"') == 3 and 'class="mpnb-timeline"' in saved, saved[:3000]
 
 
 CANCEL_CELLS = [

@@ -15,6 +15,7 @@ of a process that other clients may share, so output is captured per thread
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from mpnb import _capture as capture, cells
+from mpnb import _capture as capture, cells, reporting
 from mpnb._protocol import Record
 from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
 
@@ -48,12 +49,29 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
     except BaseException as exc:  # most often a module the worker lacks
         return dumps(DaskRecord(os.getpid(), worker.address, pack(load_failure(seq, count, exc))))
     local = capture.install()
+    _route_tqdm()
+    position = [0]  # of the task running now, for its progress reports
+
+    def send(done: float, total: float | None, note: str | None) -> None:
+        worker.log_event(topic, {"seq": seq, "position": position[0], "done": done, "total": total, "note": note,
+                                 "pid": os.getpid(), "address": worker.address})
+
+    reporting.set_thread_sink(send)
+    try:
+        record = _run_tasks(seq, task, items, local, position)
+    finally:
+        reporting.set_thread_sink(None)
+    return dumps(DaskRecord(os.getpid(), worker.address, pack(record)))
+
+
+def _run_tasks(seq: int, task: Any, items: list, local: Any, position: list[int]) -> Record:
     values: list[Any] = []
     failures: dict[int, Failure] = {}
     outputs: dict[int, list] = {}
     starts: dict[int, float] = {}
     for pos, item in enumerate(items):
         starts[pos] = time.monotonic()
+        position[0] = pos
         segments: list[tuple[str, str]] = []
         local.segments = segments
         try:
@@ -65,8 +83,25 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
             local.segments = None
         if segments:
             outputs[pos] = segments
-    record = Record(seq, 0, values, failures, outputs, starts, time.monotonic(), True)
-    return dumps(DaskRecord(os.getpid(), worker.address, pack(record)))
+    return Record(seq, 0, values, failures, outputs, starts, time.monotonic(), True)
+
+
+_tqdm_routed = False
+_route_lock = threading.Lock()
+
+
+def _route_tqdm() -> None:
+    """tqdm bars of mpnb tasks report to the live view, now or once tqdm is
+    imported (bars of other work on this worker are left as they are)."""
+    global _tqdm_routed
+    with _route_lock:
+        if _tqdm_routed:
+            return
+        _tqdm_routed = True
+    from mpnb._worker import _after_import
+
+    _after_import("tqdm.std", reporting.quiet_tqdm)
+    _after_import("tqdm.notebook", reporting.quiet_tqdm_notebook)
 
 
 class CellModules(WorkerPlugin):

@@ -13,6 +13,7 @@ the pool's policy are unchanged::
       |                              | client.map(run_chunk, chunk bytes)   |  local directory
       |                              |   ---------------------------------> | run_chunk: log a
       |                              | <-- "start" (event topic) ---------- |  start event, run the
+      |                              | <-- mpnb.report (same topic) ------- |  (and the tasks' reports)
       |                              | <-- records (done callback) -------- |  tasks, capture output
       | <--- Call.deliver ---------- | deliver, feed the ClusterMonitor     |
       | Ctrl-C: cancel ------------> | cancel the call's dask futures       |
@@ -82,11 +83,13 @@ class DaskBackendError(RuntimeError):
 class _Node:
     """What the monitor knows of one dask worker."""
 
-    __slots__ = ("id", "address", "pid", "running", "done", "failed", "metrics")
+    __slots__ = ("id", "address", "pid", "running", "done", "failed", "metrics", "progress")
 
     def __init__(self, worker_id: int, address: str, pid: int | None):
         self.id, self.address, self.pid = worker_id, address, pid
-        self.running: dict[int, tuple[int, int, float]] = {}  # seq -> (call, index, since)
+        self.running: dict[int, tuple[int, list[int], float]] = {}  # seq -> (call, indices, since)
+        # seq -> (position, done, total, note): the last mpnb.report of the chunk's running task
+        self.progress: dict[int, tuple[int, float, float | None, str | None]] = {}
         self.done = self.failed = 0
         self.metrics: dict[str, Any] = {}
 
@@ -130,10 +133,18 @@ class ClusterMonitor(Monitor):
         """The cluster's worker threads, as the scheduler counts them."""
         return sum(info["nthreads"] for info in self._client.scheduler_info(n_workers=-1)["workers"].values())
 
-    def chunk_started(self, address: str, pid: int, seq: int, call: int, index: int) -> None:
+    def chunk_started(self, address: str, pid: int, seq: int, call: int, indices: list[int]) -> None:
         with self._lock:
             node = self._node(address, pid)
-            node.running[seq] = (call, index, time.monotonic())
+            node.running[seq] = (call, indices, time.monotonic())
+
+    def chunk_progress(self, address: str, seq: int, position: int, done: float, total: float | None,
+                       note: str | None) -> None:
+        """The task at ``position`` of chunk ``seq`` reported how far it is (``mpnb.report``)."""
+        with self._lock:
+            node = self._nodes.get(address)
+            if node is not None and seq in node.running:
+                node.progress[seq] = (position, done, total, note)
 
     def chunk_done(self, address: str, pid: int, seq: int, call: int, indices: list[int],
                    starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
@@ -141,6 +152,7 @@ class ClusterMonitor(Monitor):
         with self._lock:
             node = self._node(address, pid)
             node.running.pop(seq, None)
+            node.progress.pop(seq, None)
             node.failed += len(errors)
             node.done += len(indices) - len(errors)
             worker = node.id
@@ -167,8 +179,13 @@ class ClusterMonitor(Monitor):
                 status = WorkerStatus(node.id, node.pid, state, tasks_done=node.done,
                                       tasks_failed=node.failed, address=node.address)
                 if node.running:
-                    call, index, since = min(node.running.values(), key=lambda r: r[2])
-                    status = replace(status, call=call, index=index, since=since, elapsed=now - since)
+                    seq = min(node.running, key=lambda s: node.running[s][2])
+                    call, indices, since = node.running[seq]
+                    status = replace(status, call=call, index=indices[0], since=since, elapsed=now - since)
+                    position, done, total, note = node.progress.get(seq, (-1, None, None, None))
+                    if 0 <= position < len(indices):
+                        status = replace(status, index=indices[position], task_done=done, task_total=total,
+                                         note=note)
                 rows.append(status)
             return rows
 
@@ -229,7 +246,11 @@ class DaskEngine(EngineBase):
         client.subscribe_topic(self.topic, self._on_event)
 
     def _on_event(self, event: tuple) -> None:
-        _, started = event  # (time, the start event's fields)
+        _, started = event  # (time, the event's fields)
+        if "done" in started:  # a task's mpnb.report: only the monitor needs it
+            self.cluster_monitor.chunk_progress(started["address"], started["seq"], started["position"],
+                                                started["done"], started["total"], started["note"])
+            return
         self.inbox.put(_Started(started["seq"], started["pid"], started["address"], time.monotonic()))
 
     def _on_done(self, future: Any) -> None:
@@ -354,7 +375,7 @@ class DaskEngine(EngineBase):
             self._cancel([entry])
             return
         self.cluster_monitor.chunk_started(started.address, started.pid, started.seq, entry.chunk.call.id,
-                                           entry.chunk.indices[0])
+                                           entry.chunk.indices)
 
     def _finish(self, futures: list[Any]) -> None:
         entries = []

@@ -9,6 +9,7 @@
                                    |                                    | write slot, call fn
                                    | <---- (RECORDS, [Record...]) ----- | (values/failures,
       <--- Call.deliver ---------- | deliver, feed the Monitor          |  output, times)
+                                   | <---- (PROGRESS, Progress) ------- | mpnb.report, tqdm
     cancel(call) ----------------> | SIGKILL the call's workers         |
                                    | sentinel: crash -> fail the task on the slot,
                                    |           requeue the rest, start a new worker
@@ -43,7 +44,7 @@ from multiprocessing.connection import wait as wait_for
 from typing import Any, Callable, Iterable, Iterator
 
 from mpnb import errors
-from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Record, Run
+from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Progress, Record, Run
 from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
 from mpnb.calls import Call, Chunk, Outcomes, arguments, dump_items, read_record
@@ -477,6 +478,10 @@ class LocalEngine(EngineBase):
                 self.monitor.worker_started(state.handle.worker_id, message[1], message[2])
             elif kind == Kind.INIT_FAILED:
                 state.init_failure = message[2]
+            elif kind == Kind.PROGRESS:
+                progress = Progress._make(message[1])
+                self.monitor.task_progress(state.handle.worker_id, progress.seq, progress.position,
+                                           progress.done, progress.total, progress.note)
 
     def _unreadable(self, state: _WorkerState, exc: BaseException) -> None:
         """A message from a worker that does not load here: the tasks it held

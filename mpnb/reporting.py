@@ -1,0 +1,291 @@
+"""Progress from inside a task: ``mpnb.progress`` and ``mpnb.report``.
+
+(This module is not ``mpnb.progress``: importing a submodule of that name
+would replace the function ``mpnb.progress`` with the module.)
+
+::
+
+    task (in a worker)                    worker                      parent
+    ------------------                    ------                      ------
+    for x in mpnb.progress(xs): ...
+    mpnb.report(340, 1000, "fitting")
+      └─ at most every INTERVAL s ──> the worker's sink ──(PROGRESS)──> monitor row
+                                      (local: its pipe;                 ──> live view
+                                       dask: an event on its topic)
+
+In a worker, :func:`report` feeds the worker's row of the parent's live view:
+``task 7 (argument 0.3) · fitting · 340/1000 (34%)``.  A call that is not
+sent counts down and keeps its values (the clock is read once per stride of
+calls): a task may call it in its innermost loop.  Outside a worker :func:`report` does nothing, and
+:func:`progress` is ``tqdm.auto.tqdm`` when tqdm is installed, otherwise the
+plain iteration.
+
+A worker routes ``tqdm`` bars the same way (:func:`quiet_tqdm`, run by the
+worker once ``tqdm`` is imported): a bar made inside a task writes nothing
+into the task's output, and its count, total and description go to the row.
+
+A local worker runs one task at a time and sets its sink for the whole
+process (:data:`process_sink`); a dask worker runs a task per thread and
+sets it per thread (:func:`set_thread_sink`).  This module imports nothing
+a worker has not loaded already.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a worker 3 ms
+    from typing import Any, Callable, Iterable, Iterator
+
+    #: ``sink(done, total, note)`` sends one update to the parent
+    Sink = Callable[[float, "float | None", "str | None"], None]
+
+__all__ = ["INTERVAL", "progress", "report"]
+
+#: at most one update per this many seconds leaves a worker
+INTERVAL = 0.1
+#: a note is cut to this many characters
+MAX_NOTE = 80
+
+#: ``(pid, sink, task)``: a local worker's; ``task()`` names the task
+#: running now.  A process a task forked (another pid) must not write into
+#: the worker's pipe.
+process_sink: "tuple[int, Sink, Callable[[], Any]] | None" = None
+_threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
+_next = 0.0  # the earliest time the next update may leave
+_monotonic = time.monotonic
+# report() reads the clock once every _stride calls (_countdown counts them
+# down): the stride doubles while that many calls take under STRIDE_SECONDS,
+# and the flusher sets it back to 1 once the calls slow down
+_countdown = 1
+_stride = 1
+_checked = 0.0
+#: calls closer together than this (seconds, a stride of them) widen the stride ...
+STRIDE_SECONDS = 0.001
+#: ... up to this many calls between two readings of the clock
+MAX_STRIDE = 256
+# the last update held back by the throttle, and the task that ran at the
+# last reading of the clock (local workers): the flusher sends the update if
+# that task still runs
+_pending: "tuple[Any, Any, Any] | None" = None
+_held_by: Any = None
+_flusher: "threading.Thread | None" = None
+#: a flusher with nothing to send for this long ends (the next update starts another)
+FLUSHER_IDLE = 5.0
+
+
+def set_thread_sink(sink: "Sink | None") -> None:
+    """A dask worker: the task this thread runs now reports to ``sink``."""
+    _threads.sink = sink
+
+
+def _sink() -> "Sink | None":
+    sink = getattr(_threads, "sink", None)
+    if sink is not None:
+        return sink
+    found = process_sink
+    if found is not None and found[0] == os.getpid():
+        return found[1]
+    return None
+
+
+def in_task() -> bool:
+    """Whether the code calling runs in an mpnb task, whose reports reach a live view."""
+    return _sink() is not None
+
+
+def report(done: float, total: float | None = None, note: str | None = None) -> None:
+    """Say how far the running task is: ``done`` of ``total`` (units of your
+    choice), with an optional ``note`` (``"fitting"``).  Cheap enough for
+    the innermost loop: at most one update every :data:`INTERVAL` seconds
+    leaves the worker.  Outside a task it does nothing."""
+    global _countdown, _pending
+    _countdown -= 1
+    if _countdown:
+        _pending = (done, total, note)  # a later call or the flusher sends it
+        return
+    _on_clock(done, total, note)
+
+
+def _on_clock(done: Any, total: Any, note: Any) -> None:
+    """The calls of a stride are over: read the clock, adapt the stride, send if it is time."""
+    global _countdown, _stride, _checked, _next, _pending, _held_by
+    now = _monotonic()
+    if now - _checked < STRIDE_SECONDS:
+        _stride = min(MAX_STRIDE, 2 * _stride)
+    else:
+        _stride = 1
+    _countdown, _checked = _stride, now
+    if now < _next:
+        _pending = (done, total, note)
+        found = process_sink
+        _held_by = found[2]() if found is not None else None
+        _start_flusher()
+        return
+    _next = now + INTERVAL
+    _pending = None
+    _send(done, total, note)
+
+
+def _send(done: Any, total: Any, note: Any) -> None:
+    sink = _sink()
+    if sink is None:
+        return
+    _start_flusher()
+    try:
+        done = float(done)
+        total = None if total is None else float(total)
+    except (TypeError, ValueError):
+        raise TypeError(f"mpnb.report({done!r}, {total!r}): done and total must be numbers "
+                        "(how many units of work are done, and of how many)") from None
+    if note is not None:
+        note = str(note)[:MAX_NOTE]
+    sink(done, total, note)
+
+
+def _start_flusher() -> None:
+    global _flusher
+    if _flusher is None or not _flusher.is_alive():
+        _flusher = threading.Thread(target=_flush, name="mpnb-progress", daemon=True)
+        _flusher.start()
+
+
+def _flush() -> None:
+    """Once the calls of a stride are slower than :data:`INTERVAL`, set the
+    stride back to 1.  In a local worker, also send the update the throttle
+    held back once its time has come, if the task that ran when the clock
+    was last read still runs (otherwise the update is dropped: it is not
+    known to be the running task's)."""
+    global _pending, _next, _countdown
+    idle_since = _monotonic()
+    while _monotonic() - idle_since < FLUSHER_IDLE:
+        time.sleep(INTERVAL)
+        pending, found, now = _pending, process_sink, _monotonic()
+        if now - _checked > INTERVAL:
+            _countdown = 1  # the next call reads the clock
+        if pending is None or now < _next:
+            continue
+        _pending, idle_since = None, now
+        if found is not None and found[0] == os.getpid() and found[2]() == _held_by:
+            _next = now + INTERVAL
+            try:
+                _send(*pending)
+            except TypeError:
+                pass  # the task's own call raised this already, or will
+
+
+def progress(iterable: Iterable[Any], total: float | None = None, desc: str | None = None) -> Iterable[Any]:
+    """Iterate over ``iterable``, showing how far the loop is.
+
+    In a task it reports to the worker's row of the live view (``desc``
+    reads as the note); elsewhere it is ``tqdm.auto.tqdm(iterable,
+    total=total, desc=desc)`` when tqdm is installed, otherwise ``iterable``
+    itself.  ``total`` defaults to ``len(iterable)`` when it has one."""
+    if in_task():
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+        return _reporting(iterable, total, desc)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc)
+
+
+def _reporting(iterable: Iterable[Any], total: float | None, desc: str | None) -> Iterator[Any]:
+    report(0, total, desc)  # throttled too: a loop in each of many short tasks sends no flood
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        report(done, total, desc)
+
+
+# ------------------------------------------------------------------ tqdm in a worker
+
+
+class _Nowhere:
+    """What a bar made inside a task writes to."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+_NOWHERE = _Nowhere()
+
+
+def quiet_tqdm(std: Any) -> None:
+    """Patch ``tqdm.std`` (the module) in a worker: a bar made inside a task
+    writes nowhere and reports its count to the live view instead.
+
+    Relies on two things of tqdm, checked by tests/test_progress.py: every
+    bar class derives from ``tqdm.std.tqdm``, whose ``__init__`` takes
+    ``file=`` and whose ``display()`` is called at each refresh with ``n``,
+    ``total`` and ``desc`` set.  A bar whose ``file`` is not the task's
+    output (a file the task opened) writes there as before."""
+    cls = getattr(std, "tqdm", None)
+    if cls is None or "_mpnb_quiet" in vars(cls) or not hasattr(cls, "display"):
+        return
+    init, display = cls.__init__, cls.display
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if in_task() and kwargs.get("file") in (None, sys.stdout, sys.stderr) and len(args) < 5:
+            kwargs["file"] = _NOWHERE
+        init(self, *args, **kwargs)
+
+    def show(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if in_task():
+            report(self.n, self.total, self.desc or None)
+        return display(self, *args, **kwargs)
+
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    show.__wrapped__ = display  # type: ignore[attr-defined]
+    cls.__init__, cls.display = __init__, show
+    cls._mpnb_quiet = True
+
+
+def quiet_tqdm_notebook(notebook: Any) -> None:
+    """Patch ``tqdm.notebook`` (the module) in a worker: its widget bar
+    (``tqdm.notebook.tqdm``, what a notebook's ``tqdm.auto`` is, pickled
+    with a task that uses it) made inside a task is a plain bar that writes
+    nowhere and reports, as :func:`quiet_tqdm` makes them; outside a task it
+    is left as it is.  Relies on ``tqdm_notebook`` deriving from
+    ``tqdm.std.tqdm`` and overriding ``__init__``, ``display`` and
+    ``reset``, checked by tests/test_progress.py."""
+    cls = getattr(notebook, "tqdm_notebook", None)
+    std = sys.modules.get("tqdm.std")
+    if cls is None or std is None or "_mpnb_quiet" in vars(cls):  # not inherited: its own
+        return
+    quiet_tqdm(std)
+    init, display, reset = cls.__init__, cls.display, cls.reset
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not in_task():
+            return init(self, *args, **kwargs)
+        kwargs.pop("display", None)  # the widget's own option
+        std.tqdm.__init__(self, *args, **kwargs)
+        self.disp = lambda *_, **__: report(self.n, self.total, self.desc or None)
+
+    def show(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(self, "container"):  # made inside a task
+            report(self.n, self.total, self.desc or None)
+            return None
+        return display(self, *args, **kwargs)
+
+    def reset_bar(self: Any, total: Any = None) -> Any:
+        if not hasattr(self, "container"):
+            return std.tqdm.reset(self, total=total)
+        return reset(self, total=total)
+
+    cls.__init__, cls.display, cls.reset = __init__, show, reset_bar
+    cls._mpnb_quiet = True
