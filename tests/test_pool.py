@@ -223,12 +223,11 @@ class TestPool:
 
     def test_timeout_fails_only_that_task_and_replaces_the_worker(self, pool):
         _wait_ready(pool)
-        start = time.monotonic()
-        results = pool.map(sleep_for, [0.05, 30, 0.05, 0.05], timeout=1.0, chunksize=1, on_error="collect")
-        assert time.monotonic() - start < 15
+        # the 600 s task ends by its timeout, or the test's own timeout fails it
+        results = pool.map(sleep_for, [0.05, 600, 0.05, 0.05], timeout=1.0, chunksize=1, on_error="collect")
         assert results[0] == 0.05 and results[2:] == [0.05, 0.05]
         assert isinstance(results[1], TaskTimeoutError) and isinstance(results[1], TimeoutError)
-        assert "task 1 (argument 30)" in str(results[1]) and "timeout of 1 s" in str(results[1])
+        assert "task 1 (argument 600)" in str(results[1]) and "timeout of 1 s" in str(results[1])
 
     def test_timeout_inside_a_chunk_names_the_right_task(self, pool):
         results = pool.map(endless, range(6), timeout=1.0, chunksize=6, on_error="collect")

@@ -62,8 +62,10 @@ from mpnb.shared import remove_results, sweep_dead, sweep_dead_shared
 # forks (a fork Pool, a library that forks): a process forked in that window
 # would keep the child's ends open (the start's exec-error pipe among them),
 # so that subprocess waits forever for the new worker's exec and no end of
-# file ever tells the engine that a worker died.
-_STARTING = threading.Lock()
+# file ever tells the engine that a worker died.  Re-entrant: a start method
+# may itself fork inside the window (loky 3.4 forks to exec its
+# resource tracker), and that child closes what it does not need.
+_STARTING = threading.RLock()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_STARTING.acquire, after_in_parent=_STARTING.release,
                         after_in_child=_STARTING.release)
