@@ -33,6 +33,7 @@ comes off again with :func:`uninstall`.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import os
 import re
@@ -128,13 +129,47 @@ def _shallow_parts(obj: Any, depth: int = 2) -> list[Any]:
     return parts
 
 
-def _refuse_main(what: Any, label: str) -> None:
+def _shares_as_code(culprit: Any) -> bool:
+    """True for a notebook function a subinterpreter receives as code, not by name.
+
+    Python 3.14's ``Interpreter.call`` copies a "stateless" function (no closure,
+    no defaults, no globals but builtins) into the subinterpreter; everything
+    else goes by pickle, by name, and a name in ``__main__`` is not found there.
+    """
+    if not isinstance(culprit, types.FunctionType):
+        return False
+    if culprit.__closure__ or culprit.__defaults__ or culprit.__kwdefaults__:
+        return False
+    import builtins
+    import dis
+
+    codes = [culprit.__code__]
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        for op in dis.get_instructions(code):
+            if op.opname in _GLOBAL_OPS and not hasattr(builtins, op.argval):
+                return False
+    return True
+
+
+_GLOBAL_OPS = {"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL", "STORE_NAME",
+               "DELETE_NAME"}
+
+# a subinterpreter, like a spawned process, has a __main__ of its own
+_SUBINTERPRETER = ("a worker started by spawn or forkserver",
+                   "a subinterpreter of InterpreterPoolExecutor")
+
+
+def _refuse_main(what: Any, label: str, reword: tuple[str, str] | None = None) -> None:
     """Raise PicklingProblem if ``what`` needs a notebook definition by name,
     or is or holds a module object (which stdlib pickle refuses only in the
     pool's feeder thread, with a bare ``TypeError``)."""
     if main_definition(what) is None and not _holds_module(what):
         return
     found = diagnose(what, by_value=False, name=label)
+    if found is not None and reword is not None:
+        found = dataclasses.replace(found, reason=found.reason.replace(*reword))
     if found is not None:
         raise PicklingProblem(found)
 
@@ -180,7 +215,33 @@ def _patch_stdlib_pools() -> list[Callable[[], None]]:
     patch(cf_process.ProcessPoolExecutor, "submit", _checked_submit)
     patch(mp_pool.Pool, "_handle_workers", _watched_handler)
     patch(mp_pool.Pool, "_join_exited_workers", _watched_join)
+    restore.extend(_patch_interpreter_pool())
     return restore
+
+
+def _patch_interpreter_pool() -> list[Callable[[], None]]:
+    """Python 3.14's ``InterpreterPoolExecutor``: its ``submit`` (which ``map``
+    calls too) refuses notebook functions first, as ``ProcessPoolExecutor``'s."""
+    import importlib
+
+    try:  # by name: the type checker judges the package as on 3.11
+        InterpreterPoolExecutor = importlib.import_module(
+            "concurrent.futures.interpreter").InterpreterPoolExecutor
+    except ImportError:  # before 3.14, or a build without subinterpreters
+        return []
+    if "submit" in InterpreterPoolExecutor.__dict__:  # a Python whose pool differs
+        return []
+    submit = InterpreterPoolExecutor.submit  # ThreadPoolExecutor's, inherited
+
+    @functools.wraps(submit)
+    def checked(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        for what, label in ((args, "args"), (fn, _label(fn))):
+            if not _shares_as_code(main_definition(what)):
+                _refuse_main(what, label, _SUBINTERPRETER)
+        return submit(self, fn, *args, **kwargs)
+
+    setattr(InterpreterPoolExecutor, "submit", checked)
+    return [lambda: delattr(InterpreterPoolExecutor, "submit")]
 
 
 def _checked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -376,6 +437,10 @@ def explain(error: BaseException, definitions: list[str] | None = None) -> str |
         link = link.__cause__ or link.__context__
     if any(isinstance(e, (PicklingProblem, BrokenPool)) for e in chain):
         return None  # already explains itself
+    if any(type(e).__module__ == "concurrent.interpreters" for e in chain):
+        note = _explain_subinterpreter(chain)
+        if note:
+            return note
     names = ", ".join(definitions or [])
     used = (f" This cell uses {names}, defined in the notebook (__main__)." if names else "")
     for e in chain:
@@ -406,6 +471,36 @@ def explain(error: BaseException, definitions: list[str] | None = None) -> str |
                     "mpnb.diagnose(obj) names the part that fails, why, and the fix; "
                     "mpnb.diagnose(obj, by_value=True) judges it as cloudpickle "
                     "(mpnb.Pool, loky, joblib) would.")
+    return None
+
+
+# an extension module that refuses subinterpreters (numpy, today)
+_SUBINTERPRETER_IMPORT = re.compile(r"module '?([\w.]+)'? does not support loading in subinterpreters")
+
+
+def _explain_subinterpreter(chain: list[BaseException]) -> str | None:
+    """A failure of InterpreterPoolExecutor's: the subinterpreter's error comes
+    back as text (``NotShareableError``, ``ExecutionFailed``), not as its type."""
+    for e in chain:
+        text = str(e)
+        match = _MAIN_ATTR.search(text)
+        if match:
+            missing = next(name for name in match.groups() if name)
+            return (f"mpnb: a subinterpreter of InterpreterPoolExecutor could not find "
+                    f"{missing}: it is defined in the notebook (__main__), and a "
+                    "subinterpreter has its own __main__ without it (only a function "
+                    "that uses no globals, closure or defaults is copied there as code). "
+                    f"Fix: {FIX}.")
+        match = _SUBINTERPRETER_IMPORT.search(text)
+        if match:
+            library = match.group(1).split(".")[0]
+            return (f"mpnb: {library} cannot be loaded in a subinterpreter ({match.group(1)} "
+                    "does not support it), so a task that imports it, or comes from a "
+                    f"%%mppool cell that imports it, cannot run in InterpreterPoolExecutor. "
+                    f"Fix: run these tasks in processes (mpnb.Pool, or ProcessPoolExecutor "
+                    f"with the definitions in a %%mppool cell), or move the definitions "
+                    f"the subinterpreters need to a %%mppool cell that does not import "
+                    f"{library}.")
     return None
 
 

@@ -35,7 +35,10 @@ def _run(cmd: list, **options) -> subprocess.CompletedProcess:
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src") / "mpnb"
     shutil.copytree(SOURCE, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "artifacts", ".pytest_cache"))
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "artifacts", ".pytest_cache",
+        # the Python 3.14 leg's Debian chroot (scripts/test-py314): its /dev holds device
+        # nodes, and copying /dev/zero never ends
+        ".chroot-*"))
     out = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", out, src],
          timeout=INSTALL_SECONDS)
