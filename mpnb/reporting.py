@@ -61,7 +61,11 @@ _monotonic = time.monotonic
 # report() reads the clock once every _stride calls (_countdown counts them
 # down): the stride doubles while that many calls take under STRIDE_SECONDS,
 # and the flusher sets it back to 1 once the calls slow down
-_countdown = 1
+# _box[0] counts the calls down; _box[1] is the last update held back by the
+# throttle.  One list, not two globals: a call that stores a module global
+# changes the module's dict and undoes the interpreter's caching of every
+# global the hot path reads (a call then costs about twice as much)
+_box: list = [1, None]
 _stride = 1
 _checked = 0.0
 #: calls closer together than this (seconds, a stride of them) widen the stride ...
@@ -71,7 +75,6 @@ MAX_STRIDE = 256
 # the last update held back by the throttle, and the task that ran at the
 # last reading of the clock (local workers): the flusher sends the update if
 # that task still runs
-_pending: "tuple[Any, Any, Any] | None" = None
 _held_by: Any = None
 _flusher: "threading.Thread | None" = None
 #: a flusher with nothing to send for this long ends (the next update starts another)
@@ -103,31 +106,31 @@ def report(done: float, total: float | None = None, note: str | None = None) -> 
     choice), with an optional ``note`` (``"fitting"``).  Cheap enough for
     the innermost loop: at most one update every :data:`INTERVAL` seconds
     leaves the worker.  Outside a task it does nothing."""
-    global _countdown, _pending
-    _countdown -= 1
-    if _countdown:
-        _pending = (done, total, note)  # a later call or the flusher sends it
+    box = _box
+    box[0] -= 1
+    if box[0]:
+        box[1] = (done, total, note)  # a later call or the flusher sends it
         return
     _on_clock(done, total, note)
 
 
 def _on_clock(done: Any, total: Any, note: Any) -> None:
     """The calls of a stride are over: read the clock, adapt the stride, send if it is time."""
-    global _countdown, _stride, _checked, _next, _pending, _held_by
+    global _stride, _checked, _next, _held_by
     now = _monotonic()
     if now - _checked < STRIDE_SECONDS:
         _stride = min(MAX_STRIDE, 2 * _stride)
     else:
         _stride = 1
-    _countdown, _checked = _stride, now
+    _box[0], _checked = _stride, now
     if now < _next:
-        _pending = (done, total, note)
+        _box[1] = (done, total, note)
         found = process_sink
         _held_by = found[2]() if found is not None else None
         _start_flusher()
         return
     _next = now + INTERVAL
-    _pending = None
+    _box[1] = None
     _send(done, total, note)
 
 
@@ -160,16 +163,16 @@ def _flush() -> None:
     held back once its time has come, if the task that ran when the clock
     was last read still runs (otherwise the update is dropped: it is not
     known to be the running task's)."""
-    global _pending, _next, _countdown
+    global _next
     idle_since = _monotonic()
     while _monotonic() - idle_since < FLUSHER_IDLE:
         time.sleep(INTERVAL)
-        pending, found, now = _pending, process_sink, _monotonic()
+        pending, found, now = _box[1], process_sink, _monotonic()
         if now - _checked > INTERVAL:
-            _countdown = 1  # the next call reads the clock
+            _box[0] = 1  # the next call reads the clock
         if pending is None or now < _next:
             continue
-        _pending, idle_since = None, now
+        _box[1], idle_since = None, now
         if found is not None and found[0] == os.getpid() and found[2]() == _held_by:
             _next = now + INTERVAL
             try:

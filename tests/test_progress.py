@@ -96,7 +96,7 @@ def test_outside_a_worker_report_is_silent_and_progress_is_tqdm():
 
 def _due() -> None:
     """The next report is sent (as after a pause of the task)."""
-    reporting._next, reporting._countdown = 0.0, 1
+    reporting._next, reporting._box[0] = 0.0, 1
 
 
 def _with_sink(call):
