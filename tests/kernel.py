@@ -66,6 +66,16 @@ def _install_kernelspec() -> None:
 _install_kernelspec()
 
 
+def wait_until(condition, what: str, deadline: float = 60.0) -> None:
+    """Wait for ``condition()``; fail naming ``what`` after ``deadline`` seconds
+    (generous: the suite must pass on a busy machine)."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {deadline} s")
+        time.sleep(0.02)
+
+
 def new_tag() -> str:
     return uuid.uuid4().hex
 

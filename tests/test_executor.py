@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import mpnb
-from kernel import TAG_VAR, Kernel, assert_no_leftovers
+from kernel import TAG_VAR, Kernel, assert_no_leftovers, wait_until
 
 # generous: these wait for conditions, never for a speed
 DEADLINE = 60.0
@@ -44,14 +44,6 @@ def square(x: int) -> int:
     return x * x
 
 
-def _wait(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {DEADLINE} s")
-        time.sleep(0.02)
-
-
 # ------------------------------------------------------------ cancel_futures
 
 
@@ -60,7 +52,7 @@ def test_shutdown_with_cancel_futures_cancels_pending_futures(tag, tmp_path):
     pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
     try:
         running = pool.submit(wait_for_file, release)
-        _wait(running.running, "the first task starts")
+        wait_until(running.running, "the first task starts")
         pending = [pool.submit(touch, str(tmp_path / f"pending-{i}")) for i in range(3)]
         pool.shutdown(wait=False, cancel_futures=True)
         cf.wait(pending, timeout=DEADLINE)

@@ -27,6 +27,8 @@ from mpnb.backends.threads import default_size, gil_enabled
 from mpnb.doctor import doctor, gil_check
 from mpnb.pool import TaskTimeoutError
 
+from kernel import wait_until
+
 DEADLINE = 60.0
 
 CELL = """
@@ -70,14 +72,6 @@ print([t.name for t in threading.enumerate() if t.name.startswith("mpnb-threads"
 """
 
 
-def _wait(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {DEADLINE} s")
-        time.sleep(0.02)
-
-
 @pytest.mark.kernel
 def test_in_a_kernel_output_interrupt_and_no_thread_left(kernel, tmp_path):
     kernel.run(CELL + f"import os\nSTARTED = {str(tmp_path)!r}\n").ok()
@@ -87,7 +81,7 @@ def test_in_a_kernel_output_interrupt_and_no_thread_left(kernel, tmp_path):
 
     msg_id = kernel.submit(INTERRUPTED)
     # both threads hold a task: the other eight are pending
-    _wait(lambda: len(list(tmp_path.iterdir())) >= 2, "two tasks start")
+    wait_until(lambda: len(list(tmp_path.iterdir())) >= 2, "two tasks start")
     kernel.interrupt()
     reply = kernel.collect(msg_id, timeout=DEADLINE)
     assert reply.status == "error" and reply.ename == "KeyboardInterrupt", reply
@@ -119,7 +113,7 @@ def test_timeout_fails_the_task_while_its_thread_runs_on():
         assert runners, "the timed-out task's thread runs on"
         assert pool.map(abs, [-3]) == [3]  # the pool serves on
         release.set()
-        _wait(lambda: not any(t.is_alive() for t in runners), "the timed-out task's thread ends")
+        wait_until(lambda: not any(t.is_alive() for t in runners), "the timed-out task's thread ends")
     finally:
         release.set()
         pool.shutdown(wait=True)
@@ -131,7 +125,7 @@ def test_worker_rows_are_the_threads_and_end_at_shutdown():
     try:
         assert pool.workers == 3 and pool.pids == []
         futures = [pool.submit(release.wait, DEADLINE) for _ in range(3)]
-        _wait(lambda: [row.state for row in pool.monitor.snapshot()] == ["busy"] * 3, "three busy rows")
+        wait_until(lambda: [row.state for row in pool.monitor.snapshot()] == ["busy"] * 3, "three busy rows")
         assert [row.worker for row in pool.monitor.snapshot()] == [0, 1, 2]
         release.set()
         assert [f.result(timeout=DEADLINE) for f in futures] == [True] * 3
@@ -141,7 +135,7 @@ def test_worker_rows_are_the_threads_and_end_at_shutdown():
     assert pool.monitor.snapshot() == []
     # the threads that ran tasks have returned once shutdown returns; the engine's own ends just after
     assert not [t for t in threading.enumerate() if t.name.startswith("mpnb-threads-task")]
-    _wait(lambda: not [t for t in threading.enumerate() if t.name.startswith("mpnb-threads")],
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("mpnb-threads")],
           "no thread of the pool after shutdown")
 
 
@@ -183,7 +177,7 @@ def test_the_live_view_counts_each_threads_tasks():
                                lambda: None)
         session = view.Session(watched, call.id, "text")
         pool._engine.submit([chunk for _, chunk in pool._chunks(call, range(-4, 0), 1)])
-        _wait(lambda: len(call.results) == 4, "the four tasks end")
+        wait_until(lambda: len(call.results) == 4, "the four tasks end")
         facts = session.facts()
         session.finish()
     finally:
