@@ -137,3 +137,15 @@ def shut_down_open_pools(keep=()):
     for obj in gc.get_objects():
         if isinstance(obj, mpnb.Pool) and not obj.closed and not any(obj is k for k in keep):
             obj.shutdown(wait=True, cancel_futures=True)
+
+
+# CPython's task function of _test_multiprocessing, here rather than in the
+# test module so that the workers that unpickle it import only this light
+# module, not pytest and the kernel helpers the test module imports (a pool
+# that replaces its workers, maxtasksperchild, pays that at every start)
+def sqr(x, wait=0.0, event=None):
+    if event is None:
+        time.sleep(wait)
+    else:
+        event.wait(wait)
+    return x*x

@@ -23,12 +23,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nbformat
 import psutil
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
+
+if TYPE_CHECKING:
+    import nbformat
+
+# jupyter_client, nbclient and nbformat are imported where they are used: a
+# worker that unpickles a test module's task function imports the module, and
+# with them that import took 1.8 s (every worker a test starts paid it)
 
 from mpnb.demo import shown
 
@@ -136,12 +140,16 @@ def assert_no_leftovers(tag: str, within: float = 10.0) -> None:
 
 def parameter_cell(parameters: dict[str, Any]) -> nbformat.NotebookNode:
     source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    import nbformat
+
     cell = nbformat.v4.new_code_cell(source)
     cell.metadata["tags"] = ["injected-parameters"]
     return cell
 
 
 def load_notebook(name_or_cells: str | Path | list[str]) -> nbformat.NotebookNode:
+    import nbformat
+
     if isinstance(name_or_cells, list):
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell(src) for src in name_or_cells]
@@ -170,6 +178,8 @@ def run_notebook(
     nb = load_notebook(name_or_cells)
     if parameters:
         nb.cells.insert(0, parameter_cell(parameters))
+    from nbclient import NotebookClient
+
     client = NotebookClient(
         nb,
         timeout=timeout,
@@ -225,6 +235,8 @@ class Kernel:
     def __init__(self, tag: str | None = None, env: dict[str, str] | None = None,
                  cwd: Path | None = None):
         self.tag = tag or new_tag()
+        from jupyter_client.manager import KernelManager
+
         self.km = KernelManager(kernel_name=KERNEL_NAME)
         self.km.start_kernel(env=kernel_env(self.tag, env), cwd=str(cwd or ROOT))
         self.kc = self.km.client()

@@ -21,6 +21,7 @@ Tests not run as CPython wrote them:
 | ``_TestPool.test_imap_handle_iterable_exception`` | skipped | documented difference: ``imap`` yields the result of every item read before the input iterator's error, then raises it; CPython drops the chunk the error cut short (with chunksize 2 and the error at item 7, mpnb yields item 6 first) |
 | ``_TestPoolWorkerErrors.test_unpickleable_result`` | skipped | documented difference: a return value that cannot be pickled fails its task with ``mpnb.PicklingProblem`` (a ``pickle.PicklingError`` naming the path and the fix), not ``multiprocessing.pool.MaybeEncodingError`` |
 | ``_TestPool.test_traceback`` | skipped | documented difference: the worker's traceback is an ``mpnb.pool.RemoteTraceback`` (its text in ``str()`` and ``.text``), not ``multiprocessing.pool.RemoteTraceback`` (``.tb``); the test asserts the exact type |
+| ``_TestPool.test_map_no_failfast`` | adapted | documented difference: its last assertion, that ``join()`` waited for the failed map's other job, is left out: mpnb stops a failed map's other tasks at once; the test still checks that ``join()`` returns (the deadlock of the issue it was written for) |
 | ``_TestPool.test_make_pool`` | adapted | ``len(p._pool)`` (private) reads ``p.workers`` |
 | ``_TestPoolWorkerLifetime.test_pool_worker_lifetime`` | adapted | ``[w.pid for w in p._pool]`` reads ``p.pids``; ``p._repopulate_pool()`` and its ``is_alive`` loop become a wait (up to 30 s) until three workers are alive: mpnb replaces its workers itself |
 | ``_TestPoolWorkerLifetime.test_worker_finalization_via_atexit_handler_of_multiprocessing`` | adapted | the child script imports ``Pool`` from ``mpnb`` instead of ``multiprocessing`` |
@@ -54,6 +55,7 @@ from cpython_support import (
     gc_collect,
     shut_down_open_pools,
     sleeping_retry,
+    sqr,
 )
 from kernel import TAG_VAR, assert_no_leftovers, new_tag
 from multiprocessing.managers import RemoteError
@@ -91,12 +93,6 @@ def wait_for_pids(pool, n):
 # task functions, as in _test_multiprocessing
 #
 
-def sqr(x, wait=0.0, event=None):
-    if event is None:
-        time.sleep(wait)
-    else:
-        event.wait(wait)
-    return x*x
 
 def mul(x, y):
     return x*y
@@ -452,8 +448,6 @@ class _TestPool(BaseTestCase):
         # process would fill the result queue (after the result handler thread
         # terminated, hence not draining it anymore).
 
-        t_start = time.monotonic()
-
         with self.assertRaises(ValueError):
             with self.Pool(2) as p:
                 try:
@@ -463,8 +457,11 @@ class _TestPool(BaseTestCase):
                     p.close()
                     p.join()
 
-        # check that we indeed waited for all jobs
-        self.assertGreater(time.monotonic() - t_start, 0.9)
+        # adapted: CPython checks here that join() waited for the other job
+        # (self.assertGreater(time.monotonic() - t_start, 0.9)); mpnb stops a
+        # failed map's other tasks at once (README, "Coming from
+        # multiprocessing.Pool"), so join() has nothing to wait for. What the
+        # issue was about, a join() that deadlocks, is checked by returning.
 
     @pytest.mark.skip(reason="documented difference: pool.last_results keeps the last map's results, "
                              "so the copies of the CountedObjects stay alive")
