@@ -387,45 +387,50 @@ class MultiprocessingAPI:
         def _watch_background(self, call: Call, items: list, done: Callable[[], bool]) -> None: ...
         def _wait_stopped(self) -> None: ...
         def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future: ...
+        def _submit(self, fn: Callable, args: tuple, kwargs: dict, cache: Any = None) -> Future: ...
         def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
 
     def apply_async(self, func: Callable, args: Iterable = (), kwds: dict | None = None,
                     callback: Callable[[Any], Any] | None = None,
-                    error_callback: Callable[[BaseException], Any] | None = None) -> AsyncResult:
-        """Run ``func(*args, **kwds)`` in a worker; an :class:`AsyncResult` at once."""
+                    error_callback: Callable[[BaseException], Any] | None = None, *,
+                    cache: Any = None) -> AsyncResult:
+        """Run ``func(*args, **kwds)`` in a worker; an :class:`AsyncResult` at once.
+        ``cache`` is ``apply``'s (:mod:`mpnb.cache`)."""
         __tracebackhide__ = True
         check_callbacks(callback, error_callback)
         args, kwds = apply_arguments(args, kwds)
-        future = self.submit(func, *args, **kwds)
+        future = self._submit(func, tuple(args), kwds, cache)
         assert isinstance(future, TaskFuture)
         return AsyncResult(future, callback, error_callback)
 
     def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
                   callback: Callable[[Any], Any] | None = None,
                   error_callback: Callable[[BaseException], Any] | None = None, *,
-                  timeout: float | None = None, on_error: str | None = None) -> AsyncResult:
+                  timeout: float | None = None, on_error: str | None = None, cache: Any = None) -> AsyncResult:
         """``map`` in the background: an :class:`AsyncResult` whose ``get()`` is the list.
 
-        ``timeout`` (per task) and ``on_error`` are ``map``'s; with
+        ``timeout`` (per task), ``on_error`` and ``cache`` are ``map``'s; with
         ``on_error="collect"`` the list holds the failed tasks' exceptions."""
         __tracebackhide__ = True
-        return self._map_async(func, list(iterable), Mode.ARG, chunksize, callback, error_callback, timeout, on_error)
+        return self._map_async(func, list(iterable), Mode.ARG, chunksize, callback, error_callback, timeout, on_error,
+                               cache)
 
     def starmap_async(self, func: Callable, iterable: Iterable[Iterable], chunksize: int | None = None,
                       callback: Callable[[Any], Any] | None = None,
                       error_callback: Callable[[BaseException], Any] | None = None, *,
-                      timeout: float | None = None, on_error: str | None = None) -> AsyncResult:
+                      timeout: float | None = None, on_error: str | None = None, cache: Any = None) -> AsyncResult:
         """``starmap`` in the background: an :class:`AsyncResult` whose ``get()`` is the list."""
         __tracebackhide__ = True
         items = [tuple(args) for args in iterable]
-        return self._map_async(func, items, Mode.STAR, chunksize, callback, error_callback, timeout, on_error)
+        return self._map_async(func, items, Mode.STAR, chunksize, callback, error_callback, timeout, on_error, cache)
 
-    def _map_async(self, fn, items, mode, chunksize, callback, error_callback, timeout, on_error) -> AsyncResult:
+    def _map_async(self, fn, items, mode, chunksize, callback, error_callback, timeout, on_error,
+                   cache=None) -> AsyncResult:
         __tracebackhide__ = True
         on_error = self.on_error if on_error is None else check_on_error(on_error)
         check_callbacks(callback, error_callback)
         self._check_open()
-        call = self._new_call(fn, timeout, mode, kind=MapCall)
+        call = self._new_call(fn, timeout, mode, kind=MapCall, cache=cache)
         assert isinstance(call, MapCall)
         n = call.total = len(items)
         chunksize = self._auto_chunksize(n) if chunksize is None else check_chunksize(chunksize)

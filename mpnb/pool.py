@@ -298,10 +298,15 @@ class Pool(MultiprocessingAPI, Executor):
         ``future.result()`` or ``future.exception()``.
         """
         __tracebackhide__ = True  # IPython shows the caller's line, not mpnb's frames
+        return self._submit(fn, args, kwargs)
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, cache: Any = None) -> Future:
+        """``submit``, with a ``cache=`` of the call (``apply_async`` has a place for one)."""
+        __tracebackhide__ = True
         self._check_open()
         future = TaskFuture()
         try:
-            call = self._new_call(fn, None, Mode.KWARGS, future)
+            call = self._new_call(fn, None, Mode.KWARGS, future, cache=cache)
         except pickle.PicklingError as exc:  # the pickle doctor's PicklingProblem too
             # as concurrent.futures: what cannot be sent fails the task's future, not submit()
             future.set_exception(exc)

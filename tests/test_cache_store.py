@@ -170,3 +170,29 @@ def test_views_count_results_from_the_cache_apart_and_the_eta_counts_what_is_lef
     assert facts.rate == 1.0 and facts.eta == 40.0  # 40 left at 1 computed task per second
     assert "50 from cache" in status_line(facts)
     assert "10 of 100 tasks returned, 0 failed" in summary_text(facts) and "50 from cache" in summary_text(facts)
+
+
+def test_the_background_calls_take_cache_per_call(tag, tmp_path):
+    """apply_async, map_async and starmap_async take ``cache=`` as apply and
+    map do, over the pool's; submit uses the pool's."""
+    import mpnb
+    from kernel import TAG_VAR
+
+    def counts():
+        status = pool.monitor.calls()[-1]
+        return status.done, status.cached
+
+    other = tmp_path / "other"
+    with mpnb.Pool(2, cache=tmp_path / "c", live=False, env={TAG_VAR: tag}) as pool:
+        assert pool.apply_async(abs, (-4,)).get(timeout=60) == 4 and counts() == (1, 0)
+        pool.cache.flush()
+        assert pool.submit(abs, -4).result(timeout=60) == 4 and counts() == (0, 1)
+        assert pool.apply_async(abs, (-4,)).get(timeout=60) == 4 and counts() == (0, 1)
+        assert pool.apply_async(abs, (-4,), cache=False).get(timeout=60) == 4 and counts() == (1, 0)
+        assert pool.map_async(abs, range(-3, 3), cache=other).get(timeout=60) == [3, 2, 1, 0, 1, 2]
+        assert counts() == (6, 0)
+        mpnb.cache.open_store(other).flush()
+        assert pool.map_async(abs, range(-3, 3), cache=other).get(timeout=60) == [3, 2, 1, 0, 1, 2]
+        assert counts() == (0, 6)
+        assert pool.starmap_async(pow, [(2, 3)], cache=other).get(timeout=60) == [8] and counts() == (1, 0)
+        assert pool.map_async(abs, range(-3, 3)).get(timeout=60) == [3, 2, 1, 0, 1, 2] and counts() == (6, 0)
