@@ -297,7 +297,30 @@ class Kernel:
         socket, so wait until the new kernel answers before the next cell.
         """
         self.km.restart_kernel(now=False)
-        self.kc.wait_for_ready(timeout=60)
+        self._wait_answering()
+
+    def _wait_answering(self, deadline: float = 60.0) -> None:
+        """Until the kernel answers a request on shell and publishes its status
+        for it on iopub. After a restart, ``wait_for_ready`` can return on a
+        reply queued before it (jupyter_client 8.0), a request sent before the
+        new kernel listens is lost, and so are iopub messages that reach it
+        before the client's subscription does; so ask until both come back."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            msg_id = self.kc.kernel_info()
+            reply = status = False
+            ask_again = time.monotonic() + 2.0
+            while not (reply and status) and time.monotonic() < ask_again:
+                for get, seen in ((self.kc.get_shell_msg, "reply"), (self.kc.get_iopub_msg, "status")):
+                    try:
+                        msg = get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    if msg["parent_header"].get("msg_id") == msg_id:
+                        reply, status = reply or seen == "reply", status or seen == "status"
+            if reply and status:
+                return
+        raise TimeoutError(f"the kernel did not answer within {deadline} s of its restart")
 
     def interrupt(self) -> None:
         self.km.interrupt_kernel()
