@@ -14,7 +14,6 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from mpnb import cache as task_cache
 from mpnb import cellmodule, cells, processes
 
 
@@ -71,7 +70,9 @@ class MpnbMagics(Magics):
         _bind_pool(shell, args)
         pool = shell.user_ns[args.name]
         pool.live = False if args.no_live else None
-        pool.cache = task_cache.open_store(args.cache)
+        from mpnb.pool import cache_store
+
+        pool.cache = cache_store(args.cache)
         return _run(rest, filename, shell.user_ns, quiet=cell.rstrip().endswith(";"))
 
 
@@ -83,6 +84,8 @@ class MpnbMagics(Magics):
     @line_magic
     def mpcache(self, line: str) -> Any:
         """List the task cache per function (entries, size, last use, cell), or clear it."""
+        from mpnb import cache as task_cache
+
         args = _arguments(self.mpcache, "%mpcache", line)
         where = args.dir or True
         if args.clear is not None:

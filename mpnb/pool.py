@@ -29,7 +29,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpnb import backends, serialize, view
-from mpnb import cache as task_cache
 from mpnb._protocol import Mode
 from mpnb.calls import Call, Chunk, arguments, describe, dump_items
 from mpnb.mpcompat import (
@@ -164,7 +163,7 @@ class Pool(MultiprocessingAPI, Executor):
         self._interrupts: set[int] = set()  # blocking calls that cancel() stopped
         self._last_call: int | None = None
         #: where finished tasks' results are kept across kernels (mpnb.cache), or None
-        self.cache = task_cache.open_store(cache)
+        self.cache = cache_store(cache)
         self.cache_errors = bool(cache_errors)
         engine = backends.create(backends.Options(
             backend=backend, address=address, workers=given.workers, initializer=given.initializer,
@@ -226,8 +225,11 @@ class Pool(MultiprocessingAPI, Executor):
         # the function itself is kept only where tasks run in this process: a
         # future kept by its caller must not keep the function's objects alive
         call = kind(fn if self._engine.in_process else None, fn_bytes, timeout, mode, future)
-        store = self.cache if cache is None else task_cache.open_store(cache)
-        call.cache = task_cache.for_call(store, fn, functools.partial(arguments, mode), self.cache_errors)
+        store = self.cache if cache is None else cache_store(cache)
+        if store is not None:
+            from mpnb import cache as task_cache
+
+            call.cache = task_cache.for_call(store, fn, functools.partial(arguments, mode), self.cache_errors)
         return call
 
     def _chunks(self, call: Call, items: Iterable[Any], chunksize: int) -> Iterator[tuple[int, Chunk]]:
@@ -672,6 +674,17 @@ def _until_error(iterable: Iterable, error: list[Exception]) -> Iterator[Any]:
         yield from iterable
     except Exception as exc:
         error.append(exc)
+
+
+def cache_store(where: Any) -> Any:
+    """The task cache's store that ``cache=`` names (:func:`mpnb.cache.open_store`).
+    mpnb.cache (sqlite3, importlib.metadata: about 25 ms) is imported only
+    when a cache is asked for, not by every pool."""
+    if where is None or where is False:
+        return None
+    from mpnb import cache as task_cache
+
+    return task_cache.open_store(where)
 
 
 def _snapshot(call: Call, n: int) -> list[Any]:
