@@ -81,23 +81,23 @@ def given(options: Mapping[str, Any]) -> dict[str, Any]:
     return {name: options[name] for name in _OPTIONS if options.get(name) not in (None, False)}
 
 
+# why each other backend refuses the options, and what to do instead
+_ELSEWHERE = {
+    "dask": "a dask cluster's workers are its own, started by the cluster. Give each dask worker its "
+            "environment, devices, CPUs and memory limit where you start it (e.g. dask worker --memory-limit)",
+    "threads": "the threads of backend='threads' share this process's environment, devices, CPUs and "
+               "memory. Use mpnb.Pool() (worker processes) for per-worker resources",
+}
+
+
 def check(options: Mapping[str, Any], backend: str) -> None:
     """Refuse what cannot work, before anything starts: bad values, and any
     resource option on another backend than the local one (a dask cluster's
     workers are not the pool's; the thread engine's threads share this process)."""
     set_ = given(options)
-    if backend == "dask" and set_:
+    if backend in _ELSEWHERE and set_:
         name = next(iter(set_))
-        raise ValueError(
-            f"{name}={set_[name]!r} is for the local backend: a dask cluster's workers are its own, "
-            f"started by the cluster. Give each dask worker its environment, devices, CPUs and memory "
-            f"limit where you start it (e.g. dask worker --memory-limit), or drop {name} here.")
-    if backend == "threads" and set_:
-        name = next(iter(set_))
-        raise ValueError(
-            f"{name}={set_[name]!r} is for the local backend: the threads of backend='threads' share "
-            f"this process's environment, devices, CPUs and memory. Use mpnb.Pool() (worker processes) "
-            f"for per-worker resources, or drop {name} here.")
+        raise ValueError(f"{name}={set_[name]!r} is for the local backend: {_ELSEWHERE[backend]}, or drop {name} here.")
     if options.get("worker_env") is not None and not callable(options["worker_env"]):
         raise TypeError(f"worker_env={options['worker_env']!r}: give a function of the worker's rank "
                         f"returning a dict of environment variables, e.g. worker_env=lambda rank: "
