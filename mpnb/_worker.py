@@ -349,6 +349,17 @@ def _leads_group(pid: int) -> bool:
         return False
 
 
+def _is_guardian(pid: int) -> bool:
+    """True for a worker's guardian (Linux, where it is named)."""
+    if not _LINUX:
+        return False
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip() == GUARDIAN_NAME.encode()
+    except OSError:
+        return False
+
+
 def kill_tree(root: int, include_root: bool = True) -> None:
     """SIGKILL everything ``root`` started, and ``root`` itself if ``include_root``.
 
@@ -358,20 +369,32 @@ def kill_tree(root: int, include_root: bool = True) -> None:
     Everything below ``root`` is stopped first, until no new process appears,
     so that nothing forks while it is being killed; then its process group
     (a worker leads its own) catches members no longer below it.
+
+    A guardian is never stopped, and is killed last: should the process
+    that kills die half-way (a kernel SIGKILLed while it shuts down), the
+    worker's death still wakes its guardian, which ends what is left.  A
+    guardian stopped then would stay stopped for good: Linux sends SIGCONT
+    only to a process group it finds orphaned, and a worker's group is not
+    when the pool's process shares its session (a plain script's pool).
     """
     me = os.getpid()
     if root != me and include_root:
         _signal(root, signal.SIGSTOP)
-    stopped: list[int] = []
+    found: list[int] = []
+    guardians: list[int] = []
     for _ in range(20):  # a bound, in case something keeps forking faster than we stop it
-        new = [pid for pid in descendants(root) if pid != me and pid not in stopped]
+        new = [pid for pid in descendants(root) if pid != me and pid not in found]
         if not new:
             break
         for pid in new:
-            _signal(pid, signal.SIGSTOP)
-        stopped += new
-    for pid in stopped:
-        _signal(pid, signal.SIGKILL)
+            if _is_guardian(pid):
+                guardians.append(pid)
+            else:
+                _signal(pid, signal.SIGSTOP)
+        found += new
+    for pid in found:
+        if pid not in guardians:
+            _signal(pid, signal.SIGKILL)
     if include_root:
         if _leads_group(root):
             try:
@@ -379,6 +402,8 @@ def kill_tree(root: int, include_root: bool = True) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         _signal(root, signal.SIGKILL)
+    for pid in guardians:
+        _signal(pid, signal.SIGKILL)
 
 
 def kill_marked(mark: str) -> None:

@@ -5,7 +5,7 @@ child, a subprocess, a spawn Pool with its worker and resource tracker, a
 double-forked daemon in its own session), records them, and its worker then
 ends one way: a timeout, a crash, Cancel, the pool's shutdown, the owner
 process SIGKILLed (also while the worker is stopped, or while its task holds
-the GIL in a long C call), the kernel shut down,
+the GIL in a long C call, or while it is ending the worker), the kernel shut down,
 restarted or SIGKILLed.  Each row checks that
 every recorded process is gone, naming the kinds that survived; the ``tag``
 fixture then checks that no process carrying the test's tag is left.
@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 import mpnb
+from mpnb._worker import GUARDIAN_NAME
 
 TAG_VAR = "MPNB_TEST_TAG"  # kernel.TAG_VAR; importing kernel here would make every worker install a kernelspec
 TESTS = str(Path(__file__).resolve().parent)
@@ -242,6 +243,59 @@ def test_stopped_worker_owner_sigkilled(tag, record, tmp_path):
         while worker.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
             time.sleep(0.05)
     assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
+
+
+ENDING_OWNER = """
+import os, signal, sys, time, mpnb
+from mpnb import _worker
+sys.path.insert(0, sys.argv[1])
+from test_orphans import start_everything
+if __name__ == "__main__":
+    pool = mpnb.Pool(1, live=False)
+    pool.submit(start_everything, sys.argv[2], "hang")
+    while not os.path.exists(sys.argv[2] + ".go"):  # the test has seen the worker
+        time.sleep(0.05)
+    send, sent = _worker._signal, open(sys.argv[2] + ".sent", "w")
+    def send_then_die(pid, signum):
+        if signum == signal.SIGKILL:  # the tree is stopped: the owner dies here
+            sent.close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        print(pid, int(signum), file=sent)
+        send(pid, signum)
+    _worker._signal = send_then_die
+    _worker.kill_tree(pool.pids[0])  # the path of every end of a worker
+"""
+
+
+def test_owner_sigkilled_while_it_ends_the_worker(tag, record, tmp_path):
+    """The owner dies half-way through ending its worker: everything below
+    the worker has been stopped, nothing killed yet (a kernel that the
+    client SIGKILLs while it shuts its pools down).  The owner shares the
+    worker's session, as a plain script does, so Linux sends no SIGCONT to
+    what was stopped; the worker's guardian must still end it all."""
+    script = tmp_path / "owner.py"
+    script.write_text(ENDING_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), TESTS, str(record)],
+                             env=dict(os.environ, **{TAG_VAR: tag}))
+    try:
+        started = _wait_for(record)
+        worker = _worker_of(owner.pid)
+        worker_started = worker.create_time()
+        guardian, = [p for p in worker.children() if p.name() == GUARDIAN_NAME]
+        guardian_started = guardian.create_time()
+        Path(str(record) + ".go").touch()
+        assert owner.wait(timeout=WAIT) == -signal.SIGKILL
+    finally:
+        owner.kill()
+        owner.wait()
+    sent = [tuple(map(int, line.split())) for line in Path(str(record) + ".sent").read_text().splitlines()]
+    stopped = {pid for pid, signum in sent if signum == signal.SIGSTOP}
+    assert worker.pid in stopped and len(stopped) > 1, sent  # the worker and what its task started
+    # a guardian stopped then may never run again: its SIGSTOP can land after
+    # the worker's exit, once Linux has looked for stopped members to SIGCONT
+    assert guardian.pid not in stopped, "the killer stopped the worker's guardian"
+    assert_all_gone(dict(started, worker=[(worker.pid, worker_started)],
+                         guardian=[(guardian.pid, guardian_started)]))
 
 
 def test_owner_sigkilled_while_the_task_holds_the_gil(tag, record, tmp_path):

@@ -273,6 +273,9 @@ class TestPool:
         assert victim not in pool.pids
 
     def test_events_reach_the_monitor(self, pool):
+        # both workers up first: else the first one ready may run both chunks and the
+        # map end before the second has started
+        _wait_ready(pool)
         pool.map(fail_on, range(4), chunksize=2, on_error="collect")
         events, cursor = pool.monitor.events()
         assert cursor >= len(events) > 0
