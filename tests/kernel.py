@@ -123,7 +123,9 @@ def assert_no_leftovers(tag: str, within: float = 10.0) -> None:
             described = []
             for p in alive:
                 try:
-                    described.append(f"{p.pid} {' '.join(p.cmdline())[:200]}")
+                    # name, state and parent tell a worker from its guardian, stopped or not
+                    described.append(f"{p.pid} ({p.name()}, {p.status()}, parent {p.ppid()}) "
+                                     f"{' '.join(p.cmdline())[:200]}")
                 except psutil.Error:
                     described.append(str(p.pid))
             for p in alive:  # do not let one failure poison the next tests
