@@ -15,6 +15,7 @@ This module imports nothing heavy: a local worker loads it at start-up.
 from __future__ import annotations
 
 import _pickle as pickle  # the C pickler: the pickle module imports re, 3 ms of a worker's start
+import io
 import itertools
 import os
 import sys
@@ -73,6 +74,33 @@ def is_plain(values: list) -> bool:
         return False
     tuples = (value for value in values if type(value) is tuple)
     return set(map(type, itertools.chain.from_iterable(tuples))) <= _PLAIN
+
+
+class _NotPlain(Exception):
+    pass
+
+
+class _PlainPickler(pickle.Pickler):
+    """A pickler of builtin data only: the C pickler calls ``reducer_override``
+    for every object but None, the bools and exact ints, floats, strs, bytes,
+    lists, tuples, dicts, sets and frozensets (documented as "may not be
+    called"; cloudpickle relies on it being called for the rest), so raising
+    there refuses all else, at no cost per builtin value."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise _NotPlain
+
+
+def dumps_plain(value: Any) -> bytes | None:
+    """``value`` pickled, in one pass, if it holds builtin data only (which
+    loads anywhere); ``None`` if anything else is in it, a class, a function
+    or an instance that must be sent the careful way."""
+    buffer = io.BytesIO()
+    try:
+        _PlainPickler(buffer, -1).dump(value)  # -1: the highest protocol
+    except _NotPlain:
+        return None
+    return buffer.getvalue()
 
 
 class PackedValues:

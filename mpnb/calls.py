@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from mpnb import serialize
 from mpnb._protocol import Mode, Record
-from mpnb._task import PackedValues, is_plain
+from mpnb._task import PackedValues, dumps_plain
 from mpnb._repr import short_repr
 from mpnb.errors import failure_here, note
 from mpnb.shared import SharedArrays
@@ -291,8 +291,9 @@ def dump_items(items: list, call: Call | None = None) -> bytes:
     once per ``call`` (see :mod:`mpnb.shared`), when a call is given."""
     # cloudpickle is needed for anything that may be or hold a __main__
     # object; for plain data the C pickler is several times faster
-    if is_plain(items):
-        return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+    data = dumps_plain(items)
+    if data is not None:
+        return data
     if call is None or "numpy" not in sys.modules:
         return serialize.dumps(items)
     if call.shares is None:

@@ -93,3 +93,34 @@ def test_cloudpickle_alone_says_whether_the_wrapper_is_still_needed():
         assert lines[0] == "<dynamic-code>"
     else:
         assert lines[0] == FILENAME
+
+
+# ---------------------------------------------------------------- plain data
+
+class _IntKind(int):
+    pass
+
+
+def test_plain_data_pickles_in_one_pass_and_all_else_is_refused():
+    """Task arguments and results of builtin data only are pickled by
+    :func:`mpnb._task.dumps_plain`, which relies on the C pickler calling
+    ``reducer_override`` for every object but the builtin containers and
+    scalars: if a Python release stopped calling it for a function, a class
+    or an instance, a ``__main__`` object would be pickled by a reference no
+    worker can load.  This fails loudly then."""
+    import numpy as np
+
+    from mpnb._task import dumps_plain
+
+    plain = [1, 2.5, "s", b"b", bytearray(b"a"), None, True, (1, ("x", 2.0)), [3, [4]], {"k": {5: None}}, {6}, frozenset({7})]
+    data = dumps_plain(plain)
+    assert data is not None and pickle.loads(data) == plain
+    namespace: dict = {}
+    exec("def f(x):\n    return x\nclass C:\n    pass\n", namespace)
+    f, C = namespace["f"], namespace["C"]
+    refused = [f, C, C(), len, int, 1j, _IntKind(3), np.float64(1.0), np.zeros(3),
+               range(3), serialize]
+    for value in refused:
+        assert dumps_plain(value) is None, value
+        assert dumps_plain([1, (2, value)]) is None, value
+        assert dumps_plain({"k": [value]}) is None, value
