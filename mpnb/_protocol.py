@@ -58,7 +58,8 @@ STOP = None
 #: is the pickled function, or None when the worker has it cached (the engine
 #: mirrors that cache, :data:`FUNCTION_CACHE_SIZE` entries, least recently
 #: used first out); ``items_data`` the pickled list of items; ``flush_each``
-#: asks for a record after every task (the call has a timeout);
+#: asks for a record after every task, each run alone (the call has a
+#: timeout, or the chunk runs carefully after a crash in a batch);
 #: ``mode`` is a :class:`Mode`.
 Run = namedtuple("Run", "seq count call fn_data items_data flush_each mode")
 
@@ -84,12 +85,21 @@ Progress = namedtuple("Progress", "seq position done total note")
 #: spawns; the worker's slot file and its configuration.
 Boot = namedtuple("Boot", "path site_dirs site_names flags slot_path config")
 
-#: (chunk seq, position in chunk, time) of the task running now.  The
-#: position is written before every task; the seq and time only before
-#: the tasks the worker times (see :data:`STRIDE_SECONDS`), so the time is
-#: when the task started or a little before: exact for a slow task, and for
-#: every task of a call with a timeout
-SLOT = struct.Struct("<qqd")
+#: (chunk seq, position in chunk, time, batch end, batch task) of the task
+#: running now.  The position is written before every task; the seq and time
+#: only before the tasks the worker times (see :data:`STRIDE_SECONDS`), so
+#: the time is when the task started or a little before: exact for a slow
+#: task, and for every task of a call with a timeout.  Between two timed
+#: tasks of a fast chunk the worker runs the tasks in one C call (``map``):
+#: then the position is the batch's first task and the batch end its last
+#: + 1, else the batch end is 0.  A crash inside a batch names no task: its
+#: tasks run again one by one (``careful``), which finds the culprit.  While
+#: a batch runs, a thread of the worker writes the task it has reached into
+#: the batch task, every :data:`BATCH_LOOK_SECONDS`, for the live view.
+SLOT = struct.Struct("<qqdqq")
+
+#: how often a worker looks which task of a batch runs (a slow one among fast ones)
+BATCH_LOOK_SECONDS = 0.1
 
 #: a worker reads the clock before every task while the tasks since its
 #: last reading took longer than this, and twice as rarely otherwise ...

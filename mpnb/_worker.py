@@ -37,9 +37,9 @@ import time
 from collections import OrderedDict
 
 from mpnb import _task, reporting
-from mpnb._protocol import (FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, SLOT, STOP, STRIDE_SECONDS, Boot,
-                            Kind, Progress, Record, Run)
-from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
+from mpnb._protocol import (BATCH_LOOK_SECONDS, FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, SLOT, STOP,
+                            STRIDE_SECONDS, Boot, Kind, Progress, Record, Run)
+from mpnb._task import Failure, caller, dumps, dumps_plain, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a worker 3 ms of start-up
@@ -127,7 +127,7 @@ class _Worker:
         finally:
             os.close(slot_fd)
         # the slot's fields as 8-byte words, each written with one store
-        # (SLOT: seq, position, time); see _run_tasks for their order
+        # (SLOT: seq, position, time, batch end); see _run_tasks for their order
         self.position = memoryview(self.slot).cast("q")
         self.clock = memoryview(self.slot).cast("d")
         self.functions: OrderedDict[int, Any] = OrderedDict()
@@ -138,6 +138,9 @@ class _Worker:
         # a task's own threads may report progress while this one sends records
         self.send_lock = threading.Lock()
         self.seq = -1  # the chunk running now, for progress reports
+        #: (values, first) while tasks run in one C call (see _run_tasks)
+        self.batch: tuple[list, int] | None = None
+        self.batch_look: threading.Thread | None = None
         reporting.process_sink = (os.getpid(), self.send_progress, self.running)  # mpnb.report sends here
 
     def report(self, record: Record, flush: bool) -> None:
@@ -146,13 +149,35 @@ class _Worker:
         now = time.monotonic()
         if flush or now - self.last_sent > FLUSH_SECONDS:
             records, self.pending, self.last_sent = self.pending, [], now
-            data = dumps((Kind.RECORDS, [tuple(pack(r)) for r in records]))
+            # builtin data only (no failure, plain values) pickles in one pass;
+            # else each value alone, so that one the parent cannot load fails its task alone
+            data = dumps_plain((int(Kind.RECORDS), [tuple(r) for r in records]))
+            if data is None:
+                data = dumps((Kind.RECORDS, [tuple(pack(r)) for r in records]))
             with self.send_lock:
                 self.conn.send_bytes(data)
 
     def running(self) -> tuple[int, int]:
         """The task running now, as ``mpnb.report`` names it."""
+        batch = self.batch
+        if batch is not None:  # values.extend(map(...)) adds each value as its task returns
+            return self.seq, batch[1] + len(batch[0])
         return self.seq, self.position[1]
+
+    def _look_at_batches(self) -> None:
+        """Start the thread that writes, while a batch of tasks runs in one C
+        call, the task it has reached into the slot (see :data:`SLOT`): a
+        slow task among fast ones shows in the live view as itself."""
+        def look() -> None:
+            reached = self.position  # the slot, as 8-byte words
+            while True:
+                time.sleep(BATCH_LOOK_SECONDS)
+                batch = self.batch
+                if batch is not None:
+                    reached[4] = batch[1] + len(batch[0])
+
+        self.batch_look = threading.Thread(target=look, name="mpnb-batch-look", daemon=True)
+        self.batch_look.start()
 
     def send_progress(self, done: float, total: float | None, note: str | None) -> None:
         """``mpnb.report`` of the running task (throttled by the caller); an
@@ -160,7 +185,7 @@ class _Worker:
         if not self.send_lock.acquire(blocking=False):
             return
         try:
-            progress = Progress(self.seq, self.position[1], done, total, note)
+            progress = Progress(*self.running(), done, total, note)
             self.conn.send_bytes(dumps((Kind.PROGRESS, tuple(progress))))
         finally:
             self.send_lock.release()
@@ -212,8 +237,13 @@ class _Worker:
         The clock is read only at some tasks: every task while tasks are slow
         or a timeout needs each start, then ever more rarely (up to every
         :data:`MAX_STRIDE` tasks) while a stride of tasks takes under
-        :data:`STRIDE_SECONDS`.  A trivial task costs no clock read, no start
-        time to send and no record of its own."""
+        :data:`STRIDE_SECONDS`.  The tasks between two readings run in one
+        C call, ``values.extend(map(task, batch))``, with the batch's span in
+        the slot (see :data:`SLOT`); a task that raises stops it there, and
+        the batch goes on after it.  Once a task prints, the chunk's tasks
+        run one by one, so that each one's output stays its own.  A trivial
+        task costs no clock read, no start time to send, no record of its
+        own and no Python code of the worker."""
         capture, monotonic = self.capture, time.monotonic
         position, clock = self.position, self.clock
         segments: list[tuple[str, str]] = []
@@ -224,19 +254,19 @@ class _Worker:
         failures: dict[int, Failure] = {}
         outputs: dict[int, list] = {}
         starts: dict[int, float] = {}
-        add_value = values.append
         flush_at = -1.0 if flush_each else self.last_sent + FLUSH_SECONDS
+        one_by_one = flush_each
+        pos, n = 0, len(items)
         # this loop is the whole cost of a trivial task: keep it lean
-        for pos, item in enumerate(items):
+        while pos < n:
             if pos >= check_at:
                 now = monotonic()
                 if now > flush_at and pos > first:
                     self.report(Record(seq, first, values, failures, outputs, starts, now, False), True)
                     first, values, failures, outputs, starts = pos, [], {}, {}, {}
-                    add_value = values.append
                     flush_at = -1.0 if flush_each else self.last_sent + FLUSH_SECONDS
                     stride = 1
-                elif flush_each or now - checked > STRIDE_SECONDS:
+                elif one_by_one or now - checked > STRIDE_SECONDS:
                     stride = 1
                 elif stride < MAX_STRIDE:
                     stride *= 2
@@ -249,16 +279,40 @@ class _Worker:
                 position[0] = seq
                 starts[pos] = checked = now
                 check_at = pos + stride
-            else:
+            end = check_at if check_at < n else n
+            if end - pos > 1:
+                position[4] = pos
+                position[3] = end
                 position[1] = pos
+                self.batch = (values, first)  # which task runs: first + len(values)
+                if self.batch_look is None:
+                    self._look_at_batches()
+                try:
+                    values.extend(map(task, items[pos:end]))  # at C speed
+                    pos = end
+                except BaseException as exc:  # the task at the first value not added
+                    pos = first + len(values)
+                    values.append(None)
+                    failures[pos] = Failure.from_exception(exc)
+                    pos += 1
+                self.batch = None
+                position[3] = 0
+                if segments:  # printed in the batch: shown with its last task
+                    outputs[pos - 1] = segments
+                    capture.segments = segments = []
+                    one_by_one, check_at = True, pos
+                continue
+            position[1] = pos
             try:
-                add_value(task(item))
+                values.append(task(items[pos]))
             except BaseException as exc:
-                add_value(None)
+                values.append(None)
                 failures[pos] = Failure.from_exception(exc)
             if segments:
                 outputs[pos] = segments
                 capture.segments = segments = []
+                one_by_one = True
+            pos += 1
         return Record(seq, first, values, failures, outputs, starts, monotonic(), True)
 
     def serve(self) -> None:
@@ -272,6 +326,11 @@ class _Worker:
             if message is STOP:
                 return
             runs = [Run._make(run) for run in message[1]]  # plain tuples on the wire
+            if not self.pending:
+                # records go out when the message's last chunk ends, or once
+                # FLUSH_SECONDS passed since it came: not at its first task
+                # because the worker was idle before
+                self.last_sent = time.monotonic()
             # a message holds chunks of one call; a message of another call
             # may come before this worker was ever idle, so the arrays of the
             # call before are let go here too

@@ -37,7 +37,7 @@ import warnings
 from concurrent.futures import BrokenExecutor, CancelledError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from mpnb import cachekey
 from mpnb.facts import byte_size
@@ -393,7 +393,7 @@ class CallCache:
         self.lock = threading.Lock()
         self.hits = 0
 
-    def take(self, indices: list[int], items: list, deliver: Callable) -> tuple[list[int], list]:
+    def take(self, indices: Sequence[int], items: list, deliver: Callable) -> tuple[Sequence[int], list]:
         """Deliver the stored results among these tasks; the indices and items left to run."""
         keys: dict[int, bytes] = {}
         for index, item in zip(indices, items):

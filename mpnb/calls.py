@@ -17,7 +17,7 @@ import pickle
 import sys
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from mpnb import serialize
 from mpnb._protocol import Mode, Record
@@ -89,7 +89,7 @@ class Call:
         if self.shares is not None:
             self.shares.release()
 
-    def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
+    def deliver(self, indices: Sequence[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
         with self.cond:
             results = self.results
             if type(results) is MapResults and indices and indices[-1] - indices[0] == len(indices) - 1:
@@ -189,13 +189,16 @@ class Chunk:
     """Tasks of one call that travel together: their indices in the call,
     their items, and the items pickled (``data``, None until needed)."""
 
-    __slots__ = ("seq", "call", "indices", "items", "data", "sent")
+    __slots__ = ("seq", "call", "indices", "items", "data", "sent", "careful")
     _seqs = itertools.count()
 
-    def __init__(self, call: Call, indices: list[int], items: list, data: bytes | None):
+    def __init__(self, call: Call, indices: Sequence[int], items: list, data: bytes | None):
         self.seq = next(self._seqs)
         self.call, self.indices, self.items, self.data = call, indices, items, data
         self.sent = 0.0
+        #: run its tasks one by one, each reported at once (after a crash
+        #: inside a batch of them, to find the culprit)
+        self.careful = False
 
     def rest(self, positions: Iterable[int]) -> "Chunk":
         """A new chunk of the tasks at ``positions``, to run again."""
@@ -241,7 +244,7 @@ def task_errors(chunk: Chunk, positions: Iterable[int], make_error: Callable[[st
 class Outcomes(NamedTuple):
     """What a worker's record says of its chunk, in the call's terms."""
 
-    indices: list[int]  #: the tasks it covers
+    indices: Sequence[int]  #: the tasks it covers
     values: list[Any]  #: their values; a failed task's is its exception
     failed: list[int]  #: the tasks that failed
     errors: dict[int, str]  #: each failure in one line, for the monitor

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mpnb.events import Event, TaskFailed, TaskFinished, TaskStarted, WorkerStarted, WorkerStopped
 
@@ -144,10 +144,10 @@ class Monitor:
             if call in self._calls:
                 self._calls[call] = replace(self._calls[call], finished=time.monotonic())
 
-    def chunk_sent(self, worker: int, seq: int, call: int, indices: list[int], when: float) -> None:
+    def chunk_sent(self, worker: int, seq: int, call: int, indices: Sequence[int], when: float) -> None:
         self.chunks_sent(worker, [(seq, call, indices, when)])
 
-    def chunks_sent(self, worker: int, chunks: list[tuple[int, int, list[int], float]]) -> None:
+    def chunks_sent(self, worker: int, chunks: list[tuple[int, int, Sequence[int], float]]) -> None:
         """Chunks ``(seq, call, indices, when)`` sent to ``worker``, in one step."""
         with self._lock:
             row = self._rows.get(worker)
@@ -155,7 +155,7 @@ class Monitor:
                 row.chunks.extend(chunks)
                 row.state = "busy"
 
-    def tasks_ended(self, worker: int, pid: int, call: int, indices: list[int],
+    def tasks_ended(self, worker: int, pid: int, call: int, indices: Sequence[int],
                     starts: list[float] | dict[int, float], end: float, errors: dict[int, str],
                     ended: int | None = None) -> None:
         """Tasks ``indices`` ended; the last at ``end``.  ``starts`` holds each
@@ -308,7 +308,7 @@ class _MutableRow:
 
     def __init__(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]]):
         self.worker, self.pid, self.state, self.current = worker, pid, "starting", current
-        self.chunks: list[tuple[int, int, list[int], float]] = []  # (seq, call, indices, sent)
+        self.chunks: list[tuple[int, int, Sequence[int], float]] = []  # (seq, call, indices, sent)
         self.done = self.failed = 0
         self.slot: tuple[int | None, str | None, int | None] = (None, None, None)  # rank, device, memory limit
         # (seq, position, done, total, note): the last report of a task

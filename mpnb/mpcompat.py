@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb._protocol import Mode
 from mpnb.calls import Call, Chunk
@@ -130,7 +130,7 @@ class MapCall(Call):
     ended: Callable[[], None] | None = None
     collect = False
 
-    def deliver(self, indices: list[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
+    def deliver(self, indices: Sequence[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
         super().deliver(indices, values, failed, output)
         with self.cond:
             over = self.total is not None and (len(self.results) >= self.total or bool(self.failed and not self.collect))

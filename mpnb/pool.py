@@ -26,7 +26,7 @@ import pickle
 import weakref
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import backends, serialize, view
 from mpnb._protocol import Mode
@@ -235,13 +235,14 @@ class Pool(MultiprocessingAPI, Executor):
     def _chunks(self, call: Call, items: Iterable[Any], chunksize: int) -> Iterator[tuple[int, Chunk]]:
         """``(tasks so far, chunk)`` pairs; a chunk may be empty when its
         only task failed to pickle (that task's outcome is then delivered)."""
-        iterator = iter(items)
+        if type(items) is list:  # a map's: slices, at C speed
+            batches: Iterator[list] = (items[i:i + chunksize] for i in range(0, len(items), chunksize))
+        else:
+            iterator = iter(items)
+            batches = iter(lambda: list(itertools.islice(iterator, chunksize)), [])
         index = 0
-        while True:
-            batch = list(itertools.islice(iterator, chunksize))
-            if not batch:
-                return
-            indices = list(range(index, index + len(batch)))
+        for batch in batches:
+            indices: Sequence[int] = range(index, index + len(batch))  # a range: no list of ints to build
             index += len(batch)
             if call.cache is not None:  # stored results are delivered, the rest run
                 indices, batch = call.cache.take(indices, batch, functools.partial(_cached, self.monitor, call))

@@ -31,6 +31,18 @@ def exit_at_537(x):
     return x
 
 
+def raise_at_537(x):
+    if x == 537:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def shout_at_700(x):
+    if x == 700:
+        print("task 700 speaks")
+    return x
+
+
 def sleep_at_200(x):
     if x == 200:
         time.sleep(120)
@@ -72,6 +84,23 @@ def test_a_crash_inside_a_fast_chunk_names_its_task(pool):
     text = str(crashed) + " ".join(getattr(crashed, "__notes__", []))
     assert "task 537 (argument 537)" in text and "exit code 3" in text
     assert [r for i, r in enumerate(results) if i != 537] == [i for i in range(1000) if i != 537]
+
+
+def test_an_exception_inside_a_fast_chunk_fails_its_task_alone(pool):
+    """Fast tasks run in batches (one C call each); an exception stops the
+    batch at its task, and the batch goes on after it."""
+    for _ in range(2):
+        results = pool.map(raise_at_537, range(1000), on_error="collect")
+        failed = results[537]
+        assert isinstance(failed, ValueError) and str(failed) == "bad 537", failed
+        assert any("task 537 (argument 537)" in note for note in getattr(failed, "__notes__", [])), failed
+        assert [r for i, r in enumerate(results) if i != 537] == [i for i in range(1000) if i != 537]
+
+
+def test_a_print_inside_a_fast_chunk_comes_in_order(pool, capsys):
+    capsys.readouterr()
+    assert pool.map(shout_at_700, range(1000)) == list(range(1000))
+    assert capsys.readouterr().out == "task 700 speaks\n"
 
 
 def test_the_live_row_names_a_slow_task_among_fast_ones(pool):

@@ -22,7 +22,7 @@ import traceback
 import weakref
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from mpnb.calls import Call, Chunk, task_errors
 from mpnb import errors
@@ -231,7 +231,7 @@ class EngineBase(threading.Thread):
             self._record_failures(chunk, indices, errors, worker)
         chunk.call.deliver(indices, values, indices, {})
 
-    def _record_failures(self, chunk: Chunk, indices: list[int], errors: dict[int, str], worker: Any) -> None:
+    def _record_failures(self, chunk: Chunk, indices: Sequence[int], errors: dict[int, str], worker: Any) -> None:
         """Tell the monitor that these tasks ended with these errors on
         ``worker``, here a ``(worker id, pid)`` pair."""
         now = time.monotonic()

@@ -47,7 +47,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from queue import Empty
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import cells
 from mpnb.backends.base import EngineBase
@@ -87,7 +87,7 @@ class _Node:
 
     def __init__(self, worker_id: int, address: str, pid: int | None):
         self.id, self.address, self.pid = worker_id, address, pid
-        self.running: dict[int, tuple[int, list[int], float]] = {}  # seq -> (call, indices, since)
+        self.running: dict[int, tuple[int, Sequence[int], float]] = {}  # seq -> (call, indices, since)
         # seq -> (position, done, total, note): the last mpnb.report of the chunk's running task
         self.progress: dict[int, tuple[int, float, float | None, str | None]] = {}
         self.done = self.failed = 0
@@ -133,7 +133,7 @@ class ClusterMonitor(Monitor):
         """The cluster's worker threads, as the scheduler counts them."""
         return sum(info["nthreads"] for info in self._client.scheduler_info(n_workers=-1)["workers"].values())
 
-    def chunk_started(self, address: str, pid: int, seq: int, call: int, indices: list[int]) -> None:
+    def chunk_started(self, address: str, pid: int, seq: int, call: int, indices: Sequence[int]) -> None:
         with self._lock:
             node = self._node(address, pid)
             node.running[seq] = (call, indices, time.monotonic())
@@ -146,7 +146,7 @@ class ClusterMonitor(Monitor):
             if node is not None and seq in node.running:
                 node.progress[seq] = (position, done, total, note)
 
-    def chunk_done(self, address: str, pid: int, seq: int, call: int, indices: list[int],
+    def chunk_done(self, address: str, pid: int, seq: int, call: int, indices: Sequence[int],
                    starts: list[float] | dict[int, float], end: float, errors: dict[int, str]) -> None:
         """A chunk's tasks ended on ``address`` (times on this machine's clock)."""
         with self._lock:
@@ -449,7 +449,7 @@ class DaskEngine(EngineBase):
         place = f" on dask worker {entry.address}" if entry.address else ""
         self._fail(entry.chunk, positions, make_error, place, entry.address)
 
-    def _record_failures(self, chunk: Chunk, indices: list[int], errors: dict[int, str], worker: Any) -> None:
+    def _record_failures(self, chunk: Chunk, indices: Sequence[int], errors: dict[int, str], worker: Any) -> None:
         """As the base, with ``worker`` a dask worker's address."""
         now = time.monotonic()
         self.cluster_monitor.chunk_done(worker, 0, chunk.seq, chunk.call.id, indices, [now] * len(indices), now,

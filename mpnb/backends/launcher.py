@@ -109,7 +109,17 @@ class WorkerHandle:
         Written by the worker before each task; ``seq`` is -1 before the
         first one.
         """
-        return SLOT.unpack_from(self._slot, 0)
+        seq, pos, started, end, reached = SLOT.unpack_from(self._slot, 0)
+        if end > pos + 1 and pos <= reached < end:  # inside a batch: the task it has reached
+            pos = reached
+        return seq, pos, started
+
+    def crash_position(self) -> tuple[int, int, int]:
+        """``(chunk seq, position, batch end)`` as the worker wrote them last:
+        the task it ran, or, with a batch end (not 0), the first task of the
+        batch of tasks it ran in one C call (one of them was running)."""
+        seq, pos, _, end, _ = SLOT.unpack_from(self._slot, 0)
+        return seq, pos, end
 
     def kill(self) -> None:
         """End the worker and everything its tasks started; every path that
@@ -447,7 +457,7 @@ class Launcher:
         """Start a worker for slot ``rank`` (its environment and CPUs)."""
         slot_path = os.path.join(self._dir, f"worker-{worker_id}")
         with open(slot_path, "wb") as f:
-            f.write(SLOT.pack(-1, -1, 0.0))
+            f.write(SLOT.pack(-1, -1, 0.0, 0, -1))
         env = {**self._env, **self.resources.env(rank)}
         # a spawn or forkserver worker sets it from here, before the initializer runs
         config = dict(self._config, env=env) if env != self._env else self._config

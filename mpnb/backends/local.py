@@ -401,8 +401,8 @@ class LocalEngine(EngineBase):
         chunk.sent = now
         state.chunks.append(chunk)
         state.tasks += len(chunk.indices)
-        return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data, call.timeout is not None,
-                   int(call.mode))
+        return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data,
+                   call.timeout is not None or chunk.careful, int(call.mode))
 
     def _fail_unpicklable(self, chunk: Chunk, exc: BaseException) -> None:
         """Each task of a chunk whose items do not pickle fails with the doctor's sentence."""
@@ -619,7 +619,7 @@ class LocalEngine(EngineBase):
         requeue = []
         # the chunk the worker was in when it died: chunks before it ended but
         # their records were still batched in the worker, so they run again
-        slot_seq, slot_pos, _ = handle.current()
+        slot_seq, slot_pos, batch_end = handle.crash_position()
         crashed = next((n for n, c in enumerate(state.chunks) if c.seq == slot_seq), 0)
         for n, chunk, unreported in state.unreported():
             if chunk.call.cancelled:
@@ -630,7 +630,7 @@ class LocalEngine(EngineBase):
                     f"{where} did not finish: its worker (pid {handle.pid}) was stopped by a signal when the "
                     "pool shut down, and was killed"), *place)
                 continue
-            culprit, error = None, None
+            culprit, error, careful = None, None, False
             if n == 0 and reason and reason[0] == "timeout":
                 culprit, error = reason[1], _timeout(reason[2], chunk.call.timeout, handle.pid)
             elif n == crashed and (not reason or reason[0] == "memory"):
@@ -639,11 +639,18 @@ class LocalEngine(EngineBase):
                 error = errors.crash_error(handle.pid, exitcode, handle.crash_report()) if not reason else \
                     errors.memory_error(handle.pid, reason[1], self.resources.max_memory or 0,
                                         self.resources.given.get("max_memory"))
+                if culprit == slot_pos and batch_end > slot_pos + 1:
+                    # it died inside a batch of fast tasks: which one is not
+                    # known, so they run again one by one, and the next crash names it
+                    culprit = error = None
+                    careful = True
             if culprit is not None and error is not None:
                 self._fail(chunk, [culprit], error, *place)
             rest = [p for p in unreported if p != culprit]
             if rest:
-                requeue.append(chunk.rest(rest))
+                again = chunk.rest(rest)
+                again.careful = careful or chunk.careful
+                requeue.append(again)
         return requeue
 
     def _judge_start(self, state: _WorkerState, exitcode: int | None) -> None:
