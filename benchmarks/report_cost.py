@@ -1,12 +1,14 @@
 """The cost of ``mpnb.report`` inside a task: ``python -m benchmarks.report_cost [--rounds N]``.
 
 One local worker runs a loop of ``n`` = 1,000,000 iterations with a call of
-``mpnb.report(i, n, "note")`` at each, and the same loop without it: in
+``mpnb.report(i, n, "note")`` at each, the same loop without it, and the
+same loop with a call of a Python function of the same signature that does
+nothing (the floor: no Python-callable ``report`` can cost less): in
 blocks of 50,000 iterations taken in turn (so a change of the machine's
-load falls on both alike), for ``--rounds`` rounds.  Each iteration does
-``WORK``.  The row gives the median time of each, the difference as a share
-of the time with reports, and the cost of one call (a tight loop of calls
-minus an empty loop, in the same worker).
+load falls on all alike), for ``--rounds`` rounds.  Each iteration does
+``WORK``.  Each row gives the median time, the difference to the loop
+without a call as a share of the task's time, and the cost of one call (a
+tight loop of calls minus an empty loop, in the same worker).
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ ITERATIONS = 1_000_000
 TASK_SOURCE = '''
 import time, mpnb
 
+def nothing(done, total=None, note=None):
+    """The floor: a Python function of report's signature that does nothing."""
+
 def loops(n, block=50_000):
-    """Seconds of n iterations without, then with, a report at each, in alternate blocks."""
+    """Seconds of n iterations without a call, with a report at each, and
+    with a call of nothing() at each, in blocks taken in turn."""
     report = mpnb.report
-    plain = reporting = 0.0
+    plain = reporting = floor = 0.0
     acc = 0
     for first in range(0, n, block):
         start = time.perf_counter()
@@ -35,12 +41,18 @@ def loops(n, block=50_000):
             for k in range(30):
                 acc += k * i
             report(i, n, "looping")
+        last = time.perf_counter()
+        for i in range(first, first + block):
+            for k in range(30):
+                acc += k * i
+            nothing(i, n, "looping")
         plain += middle - start
-        reporting += time.perf_counter() - middle
-    return plain, reporting
+        reporting += last - middle
+        floor += time.perf_counter() - last
+    return plain, reporting, floor
 
 def per_call(n):
-    """Nanoseconds of one report call (its loop minus an empty loop)."""
+    """Nanoseconds of one report call and of one nothing() call (each loop minus an empty loop)."""
     report = mpnb.report
     start = time.perf_counter()
     for i in range(n):
@@ -48,8 +60,12 @@ def per_call(n):
     empty = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(n):
-        report(i, n)
-    return (time.perf_counter() - start - empty) / n * 1e9
+        report(i, n, "looping")
+    middle = time.perf_counter()
+    for i in range(n):
+        nothing(i, n, "looping")
+    end = time.perf_counter()
+    return (middle - start - empty) / n * 1e9, (end - middle - empty) / n * 1e9
 '''
 # a module no worker imports: the functions travel by value
 TASKS: dict = {"__name__": "report_cost_tasks"}
@@ -63,20 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plain: list[float] = []
     reporting: list[float] = []
+    floor: list[float] = []
     calls: list[float] = []
+    floor_calls: list[float] = []
     with mpnb.Pool(1, live=False) as pool:
         for _ in range(args.rounds):
-            without, with_ = pool.submit(TASKS["loops"], ITERATIONS).result()
+            without, with_, with_nothing = pool.submit(TASKS["loops"], ITERATIONS).result()
             plain.append(without)
             reporting.append(with_)
-            calls.append(pool.submit(TASKS["per_call"], ITERATIONS).result())
-    base, with_reports = statistics.median(plain), statistics.median(reporting)
-    share = 100 * (with_reports - base) / with_reports
-    print("| row | without report | with report at every iteration | cost, share of the task | one call |")
-    print("|---|---|---|---|---|")
-    print(f"| task of {ITERATIONS:,} iterations × {WORK}, median of {args.rounds} | {base:.2f} s "
-          f"({min(plain):.2f}–{max(plain):.2f}) | {with_reports:.2f} s ({min(reporting):.2f}–{max(reporting):.2f}) "
-          f"| {share:.1f} % | {statistics.median(calls):.0f} ns ({min(calls):.0f}–{max(calls):.0f}) |")
+            floor.append(with_nothing)
+            call, nothing = pool.submit(TASKS["per_call"], ITERATIONS).result()
+            calls.append(call)
+            floor_calls.append(nothing)
+    base = statistics.median(plain)
+    print(f"A task of {ITERATIONS:,} iterations × {WORK}, without a call: {base:.2f} s "
+          f"({min(plain):.2f}–{max(plain):.2f}), median of {args.rounds}.")
+    print()
+    print("| call at every iteration | task time | cost, share of the task | one call |")
+    print("|---|---|---|---|")
+    for name, times, each in (("mpnb.report(i, n, note)", reporting, calls),
+                              ("floor: a Python function that does nothing", floor, floor_calls)):
+        median = statistics.median(times)
+        share = 100 * (median - base) / median
+        print(f"| {name} | {median:.2f} s ({min(times):.2f}–{max(times):.2f}) | {share:.1f} % "
+              f"| {statistics.median(each):.0f} ns ({min(each):.0f}–{max(each):.0f}) |")
     return 0
 
 

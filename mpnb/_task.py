@@ -189,6 +189,32 @@ def pack(record: Record) -> Record:
     return record._replace(values=PackedValues(blobs, kinds))
 
 
+def run_on_thread(seq: int, task: Callable[[Any], Any], items: list, local: Any, position: list[int]) -> Record:
+    """Run a chunk's tasks on a thread that shares its process (a dask
+    worker's thread, a subinterpreter's): each task's output goes to its own
+    list through ``local.segments`` (:mod:`mpnb._capture`), ``position[0]``
+    names the task running; the chunk's one record."""
+    values: list[Any] = []
+    failures: dict[int, Failure] = {}
+    outputs: dict[int, list] = {}
+    starts: dict[int, float] = {}
+    for pos, item in enumerate(items):
+        starts[pos] = time.monotonic()
+        position[0] = pos
+        segments: list[tuple[str, str]] = []
+        local.segments = segments
+        try:
+            values.append(task(item))
+        except BaseException as exc:
+            values.append(None)
+            failures[pos] = Failure.from_exception(exc)
+        finally:
+            local.segments = None
+        if segments:
+            outputs[pos] = segments
+    return Record(seq, 0, values, failures, outputs, starts, time.monotonic(), True)
+
+
 class Failure:
     """A task's exception, made safe to send: the exception if it pickles,
     its type and message always, and the traceback as plain frames so the

@@ -231,32 +231,23 @@ class _Worker:
         self.report(record, last)
 
     def _run_tasks(self, seq: int, task, items: list, flush_each: bool) -> Record:
-        """Run a chunk's tasks; the record of those not reported yet.
-
-        Before each task its position goes into the slot (a crash names it).
-        The clock is read only at some tasks: every task while tasks are slow
-        or a timeout needs each start, then ever more rarely (up to every
-        :data:`MAX_STRIDE` tasks) while a stride of tasks takes under
-        :data:`STRIDE_SECONDS`.  The tasks between two readings run in one
-        C call, ``values.extend(map(task, batch))``, with the batch's span in
-        the slot (see :data:`SLOT`); a task that raises stops it there, and
-        the batch goes on after it.  Once a task prints, the chunk's tasks
-        run one by one, so that each one's output stays its own.  A trivial
-        task costs no clock read, no start time to send, no record of its
-        own and no Python code of the worker."""
+        """Run a chunk's tasks; the record of those not reported yet.  The clock
+        is read before every task while tasks are slow, a timeout needs each start or a
+        task printed, else ever more rarely; the tasks between two readings run as a
+        batch (:meth:`_run_batch`).  See docs/architecture.md."""
         capture, monotonic = self.capture, time.monotonic
         position, clock = self.position, self.clock
+        reported = reporting.task_starts()  # [1]: the latest mpnb.report, emptied as a task starts
         segments: list[tuple[str, str]] = []
         capture.segments = segments
-        first = check_at = 0
-        stride, checked = 1, 0.0
+        first = check_at = pos = 0
+        stride, checked, n = 1, 0.0, len(items)
         values: list[Any] = []
         failures: dict[int, Failure] = {}
         outputs: dict[int, list] = {}
         starts: dict[int, float] = {}
         flush_at = -1.0 if flush_each else self.last_sent + FLUSH_SECONDS
         one_by_one = flush_each
-        pos, n = 0, len(items)
         # this loop is the whole cost of a trivial task: keep it lean
         while pos < n:
             if pos >= check_at:
@@ -270,10 +261,8 @@ class _Worker:
                     stride = 1
                 elif stride < MAX_STRIDE:
                     stride *= 2
-                # the time first and the seq last: the engine reads the slot
-                # while it is written, and a read between two stores must
-                # never pair this chunk's seq with an older, smaller time
-                # (a task that just started would look hours old)
+                # the time first and the seq last: a read of the slot between two stores must never
+                # pair this chunk's seq with an older time (a task just started would look hours old)
                 clock[2] = now
                 position[1] = pos
                 position[0] = seq
@@ -281,28 +270,14 @@ class _Worker:
                 check_at = pos + stride
             end = check_at if check_at < n else n
             if end - pos > 1:
-                position[4] = pos
-                position[3] = end
-                position[1] = pos
-                self.batch = (values, first)  # which task runs: first + len(values)
-                if self.batch_look is None:
-                    self._look_at_batches()
-                try:
-                    values.extend(map(task, items[pos:end]))  # at C speed
-                    pos = end
-                except BaseException as exc:  # the task at the first value not added
-                    pos = first + len(values)
-                    values.append(None)
-                    failures[pos] = Failure.from_exception(exc)
-                    pos += 1
-                self.batch = None
-                position[3] = 0
+                pos = self._run_batch(task, items, pos, end, values, first, failures)
                 if segments:  # printed in the batch: shown with its last task
                     outputs[pos - 1] = segments
                     capture.segments = segments = []
                     one_by_one, check_at = True, pos
                 continue
             position[1] = pos
+            reported[1] = None
             try:
                 values.append(task(items[pos]))
             except BaseException as exc:
@@ -314,6 +289,33 @@ class _Worker:
                 one_by_one = True
             pos += 1
         return Record(seq, first, values, failures, outputs, starts, monotonic(), True)
+
+    def _run_batch(self, task, items: list, pos: int, end: int, values: list, first: int,
+                   failures: dict[int, Failure]) -> int:
+        """Run tasks ``pos`` to ``end`` - 1 in one C call, their values added
+        to ``values`` (which starts at task ``first``); the next position.
+        The slot holds the batch's span (see :data:`SLOT`); a task that
+        raises stops the batch there, and the batch goes on after it."""
+        position = self.position
+        position[4] = pos
+        position[3] = end
+        position[1] = pos
+        reporting.task_starts()[1] = None
+        self.batch = (values, first)  # which task runs: first + len(values)
+        if self.batch_look is None:
+            self._look_at_batches()
+        while pos < end:
+            try:
+                values.extend(map(task, items[pos:end]))  # at C speed
+                pos = end
+            except BaseException as exc:  # the task at the first value not added
+                pos = first + len(values)
+                values.append(None)
+                failures[pos] = Failure.from_exception(exc)
+                pos += 1
+        self.batch = None
+        position[3] = 0
+        return pos
 
     def serve(self) -> None:
         self.conn.send_bytes(dumps((Kind.HELLO, os.getpid(), time.monotonic())))

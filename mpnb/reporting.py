@@ -56,15 +56,26 @@ MAX_NOTE = 80
 #: the worker's pipe.
 process_sink: "tuple[int, Sink, Callable[[], Any]] | None" = None
 _threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
+
+# -- a local worker: report() stores, a thread sends
+#: ``[on, latest]``: ``on`` while the worker's sending thread runs, and the
+#: latest ``(done, total, note)``.  One list, not globals: a call that stores
+#: a module global changes the module's dict and undoes the interpreter's
+#: caching of every global the hot path reads (a call then costs about twice as much)
+_local: list = [False, None]
+#: what the sending thread found wrong in a report, raised by the task's next call
+_local_error: "str | None" = None
+_sender: "threading.Thread | None" = None
+#: a sending thread with nothing to send for this long ends (the next report starts another)
+SENDER_IDLE = 5.0
+
+# -- a dask worker's thread: report() counts calls down and reads the clock
 _next = 0.0  # the earliest time the next update may leave
 _monotonic = time.monotonic
-# report() reads the clock once every _stride calls (_countdown counts them
+# report() reads the clock once every _stride calls (_box[0] counts them
 # down): the stride doubles while that many calls take under STRIDE_SECONDS,
-# and the flusher sets it back to 1 once the calls slow down
-# _box[0] counts the calls down; _box[1] is the last update held back by the
-# throttle.  One list, not two globals: a call that stores a module global
-# changes the module's dict and undoes the interpreter's caching of every
-# global the hot path reads (a call then costs about twice as much)
+# and the flusher sets it back to 1 once the calls slow down; _box[1] is the
+# last update held back by the throttle
 _box: list = [1, None]
 _stride = 1
 _checked = 0.0
@@ -72,12 +83,8 @@ _checked = 0.0
 STRIDE_SECONDS = 0.001
 #: ... up to this many calls between two readings of the clock
 MAX_STRIDE = 256
-# the last update held back by the throttle, and the task that ran at the
-# last reading of the clock (local workers): the flusher sends the update if
-# that task still runs
-_held_by: Any = None
 _flusher: "threading.Thread | None" = None
-#: a flusher with nothing to send for this long ends (the next update starts another)
+#: a flusher with nothing to do for this long ends (the next update starts another)
 FLUSHER_IDLE = 5.0
 
 
@@ -106,39 +113,99 @@ def report(done: float, total: float | None = None, note: str | None = None) -> 
     choice), with an optional ``note`` (``"fitting"``).  Cheap enough for
     the innermost loop: at most one update every :data:`INTERVAL` seconds
     leaves the worker.  Outside a task it does nothing."""
+    local = _local
+    local[1] = (done, total, note)  # in a local worker, all a call does: a thread sends it
+    if local[0]:
+        return
+    _report_elsewhere(done, total, note)
+
+
+def _report_elsewhere(done: Any, total: Any, note: Any) -> None:
+    """``report`` where no sending thread runs: the first report of a local
+    worker's task (sent now, then the thread starts), a dask worker's thread,
+    or outside a worker (nothing)."""
+    global _local_error
+    if _local_error is not None:  # what the sending thread refused, raised in the task
+        message, _local_error = _local_error, None
+        raise TypeError(message)
+    found = process_sink
+    if found is not None and found[0] == os.getpid() and getattr(_threads, "sink", None) is None:
+        _send(found[1], done, total, note)  # a TypeError reaches the task here
+        _start_sender(found)
+        return
+    if getattr(_threads, "sink", None) is None:
+        return  # not in a task
     box = _box
     box[0] -= 1
     if box[0]:
-        box[1] = (done, total, note)  # a later call or the flusher sends it
+        box[1] = (done, total, note)  # a later call sends it
         return
     _on_clock(done, total, note)
 
 
+def _start_sender(found: "tuple[int, Sink, Callable[[], Any]]") -> None:
+    global _sender
+    _local[0] = True
+    if _sender is None or not _sender.is_alive():
+        _sender = threading.Thread(target=_send_latest, args=(found,), name="mpnb-progress", daemon=True)
+        _sender.start()
+
+
+def _send_latest(found: "tuple[int, Sink, Callable[[], Any]]") -> None:
+    """A local worker's sending thread: every :data:`INTERVAL` seconds, send
+    the latest report if one came since the last look.  The worker empties
+    ``_local[1]`` as each task starts (:func:`task_starts`), so what is there
+    is the running task's.  Ends after :data:`SENDER_IDLE` seconds without
+    reports."""
+    global _local_error
+    sink = found[1]
+    sent, idle = _local[1], 0.0
+    while True:
+        time.sleep(INTERVAL)
+        latest = _local[1]
+        if latest is not None and latest is not sent:
+            sent, idle = latest, 0.0
+            try:
+                _send(sink, *latest)
+            except TypeError as exc:
+                _local_error, _local[0] = str(exc), False  # the task's next call raises it
+            continue
+        idle += INTERVAL
+        if idle >= SENDER_IDLE:
+            _local[0] = False
+            if _local[1] is latest:
+                return
+            _local[0], idle = True, 0.0  # a report came as it was ending
+
+
+def task_starts() -> list:
+    """For a local worker: the list whose item 1 it sets to None as each task
+    (or batch of fast tasks) starts, so that no task's report is shown as the next one's."""
+    return _local
+
+
 def _on_clock(done: Any, total: Any, note: Any) -> None:
-    """The calls of a stride are over: read the clock, adapt the stride, send if it is time."""
-    global _stride, _checked, _next, _held_by
+    """A dask worker's thread: the calls of a stride are over: read the
+    clock, adapt the stride, send if it is time."""
+    global _stride, _checked, _next
     now = _monotonic()
     if now - _checked < STRIDE_SECONDS:
         _stride = min(MAX_STRIDE, 2 * _stride)
     else:
         _stride = 1
     _box[0], _checked = _stride, now
+    _start_flusher()
     if now < _next:
         _box[1] = (done, total, note)
-        found = process_sink
-        _held_by = found[2]() if found is not None else None
-        _start_flusher()
         return
     _next = now + INTERVAL
     _box[1] = None
-    _send(done, total, note)
-
-
-def _send(done: Any, total: Any, note: Any) -> None:
     sink = _sink()
-    if sink is None:
-        return
-    _start_flusher()
+    if sink is not None:
+        _send(sink, done, total, note)
+
+
+def _send(sink: "Sink", done: Any, total: Any, note: Any) -> None:
     try:
         done = float(done)
         total = None if total is None else float(total)
@@ -153,32 +220,21 @@ def _send(done: Any, total: Any, note: Any) -> None:
 def _start_flusher() -> None:
     global _flusher
     if _flusher is None or not _flusher.is_alive():
-        _flusher = threading.Thread(target=_flush, name="mpnb-progress", daemon=True)
+        _flusher = threading.Thread(target=_flush, name="mpnb-progress-stride", daemon=True)
         _flusher.start()
 
 
 def _flush() -> None:
-    """Once the calls of a stride are slower than :data:`INTERVAL`, set the
-    stride back to 1.  In a local worker, also send the update the throttle
-    held back once its time has come, if the task that ran when the clock
-    was last read still runs (otherwise the update is dropped: it is not
-    known to be the running task's)."""
-    global _next
+    """A dask worker: once the calls of a stride are slower than
+    :data:`INTERVAL`, set the stride back to 1, so that the next call
+    reads the clock (a task's thread runs other tasks between reports)."""
     idle_since = _monotonic()
     while _monotonic() - idle_since < FLUSHER_IDLE:
         time.sleep(INTERVAL)
-        pending, found, now = _box[1], process_sink, _monotonic()
-        if now - _checked > INTERVAL:
-            _box[0] = 1  # the next call reads the clock
-        if pending is None or now < _next:
-            continue
-        _box[1], idle_since = None, now
-        if found is not None and found[0] == os.getpid() and found[2]() == _held_by:
-            _next = now + INTERVAL
-            try:
-                _send(*pending)
-            except TypeError:
-                pass  # the task's own call raised this already, or will
+        if _monotonic() - _checked > INTERVAL:
+            _box[0] = 1
+        else:
+            idle_since = _monotonic()
 
 
 def progress(iterable: Iterable[Any], total: float | None = None, desc: str | None = None) -> Iterable[Any]:

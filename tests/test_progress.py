@@ -42,6 +42,18 @@ def loop(flag):
         total += i
     return total
 
+def bad_report():
+    """Reports once, then a done that is not a number, until that raises."""
+    mpnb.report(1, 10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            mpnb.report("many", 10)
+        except TypeError as exc:
+            return str(exc)
+        time.sleep(0.01)
+    return "no TypeError"
+
 def bars(flag):
     """A tqdm bar that waits at 250 of 1000 until ``flag``, then prints once."""
     from tqdm.auto import tqdm
@@ -92,6 +104,16 @@ def test_outside_a_worker_report_is_silent_and_progress_is_tqdm():
     assert _with_sink(lambda: mpnb.report(3, 10, "x")) == [(3.0, 10.0, "x")]
     with pytest.raises(TypeError, match=r"mpnb.report\('many', 10\): done and total must be numbers"):
         _with_sink(lambda: mpnb.report("many", 10))
+
+
+def test_a_report_that_is_not_a_number_raises_in_the_task(tag):
+    """In a worker the calls after the first only store the report, and a
+    thread of the worker sends it: what that thread finds wrong is raised
+    by the task's next call."""
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
+        for _ in range(2):  # also once the sending thread runs
+            assert pool.submit(TASKS["bad_report"]).result(timeout=120) == \
+                "mpnb.report('many', 10): done and total must be numbers (how many units of work are done, and of how many)"
 
 
 def _due() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from mpnb import _capture as capture, cells, reporting
-from mpnb._protocol import Record
-from mpnb._task import Failure, caller, dumps, hide_frames_of, load_failure, loads, pack
+from mpnb._task import caller, dumps, hide_frames_of, load_failure, loads, pack, run_on_thread
 
 hide_frames_of(__file__)
 
@@ -58,32 +56,10 @@ def run_chunk(topic: str, seq: int, count: int, fn_data: bytes, items_data: byte
 
     reporting.set_thread_sink(send)
     try:
-        record = _run_tasks(seq, task, items, local, position)
+        record = run_on_thread(seq, task, items, local, position)
     finally:
         reporting.set_thread_sink(None)
     return dumps(DaskRecord(os.getpid(), worker.address, pack(record)))
-
-
-def _run_tasks(seq: int, task: Any, items: list, local: Any, position: list[int]) -> Record:
-    values: list[Any] = []
-    failures: dict[int, Failure] = {}
-    outputs: dict[int, list] = {}
-    starts: dict[int, float] = {}
-    for pos, item in enumerate(items):
-        starts[pos] = time.monotonic()
-        position[0] = pos
-        segments: list[tuple[str, str]] = []
-        local.segments = segments
-        try:
-            values.append(task(item))
-        except BaseException as exc:
-            values.append(None)
-            failures[pos] = Failure.from_exception(exc)
-        finally:
-            local.segments = None
-        if segments:
-            outputs[pos] = segments
-    return Record(seq, 0, values, failures, outputs, starts, time.monotonic(), True)
 
 
 _tqdm_routed = False
