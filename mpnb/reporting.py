@@ -58,11 +58,13 @@ process_sink: "tuple[int, Sink, Callable[[], Any]] | None" = None
 _threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
 
 # -- a local worker: report() stores, a thread sends
-#: ``[on, latest]``: ``on`` while the worker's sending thread runs, and the
-#: latest ``(done, total, note)``.  One list, not globals: a call that stores
-#: a module global changes the module's dict and undoes the interpreter's
-#: caching of every global the hot path reads (a call then costs about twice as much)
-_local: list = [False, None]
+#: ``[on, done, total, note]``: ``on`` while the worker's sending thread
+#: runs, and the latest report, each value in its own place (three stores
+#: cost a call less than making a tuple).  ``done`` is None when the running
+#: task has not reported.  One list, not globals: a call that stores a module
+#: global changes the module's dict and undoes the interpreter's caching of
+#: every global the hot path reads (a call then costs about twice as much)
+_local: list = [False, None, None, None]
 #: what the sending thread found wrong in a report, raised by the task's next call
 _local_error: "str | None" = None
 _sender: "threading.Thread | None" = None
@@ -114,7 +116,9 @@ def report(done: float, total: float | None = None, note: str | None = None) -> 
     the innermost loop: at most one update every :data:`INTERVAL` seconds
     leaves the worker.  Outside a task it does nothing."""
     local = _local
-    local[1] = (done, total, note)  # in a local worker, all a call does: a thread sends it
+    local[1] = done  # in a local worker, all a call does: a thread sends it
+    local[2] = total
+    local[3] = note
     if local[0]:
         return
     _report_elsewhere(done, total, note)
@@ -153,29 +157,33 @@ def _start_sender(found: "tuple[int, Sink, Callable[[], Any]]") -> None:
 
 def _send_latest(found: "tuple[int, Sink, Callable[[], Any]]") -> None:
     """A local worker's sending thread: every :data:`INTERVAL` seconds, send
-    the latest report if one came since the last look.  The worker empties
-    ``_local[1]`` as each task starts (:func:`task_starts`), so what is there
-    is the running task's.  Ends after :data:`SENDER_IDLE` seconds without
-    reports."""
+    the latest report if it differs from the last one sent for the task
+    running.  The worker empties ``_local[1]`` as each task starts
+    (:func:`task_starts`), so what is there is the running task's.  Ends
+    after :data:`SENDER_IDLE` seconds without a new report."""
     global _local_error
-    sink = found[1]
-    sent, idle = _local[1], 0.0
+    _, sink, running = found
+    local = _local
+    sent, seen, idle = (running(), tuple(local[1:])), local[1], 0.0
     while True:
         time.sleep(INTERVAL)
-        latest = _local[1]
-        if latest is not None and latest is not sent:
-            sent, idle = latest, 0.0
-            try:
-                _send(sink, *latest)
-            except TypeError as exc:
-                _local_error, _local[0] = str(exc), False  # the task's next call raises it
+        done = local[1]
+        if done is not seen:
+            seen, idle = done, 0.0
+            update = (running(), (done, local[2], local[3]))
+            if done is not None and update != sent:
+                sent = update
+                try:
+                    _send(sink, *update[1])
+                except TypeError as exc:
+                    _local_error, local[0] = str(exc), False  # the task's next call raises it
             continue
         idle += INTERVAL
         if idle >= SENDER_IDLE:
-            _local[0] = False
-            if _local[1] is latest:
+            local[0] = False
+            if local[1] is seen:
                 return
-            _local[0], idle = True, 0.0  # a report came as it was ending
+            local[0], idle = True, 0.0  # a report came as it was ending
 
 
 def task_starts() -> list:
