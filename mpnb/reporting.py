@@ -14,9 +14,11 @@ would replace the function ``mpnb.progress`` with the module.)
                                        dask: an event on its topic)
 
 In a worker, :func:`report` feeds the worker's row of the parent's live view:
-``task 7 (argument 0.3) · fitting · 340/1000 (34%)``.  A call that is not
-sent counts down and keeps its values (the clock is read once per stride of
-calls): a task may call it in its innermost loop.  Outside a worker :func:`report` does nothing, and
+``task 7 (argument 0.3) · fitting · 340/1000 (34%)``.  In a local worker a
+call only stores its values and a thread of the worker sends the latest
+(:func:`_send_latest`); on a dask worker's thread a call counts down and the
+clock is read once per stride of calls: either way a task may call it in its
+innermost loop.  Outside a worker :func:`report` does nothing, and
 :func:`progress` is ``tqdm.auto.tqdm`` when tqdm is installed, otherwise the
 plain iteration.
 
