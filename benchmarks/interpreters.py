@@ -1,9 +1,10 @@
-"""Would an ``interpreters`` engine (Python 3.14 subinterpreters) beat processes?
+"""Subinterpreters (Python 3.14) against processes.
 
 ``python -m benchmarks.interpreters [--rounds N]`` on Python 3.14 compares
-``concurrent.futures.InterpreterPoolExecutor`` (what such an engine would be
-built on: no process start, bytes shared instead of piped) with ``mpnb.Pool``
-(exec workers) and ``ProcessPoolExecutor`` (forkserver, 3.14's default), two
+``concurrent.futures.InterpreterPoolExecutor`` (no process start, bytes
+shared instead of piped) and ``mpnb.Pool(backend="interpreters")`` (built on
+the same subinterpreters) with ``mpnb.Pool`` (exec workers) and
+``ProcessPoolExecutor`` (forkserver, 3.14's default), two
 workers each, on the workloads where subinterpreters could win: a cold start,
 a warm call, many trivial tasks one per message, CPU-bound tasks, and large
 bytes arguments.  Contenders run interleaved for several rounds; the table
@@ -42,6 +43,10 @@ def make_pool(name: str) -> Any:
         import mpnb
 
         return mpnb.Pool(WORKERS)
+    if name == "mpnb.Pool (interpreters)":
+        import mpnb
+
+        return mpnb.Pool(WORKERS, backend="interpreters")
     return ProcessPoolExecutor(WORKERS)
 
 
@@ -82,7 +87,8 @@ def main() -> int:
     if sys.version_info < (3, 14):
         print("InterpreterPoolExecutor is new in Python 3.14; run this on 3.14", file=sys.stderr)
         return 2
-    names = ["InterpreterPoolExecutor", "mpnb.Pool (exec)", "ProcessPoolExecutor (forkserver)"]
+    names = ["InterpreterPoolExecutor", "mpnb.Pool (interpreters)", "mpnb.Pool (exec)",
+             "ProcessPoolExecutor (forkserver)"]
     figures: dict[str, dict[str, list[float]]] = {
         n: {k: [] for k in ("cold start (ms)", "warm call (ms)",
                             f"{TASKS} tasks, one per message (tasks/s)",

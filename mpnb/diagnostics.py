@@ -491,17 +491,26 @@ def _explain_subinterpreter(chain: list[BaseException]) -> str | None:
                     "subinterpreter has its own __main__ without it (only a function "
                     "that uses no globals, closure or defaults is copied there as code). "
                     f"Fix: {FIX}.")
-        match = _SUBINTERPRETER_IMPORT.search(text)
-        if match:
-            library = match.group(1).split(".")[0]
-            return (f"mpnb: {library} cannot be loaded in a subinterpreter ({match.group(1)} "
-                    "does not support it), so a task that imports it, or comes from a "
-                    f"%%mppool cell that imports it, cannot run in InterpreterPoolExecutor. "
-                    f"Fix: run these tasks in processes (mpnb.Pool, or ProcessPoolExecutor "
-                    f"with the definitions in a %%mppool cell), or move the definitions "
-                    f"the subinterpreters need to a %%mppool cell that does not import "
-                    f"{library}.")
+        note = subinterpreter_import(text, "InterpreterPoolExecutor")
+        if note is not None:
+            return note
     return None
+
+
+def subinterpreter_import(text: str, where: str) -> str | None:
+    """mpnb's note on an error ``text`` that says a library refuses to load in
+    a subinterpreter (numpy, today), for tasks run in ``where``; else None."""
+    match = _SUBINTERPRETER_IMPORT.search(text)
+    if not match:
+        return None
+    library = match.group(1).split(".")[0]
+    return (f"mpnb: {library} cannot be loaded in a subinterpreter ({match.group(1)} "
+            "does not support it), so a task that imports it, or comes from a "
+            f"%%mppool cell that imports it, cannot run in {where}. "
+            f"Fix: run these tasks in processes (mpnb.Pool(), or ProcessPoolExecutor "
+            f"with the definitions in a %%mppool cell), or move the definitions "
+            f"the subinterpreters need to a %%mppool cell that does not import "
+            f"{library}.")
 
 
 def _is_pickling_error(error: BaseException) -> bool:

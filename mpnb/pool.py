@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import pickle
 import weakref
 from concurrent.futures import CancelledError, Executor, Future
@@ -102,7 +103,9 @@ class Pool(MultiprocessingAPI, Executor):
     launcher, the fastest), ``"loky"`` (loky's launcher), ``"spawn"`` or
     ``"forkserver"``; never ``fork``.  ``backend="dask"`` with ``address``
     runs the tasks on a dask.distributed cluster instead; ``backend="threads"``
-    on threads of this process (:mod:`mpnb.backends.threads`).  A worker is
+    on threads of this process (:mod:`mpnb.backends.threads`);
+    ``backend="interpreters"`` in subinterpreters of this process, Python 3.14
+    (:mod:`mpnb.backends.interpreters`).  A worker is
     replaced after ``max_tasks_per_child`` tasks (a chunk is not split).
 
     Per worker slot (local backend, :mod:`mpnb.resources`): ``worker_env(rank)``
@@ -190,7 +193,8 @@ class Pool(MultiprocessingAPI, Executor):
         """Process ids of the live workers (none where tasks run in this process)."""
         if self._engine.in_process:
             return []
-        return [row.pid for row in self.monitor.snapshot() if row.pid is not None]
+        here = os.getpid()  # subinterpreters' rows name this process: it is no worker
+        return [row.pid for row in self.monitor.snapshot() if row.pid is not None and row.pid != here]
 
     @property
     def closed(self) -> bool:

@@ -87,6 +87,8 @@ _ELSEWHERE = {
             "environment, devices, CPUs and memory limit where you start it (e.g. dask worker --memory-limit)",
     "threads": "the threads of backend='threads' share this process's environment, devices, CPUs and "
                "memory. Use mpnb.Pool() (worker processes) for per-worker resources",
+    "interpreters": "the subinterpreters of backend='interpreters' share this process's environment, devices, "
+                    "CPUs and memory. Use mpnb.Pool() (worker processes) for per-worker resources",
 }
 
 

@@ -8,7 +8,10 @@ API on every engine.
   level (``MPNB_DEPTH`` = ``MPNB_MAX_DEPTH``): no processes, the tasks run in
   the caller's process, one at a time;
 - ``threads``: ``mpnb.Pool(2, backend="threads")``, two threads of the
-  caller's process: nothing travels, as inline, but two tasks run at once.
+  caller's process: nothing travels, as inline, but two tasks run at once;
+- ``interpreters``: ``mpnb.Pool(2, backend="interpreters")``, two
+  subinterpreters of the caller's process (Python 3.14; skipped before):
+  arguments, results and errors travel, as to another process.
 
 Each row of the table is one function of a ``Run`` (the pool and the
 engine's traits) with one set of assertions, the same on every engine.  Where
@@ -30,8 +33,8 @@ Cancelling follows ``concurrent.futures``:
   future of a running task ends at once, without waiting for its task, with a
   ``CancelledError`` as its exception.  It had started, so it does not report
   ``cancelled()``.  Whether the task's code stops too is the engine's
-  affair: the local engine kills the worker, dask, threads and inline cannot
-  stop a thread and drop the result; the pool serves the next call either way.
+  affair: the local engine kills the worker, dask, threads, interpreters and
+  inline cannot stop a thread and drop the result; the pool serves the next call either way.
 
 ``submit()`` returns before its task ends on every engine: otherwise nothing
 could ever be pending or running, and cancelling would mean nothing inline.
@@ -138,6 +141,7 @@ ENGINES = {
     "dask": Engine("dask", slots=2, elsewhere=True),  # two workers of one thread each
     "inline": Engine("inline", slots=1, elsewhere=False),  # one task after the other
     "threads": Engine("threads", slots=2, elsewhere=False),  # two threads of this process
+    "interpreters": Engine("interpreters", slots=2, elsewhere=True),  # two subinterpreters of this process
 }
 
 
@@ -204,6 +208,12 @@ def _pool(engine: Engine, request, tag: str, monkeypatch) -> mpnb.Pool:
         return mpnb.Pool(2, live=False)
     if engine.name == "threads":
         return mpnb.Pool(2, backend="threads", live=False)
+    if engine.name == "interpreters":
+        from mpnb.backends.interpreters import available
+
+        if available() is not None:
+            pytest.skip(available())
+        return mpnb.Pool(2, backend="interpreters", live=False)
     return mpnb.Pool(2, live=False, env={TAG_VAR: tag})
 
 

@@ -85,6 +85,8 @@ def test_options_are_refused_with_their_fix(tag):
             mpnb.Pool(1, backend="dask", address="tcp://127.0.0.1:9", **option)
         with pytest.raises(ValueError, match=rf"{name}=.*is for the local backend: the threads"):
             mpnb.Pool(1, backend="threads", **option)
+        with pytest.raises(ValueError, match=rf"{name}=.*is for the local backend: the subinterpreters"):
+            mpnb.Pool(1, backend="interpreters", **option)  # on any Python, before the 3.14 check
     if hasattr(os, "sched_getaffinity"):
         cpus = len(os.sched_getaffinity(0))
         with pytest.raises(ValueError, match=rf"may use {cpus} CPUs.*{cpus + 1} workers: use workers={cpus}"):

@@ -8,6 +8,8 @@ place that chooses between them:
 - ``dask`` (:mod:`mpnb.backends.dask`): a dask.distributed cluster, imported
   only when asked for, since ``distributed`` is an optional extra;
 - ``threads`` (:mod:`mpnb.backends.threads`): threads of this process;
+- ``interpreters`` (:mod:`mpnb.backends.interpreters`): subinterpreters of
+  this process, on threads (Python 3.14 and later);
 - ``inline`` (:mod:`mpnb.backends.inline`): this process, for a pool
   created inside a worker at the nesting limit.
 
@@ -26,7 +28,7 @@ from mpnb.backends.base import Engine
 
 __all__ = ["BACKENDS", "Engine", "Options", "create"]
 
-BACKENDS = ("local", "dask", "threads")
+BACKENDS = ("local", "dask", "threads", "interpreters")
 
 # how long a worker may take to start (its initializer included), in seconds
 _DEFAULT_START_TIMEOUT = 60.0
@@ -56,8 +58,8 @@ class Options:
 def check(backend: str, address: Any) -> str:
     """Refuse a backend name or an address that does not fit it."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use 'local' (processes on this machine), 'dask' "
-                         "or 'threads' (threads of this process)")
+        raise ValueError(f"backend={backend!r}: use 'local' (processes on this machine), 'dask', "
+                         "'threads' (threads of this process) or 'interpreters' (subinterpreters, Python 3.14)")
     if backend != "dask" and address is not None:
         raise ValueError(f"address={address!r} is for a dask cluster: pass backend='dask' with it")
     return backend
@@ -72,8 +74,8 @@ def create(options: Options) -> Engine:
 
         return connect(options.address, workers=options.workers, initializer=options.initializer,
                        env=options.env, context=options.context, max_tasks_per_child=options.max_tasks_per_child)
-    if options.backend == "threads":
-        return _threads(options)
+    if options.backend in ("threads", "interpreters"):
+        return _in_this_process(options)
     workers = limits.resolve_workers(options.workers)
     if limits.runs_inline():
         from mpnb.backends.inline import InlineEngine
@@ -84,18 +86,30 @@ def create(options: Options) -> Engine:
     return _local(options, workers)
 
 
-def _threads(options: Options) -> Engine:
-    from mpnb.backends.threads import ThreadEngine
+def _in_this_process(options: Options) -> Engine:
+    """The thread or subinterpreter engine, refusing the options about processes."""
+    name = options.backend
+    if name == "interpreters":
+        from mpnb.backends.interpreters import available
 
+        why = available()
+        if why is not None:
+            raise RuntimeError(why)
     given = [
         (bool(options.env), "env=", "its threads share this process's environment: set os.environ"),
         (options.context is not None, f"context={options.context!r}", "it starts no processes"),
         (options.max_tasks_per_child is not None, f"max_tasks_per_child={options.max_tasks_per_child!r}",
          "it has no worker processes to replace"),
     ]
-    for wrong, option, why in given:
+    for wrong, option, reason in given:
         if wrong:
-            raise ValueError(f"mpnb.Pool(backend='threads') does not take {option}: {why}. Leave it out.")
+            raise ValueError(f"mpnb.Pool(backend={name!r}) does not take {option}: {reason}. Leave it out.")
+    if name == "interpreters":
+        from mpnb.backends.interpreters import InterpreterEngine
+
+        return InterpreterEngine(options.workers, options.initializer, options.initargs)
+    from mpnb.backends.threads import ThreadEngine
+
     return ThreadEngine(options.workers, options.initializer, options.initargs)
 
 

@@ -56,7 +56,9 @@ class Engine(Protocol):
     address: str | None
     #: large numpy arguments may travel as files in shared memory (same machine)
     shares_memory: bool
-    #: tasks run in this process: nothing needs pickling
+    #: tasks get the very objects, in this process: nothing needs pickling (the
+    #: interpreters engine runs tasks in this process too, but in subinterpreters,
+    #: which share no objects: it pickles, as a process engine does)
     in_process: bool
     #: set once the engine has ended; ``error`` says why, if it broke
     stopped: threading.Event
