@@ -13,6 +13,7 @@ console and the server's log.  Screenshots go to ``tests/artifacts/``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -125,13 +126,18 @@ CELLS = """() => window.jupyterapp.shell.currentWidget.content.widgets
     })"""
 
 
-def _require_chromium() -> None:
-    if chromium_path() is not None:
+def _require_browser() -> None:
+    reason = None
+    if importlib.util.find_spec("playwright") is None:
+        # the test extra brings it; it does not install everywhere (free-threaded Python)
+        reason = "playwright is not installed: the test extra (pip install -e '.[test]') brings it"
+    elif chromium_path() is None:
+        reason = (
+            "chromium is not on PATH and could not be installed: scripts/test installs Debian's "
+            "`chromium` package with apt-get, which needs root or sudo"
+        )
+    if reason is None:
         return
-    reason = (
-        "chromium is not on PATH and could not be installed: scripts/test installs Debian's "
-        "`chromium` package with apt-get, which needs root or sudo"
-    )
     if os.environ.get("MPNB_REQUIRE_BROWSER"):
         pytest.fail(reason)
     print(reason)
@@ -202,7 +208,7 @@ def opened(tag: str, root: Path, notebook: nbformat.NotebookNode) -> Iterator[Pa
     """JupyterLab on ``root`` with ``notebook`` (its kernel set to the test
     interpreter's), open in chromium with an idle kernel; afterwards the
     browser and the server are stopped and no process carrying ``tag`` may remain."""
-    _require_chromium()
+    _require_browser()
     from playwright.sync_api import sync_playwright
 
     notebook.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_NAME, "language": "python"}
