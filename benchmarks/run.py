@@ -216,10 +216,18 @@ def machine() -> str:
 
 
 def versions() -> str:
-    from importlib.metadata import version
+    """The versions of the libraries raced; one not installed (a free-threaded build
+    may lack some) is said so, after the run, instead of losing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     names = ("mpnb", "loky", "joblib", "mpire", "pebble", "cloudpickle", "numpy")
-    return ", ".join(f"{name} {version(name)}" for name in names)
+    return ", ".join(f"{name} {of(name)}" for name in names)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
