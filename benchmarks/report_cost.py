@@ -6,7 +6,8 @@ same loop with a call of a Python function of the same signature that does
 nothing (the floor: no Python-callable ``report`` can cost less): in
 blocks of 50,000 iterations taken in turn (so a change of the machine's
 load falls on all alike), for ``--rounds`` rounds.  Each iteration does
-``WORK``.  Each row gives the median time, the difference to the loop
+``adds`` multiply-adds: 30 (about 1 µs, where even the floor costs over
+2 %) and 150 (about 5 µs).  Each row gives the median time, the difference to the loop
 without a call as a share of the task's time, and the cost of one call (a
 tight loop of calls minus an empty loop, in the same worker).
 """
@@ -25,25 +26,25 @@ import time, mpnb
 def nothing(done, total=None, note=None):
     """The floor: a Python function of report's signature that does nothing."""
 
-def loops(n, block=50_000):
-    """Seconds of n iterations without a call, with a report at each, and
-    with a call of nothing() at each, in blocks taken in turn."""
+def loops(n, adds, block=50_000):
+    """Seconds of n iterations of ``adds`` multiply-adds without a call, with a
+    report at each, and with a call of nothing() at each, in blocks taken in turn."""
     report = mpnb.report
     plain = reporting = floor = 0.0
     acc = 0
     for first in range(0, n, block):
         start = time.perf_counter()
         for i in range(first, first + block):
-            for k in range(30):
+            for k in range(adds):
                 acc += k * i
         middle = time.perf_counter()
         for i in range(first, first + block):
-            for k in range(30):
+            for k in range(adds):
                 acc += k * i
             report(i, n, "looping")
         last = time.perf_counter()
         for i in range(first, first + block):
-            for k in range(30):
+            for k in range(adds):
                 acc += k * i
             nothing(i, n, "looping")
         plain += middle - start
@@ -70,39 +71,43 @@ def per_call(n):
 # a module no worker imports: the functions travel by value
 TASKS: dict = {"__name__": "report_cost_tasks"}
 exec(compile(TASK_SOURCE, "report_cost_tasks.py", "exec"), TASKS)
-WORK = "30 multiply-adds"
+
+
+#: multiply-adds per iteration: about 1 µs, and about 5 µs
+WORKS = (30, 150)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report_cost")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    plain: list[float] = []
-    reporting: list[float] = []
-    floor: list[float] = []
+    # per work: the loop's seconds without a call, with report, with nothing()
+    times: dict[int, list[list[float]]] = {adds: [[], [], []] for adds in WORKS}
     calls: list[float] = []
     floor_calls: list[float] = []
     with mpnb.Pool(1, live=False) as pool:
         for _ in range(args.rounds):
-            without, with_, with_nothing = pool.submit(TASKS["loops"], ITERATIONS).result()
-            plain.append(without)
-            reporting.append(with_)
-            floor.append(with_nothing)
+            for adds in WORKS:
+                for kept, seconds in zip(times[adds], pool.submit(TASKS["loops"], ITERATIONS, adds).result()):
+                    kept.append(seconds)
             call, nothing = pool.submit(TASKS["per_call"], ITERATIONS).result()
             calls.append(call)
             floor_calls.append(nothing)
-    base = statistics.median(plain)
-    print(f"A task of {ITERATIONS:,} iterations × {WORK}, without a call: {base:.2f} s "
-          f"({min(plain):.2f}–{max(plain):.2f}), median of {args.rounds}.")
+    print(f"One call: mpnb.report {statistics.median(calls):.0f} ns ({min(calls):.0f}–{max(calls):.0f}), "
+          f"the floor (a Python function that does nothing) {statistics.median(floor_calls):.0f} ns "
+          f"({min(floor_calls):.0f}–{max(floor_calls):.0f}); medians of {args.rounds} rounds.")
     print()
-    print("| call at every iteration | task time | cost, share of the task | one call |")
-    print("|---|---|---|---|")
-    for name, times, each in (("mpnb.report(i, n, note)", reporting, calls),
-                              ("floor: a Python function that does nothing", floor, floor_calls)):
-        median = statistics.median(times)
-        share = 100 * (median - base) / median
-        print(f"| {name} | {median:.2f} s ({min(times):.2f}–{max(times):.2f}) | {share:.1f} % "
-              f"| {statistics.median(each):.0f} ns ({min(each):.0f}–{max(each):.0f}) |")
+    print(f"| task of {ITERATIONS:,} iterations | without a call | with mpnb.report(i, n, note) | share of the task "
+          "| with a call that does nothing (floor) | share of the task |")
+    print("|---|---|---|---|---|---|")
+    for adds in WORKS:
+        plain, reporting, floor = times[adds]
+        base = statistics.median(plain)
+        cells = [f"{base:.2f} s ({min(plain):.2f}–{max(plain):.2f})"]
+        for kept in (reporting, floor):
+            median = statistics.median(kept)
+            cells += [f"{median:.2f} s ({min(kept):.2f}–{max(kept):.2f})", f"{100 * (median - base) / median:.1f} %"]
+        print(f"| {adds} multiply-adds each | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -9,15 +9,17 @@ cost one message each way (whether the caller chunked them or not) and slow
 tasks report each one as it ends.  Records are columns (the values, failures
 and output by position, start times), which pickle fast.
 
-Before each task the worker writes the task's position into a small
-shared-memory slot, which lets the parent see, without any message, which
-task a worker is running: for the live view, and after a crash to name the
-task that was running.  The clock is read, and the chunk and time written
-with the position, only at some tasks: before every one while tasks are slow
-or the call has a timeout (which then counts from each task's start), and
-ever more rarely while they run fast.  A record carries the start times
-taken; the tasks between two of them ran evenly between those times.  So a
-trivial task costs about a tenth of a microsecond in the worker.
+The worker writes which task it runs into a small shared-memory slot, which
+lets the parent see, without any message, which task a worker is running:
+for the live view, and after a crash to name the task that was running.  The
+clock is read, and the chunk and time written, only at some tasks: before
+every one while tasks are slow, the call has a timeout (which then counts
+from each task's start) or a task printed, and ever more rarely while they
+run fast.  The tasks between two readings run in one C call (a batch, whose
+span the slot holds; a crash inside it re-runs its tasks one by one to name
+the culprit).  A record carries the start times taken; the tasks between two
+of them ran evenly between those times.  So a trivial task costs about 30 ns
+in the worker.
 
 The messages are :mod:`mpnb._protocol`'s; what a dask worker runs the same
 way (calling, failures, packing values) is in :mod:`mpnb._task`.  This module
