@@ -4,8 +4,9 @@ One local worker runs a loop of ``n`` = 1,000,000 iterations with a call of
 ``mpnb.report(i, n, "note")`` at each, the same loop without it, and the
 same loop with a call of a Python function of the same signature that does
 nothing (the floor: no Python-callable ``report`` can cost less): in
-blocks of 50,000 iterations taken in turn (so a change of the machine's
-load falls on all alike), for ``--rounds`` rounds.  Each iteration does
+blocks of 50,000 iterations, the three taken in turn and each block started
+by the next one (so a change of the machine's load, or an advantage of going
+first, falls on all alike), for ``--rounds`` rounds.  Each iteration does
 ``adds`` multiply-adds: 30 (about 1 µs, where even the floor costs over
 2 %) and 150 (about 5 µs).  Each row gives the median time, the difference to the loop
 without a call as a share of the task's time, and the cost of one call (a
@@ -26,31 +27,50 @@ import time, mpnb
 def nothing(done, total=None, note=None):
     """The floor: a Python function of report's signature that does nothing."""
 
+def plain(first, last, adds, call):
+    """Seconds of iterations first..last-1 of ``adds`` multiply-adds, no call."""
+    acc = 0
+    start = time.perf_counter()
+    for i in range(first, last):
+        for k in range(adds):
+            acc += k * i
+    return time.perf_counter() - start
+
+def with_report(first, last, adds, call):
+    """The same iterations, each with a call of mpnb.report(i, last, note)."""
+    report = mpnb.report
+    acc = 0
+    start = time.perf_counter()
+    for i in range(first, last):
+        for k in range(adds):
+            acc += k * i
+        report(i, last, "looping")
+    return time.perf_counter() - start
+
+def with_nothing(first, last, adds, call):
+    """The same iterations, each with a call of nothing(i, last, note).  A
+    function of its own, not with_report with another callable: the
+    interpreter specializes each call site for the one function it calls."""
+    acc = 0
+    start = time.perf_counter()
+    for i in range(first, last):
+        for k in range(adds):
+            acc += k * i
+        nothing(i, last, "looping")
+    return time.perf_counter() - start
+
 def loops(n, adds, block=50_000):
     """Seconds of n iterations of ``adds`` multiply-adds without a call, with a
-    report at each, and with a call of nothing() at each, in blocks taken in turn."""
-    report = mpnb.report
-    plain = reporting = floor = 0.0
-    acc = 0
-    for first in range(0, n, block):
-        start = time.perf_counter()
-        for i in range(first, first + block):
-            for k in range(adds):
-                acc += k * i
-        middle = time.perf_counter()
-        for i in range(first, first + block):
-            for k in range(adds):
-                acc += k * i
-            report(i, n, "looping")
-        last = time.perf_counter()
-        for i in range(first, first + block):
-            for k in range(adds):
-                acc += k * i
-            nothing(i, n, "looping")
-        plain += middle - start
-        reporting += last - middle
-        floor += time.perf_counter() - last
-    return plain, reporting, floor
+    report at each, and with a call of nothing() at each: in blocks, the three
+    taken in turn, each block starting with the next one (no order favours one)."""
+    runs = [(plain, None), (with_report, None), (with_nothing, None)]
+    seconds = [0.0, 0.0, 0.0]
+    for b, first in enumerate(range(0, n, block)):
+        for j in range(3):
+            which = (b + j) % 3
+            run, call = runs[which]
+            seconds[which] += run(first, first + block, adds, call)
+    return tuple(seconds)
 
 def per_call(n):
     """Nanoseconds of one report call and of one nothing() call (each loop minus an empty loop)."""
