@@ -129,7 +129,7 @@ class _Worker:
         finally:
             os.close(slot_fd)
         # the slot's fields as 8-byte words, each written with one store
-        # (SLOT: seq, position, time, batch end); see _run_tasks for their order
+        # (SLOT: seq, position, time, batch end, batch task); see _run_tasks and _run_batch
         self.position = memoryview(self.slot).cast("q")
         self.clock = memoryview(self.slot).cast("d")
         self.functions: OrderedDict[int, Any] = OrderedDict()
