@@ -63,6 +63,27 @@ INSERT OR IGNORE INTO total VALUES (1, 0);
 """
 
 
+_WAIT = 60.0  # seconds a connection waits for another process's lock
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (kept in the file: a no-op once done).
+
+    Switching the mode of a new database needs its exclusive lock, and SQLite reports
+    "database is locked" at once, without its busy wait, when another process opens the
+    same new file at that moment (two kernels' first cached map); so wait here."""
+    deadline = time.monotonic() + _WAIT
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def default_dir() -> Path:
     """``$MPNB_CACHE_DIR``, else the platform's user cache directory + ``mpnb``."""
     given = os.environ.get(ENV_DIR)
@@ -125,8 +146,8 @@ class Store:
         """This thread's connection (sqlite3 connections are not shared between threads)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path / "index.sqlite", timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(self.path / "index.sqlite", timeout=_WAIT, isolation_level=None)
+            _use_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db

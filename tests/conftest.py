@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from kernel import Kernel, assert_no_leftovers, new_tag
+from kernel import Kernel, assert_no_leftovers, install_kernelspec, new_tag
+
+
+def pytest_configure(config):
+    install_kernelspec()
 
 
 @pytest.fixture

@@ -51,8 +51,10 @@ TAG_VAR = "MPNB_TEST_TAG"
 KERNEL_NAME = "mpnb-test"
 
 
-def _install_kernelspec() -> None:
-    """A kernelspec for *this* interpreter, ahead of any user-wide ``python3``."""
+def install_kernelspec() -> None:
+    """A kernelspec for *this* interpreter, ahead of any user-wide ``python3``; called once,
+    by the process that runs the tests (conftest.py): the workers that import a test module
+    for its task functions must not make one (they end without running ``atexit``)."""
     root = Path(tempfile.mkdtemp(prefix="mpnb-kernelspec-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     spec = root / "kernels" / KERNEL_NAME
@@ -65,9 +67,6 @@ def _install_kernelspec() -> None:
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         [str(root)] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
     )
-
-
-_install_kernelspec()
 
 
 def wait_until(condition, what: str, deadline: float = 60.0) -> None:

@@ -151,6 +151,41 @@ def test_files_a_killed_writer_left_are_swept_once_old(store):
     assert store.get([b"k"])[b"k"][0].shape == (2**18,)
 
 
+def _open_stores_in_step(base: str, rounds: int, barrier, failures) -> None:
+    from pathlib import Path
+
+    for i in range(rounds):
+        barrier.wait()
+        try:
+            cache.Store(Path(base) / f"c{i}").get([b"k"])
+        except Exception as exc:  # noqa: BLE001 - what the parent reports
+            failures.put(f"store {i}: {exc!r}")
+
+
+def test_processes_that_open_a_new_store_at_once_all_get_it(tag, tmp_path, monkeypatch):
+    # two kernels' first cached maps create the store together: each must get it
+    # (SQLite refused one of them "database is locked", at once, in about one round in three)
+    import multiprocessing
+
+    from kernel import TAG_VAR
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, failures = ctx.Barrier(4), ctx.Queue()
+    # tagged after the barrier is made: the resource tracker it starts is this process's
+    monkeypatch.setenv(TAG_VAR, tag)
+    procs = [ctx.Process(target=_open_stores_in_step, args=(str(tmp_path), 25, barrier, failures))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0, p
+    found = []
+    while not failures.empty():
+        found.append(failures.get())
+    assert found == []
+
+
 def test_the_dask_engine_fills_and_reads_the_cache(cluster, tag, tmp_path):
     import mpnb
 
