@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import signal
+import threading
 import time
 import warnings
 from concurrent.futures import Executor
@@ -265,12 +266,15 @@ class TestPool:
             time.sleep(0.05)
         assert victim is not None
         others = pool.map(square, range(4))
+        # a done-callback runs as the future fails: the dead worker is already unlisted
+        listed, called = [], threading.Event()
+        future.add_done_callback(lambda f: (listed.append(victim in pool.pids), called.set()))
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(WorkerCrashedError, match="SIGKILL") as info:
             future.result(timeout=10)
         assert "memory" in str(info.value)
         assert others == [0, 1, 4, 9]
-        assert victim not in pool.pids
+        assert called.wait(10) and listed == [False] and victim not in pool.pids
 
     def test_events_reach_the_monitor(self, pool):
         # both workers up first: else the first one ready may run both chunks and the

@@ -599,11 +599,13 @@ class LocalEngine(EngineBase):
         handle.join(1.0)
         exitcode = handle.exitcode
         self.workers.pop(handle.worker_id, None)
-        self.queue.extendleft(reversed(self._settle_chunks(state, exitcode)))
-        self._judge_start(state, exitcode)
         reason = state.kill_reason
         why = reason[0] if reason else ("stopped" if self.stopping or state.retired else errors.signal_name(exitcode))
+        # gone from the monitor (and pool.pids) before its tasks fail: who reads the
+        # failure must not still find the dead worker listed
         self.monitor.worker_stopped(handle.worker_id, handle.pid, exitcode, why)
+        self.queue.extendleft(reversed(self._settle_chunks(state, exitcode)))
+        self._judge_start(state, exitcode)
         handle.close()
         for doomed, done in list(self._cancels):
             doomed.discard(handle.worker_id)
