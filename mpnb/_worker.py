@@ -472,10 +472,25 @@ def kill_tree(root: int, include_root: bool = True) -> None:
 def kill_marked(mark: str) -> None:
     """SIGKILL this user's processes whose environment carries a worker's mark
     (``WORKER_VAR``): after the worker died, what its tasks started that left
-    its process group."""
+    its process group.  On Linux it reads ``/proc`` itself: a guardian forked
+    before its worker's set-up cannot import psutil (no site-packages yet)."""
+    uid, me = os.getuid(), os.getpid()
+    if _LINUX:
+        entry = f"{WORKER_VAR}={mark}".encode()
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == me:
+                continue
+            try:
+                if os.stat(f"/proc/{name}").st_uid != uid:
+                    continue
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if entry in f.read().split(b"\0"):
+                        _signal(int(name), signal.SIGKILL)
+            except OSError:
+                continue
+        return
     import psutil  # only after a worker died
 
-    uid = os.getuid()
     for process in psutil.process_iter(["uids"]):
         uids = process.info["uids"]
         if uids is None or uids.real != uid or process.pid == os.getpid():
@@ -506,13 +521,19 @@ GUARDIAN_NAME = "mpnb-guardian"
 _PR_SET_NAME = 15
 
 
-def _libc():
-    try:
-        import ctypes
+_libc_loaded: list = []
 
-        return ctypes.CDLL(None, use_errno=True)
-    except Exception:
-        return None
+
+def _libc():
+    """The C library through ctypes (loaded once: importing ctypes takes a few ms)."""
+    if not _libc_loaded:
+        try:
+            import ctypes
+
+            _libc_loaded.append(ctypes.CDLL(None, use_errno=True))
+        except Exception:
+            _libc_loaded.append(None)
+    return _libc_loaded[0]
 
 
 def _die_with_parent(parent: int, mark: str) -> None:
@@ -731,7 +752,8 @@ def _setup(config: dict[str, Any], slot_path: str) -> None:
     _lead_own_group()
     os.environ.update(config.get("env", {}))  # loky set them already; spawn did not
     os.environ[WORKER_VAR] = slot_path
-    _die_with_parent(config["parent"], slot_path)
+    if _worker_pid != os.getpid():  # an exec worker did it in boot()
+        _die_with_parent(config["parent"], slot_path)
     if config.get("authkey"):
         # what spawn and loky hand their children, so Manager proxies connect;
         # set once multiprocessing is imported (it costs an exec worker 5 ms)
@@ -845,13 +867,26 @@ class _SiteOnFirstUse:
         sys.path[:] = before  # the parent's order: it holds what the .pth files add
 
 
-def boot(fd: int) -> None:
+def boot(fd: int, parent: int | None = None) -> None:
     """Entry point of a worker started by ``python -S -P -c`` (the ``exec``
     start method): read a :class:`~mpnb._protocol.Boot` from the inherited
     pipe ``fd``, set up as the parent is, then serve (see
     :func:`mpnb.backends.launcher.site_setup`)."""
     conn = _PipeConnection(fd)
-    setup: Boot = loads(conn.recv_bytes())
+    mark = os.environ.get(WORKER_VAR)
+    if parent is not None and mark and _LINUX:  # (elsewhere the guardian needs psutil: after set-up)
+        # what needs no set-up is done before it is read: a spare worker
+        # (mpnb.backends.launcher) has done it when a pool takes it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _lead_own_group()
+        _die_with_parent(parent, mark)
+    import faulthandler  # noqa: F401  (the set-up's, loaded while a spare waits)
+
+    try:
+        data = conn.recv_bytes()
+    except EOFError:  # a spare worker no pool took (its owner closed the pipe, or ended)
+        os._exit(0)
+    setup: Boot = loads(data)
     sys.path[:] = setup.path
     if setup.site_dirs:
         on_first_use = _SiteOnFirstUse(setup.site_dirs, setup.site_names or [])

@@ -322,6 +322,9 @@ def _owners() -> dict[int, str]:
         pid = getattr(getattr(sys.modules.get(name), instance, None), attribute, None)
         if pid is not None:
             owners[pid] = owner
+    launcher = sys.modules.get("mpnb.backends.launcher")
+    if launcher is not None:  # exec workers waiting for the next pool
+        owners.update((pid, MPNB_OWNER) for pid in launcher.spare_pids())
     base = sys.modules.get("mpnb.backends.base")
     for engine in base.live_engines() if base is not None else ():
         # what runs on this machine only: a dask engine's rows are the cluster's processes

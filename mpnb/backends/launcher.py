@@ -36,6 +36,7 @@ with ``subprocess``'s ``pass_fds``).
 
 from __future__ import annotations
 
+import atexit
 import io
 import mmap
 import multiprocessing
@@ -172,7 +173,7 @@ DEFAULT_METHOD = "exec" if os.name == "posix" else "loky"
 # mpnb's own directory, after the standard library's (-S: no site-packages
 # yet); boot() then puts the parent's whole sys.path in place
 _HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOT = f"import sys; sys.path.append({_HOME!r}); " + "from mpnb._worker import boot; boot({fd})"
+_BOOT = f"import sys; sys.path.append({_HOME!r}); " + "from mpnb._worker import boot; boot({fd}, {parent})"
 # -S: no site (see the module docstring); -P: nothing of the current
 # directory shadows a module before boot() sets sys.path.  Not -E: the
 # environment (PYTHONHASHSEED, PYTHONWARNINGS, ...) applies as in the parent.
@@ -383,7 +384,7 @@ class _ExecProcess:
         try:
             # process_group: leads its own group from the start (see _worker._die_with_parent)
             self._popen = subprocess.Popen(
-                [sys.executable, *_FLAGS, "-c", _BOOT.format(fd=conn_fd)],
+                [sys.executable, *_FLAGS, "-c", _BOOT.format(fd=conn_fd, parent=os.getpid())],
                 env=env, pass_fds=(conn_fd, child_sentinel, *fds), close_fds=True,
                 process_group=0,
             )
@@ -452,15 +453,21 @@ class Launcher:
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
         # also at interpreter exit, should the engine's thread not get there
         self._remove_dir = weakref.finalize(self, _remove_pool_files, self._dir)
+        self._exec_envs: dict[int, dict[str, str]] = {}  # by rank: what spares must match
 
     def start_worker(self, worker_id: int, rank: int = 0) -> WorkerHandle:
         """Start a worker for slot ``rank`` (its environment and CPUs)."""
-        slot_path = os.path.join(self._dir, f"worker-{worker_id}")
-        with open(slot_path, "wb") as f:
-            f.write(SLOT.pack(-1, -1, 0.0, 0, -1))
         env = {**self._env, **self.resources.env(rank)}
         # a spawn or forkserver worker sets it from here, before the initializer runs
         config = dict(self._config, env=env) if env != self._env else self._config
+        if self.method == "exec":
+            self._exec_envs[rank] = exec_env = {**os.environ, **env}
+            adopted = self._adopt(worker_id, rank, exec_env, config)
+            if adopted is not None:
+                return adopted
+        slot_path = os.path.join(self._dir, f"worker-{worker_id}")
+        with open(slot_path, "wb") as f:
+            f.write(SLOT.pack(-1, -1, 0.0, 0, -1))
         setup, fds = self._boot(slot_path, config) if self.method == "exec" else (b"", [])
         # no fork of this process may copy the new worker's pipe ends (see _STARTING)
         with _STARTING:
@@ -472,15 +479,36 @@ class Launcher:
                 raise
             finally:
                 child_end.close()
+        self._pin(process.pid, rank)
+        if setup:
+            parent_end.send_bytes(setup)
+        return WorkerHandle(worker_id, process, parent_end, slot_path)
+
+    def _pin(self, pid: int, rank: int) -> None:
         cpus = self.resources.cpu_set(rank)
         if cpus is not None:
             # an exec worker waits for its setup: one thread, nothing imported
             # yet; another has every thread pinned, and those it starts later
             # inherit the set
-            pin(process.pid, cpus)
-        if setup:
-            parent_end.send_bytes(setup)
-        return WorkerHandle(worker_id, process, parent_end, slot_path)
+            pin(pid, cpus)
+
+    def _adopt(self, worker_id: int, rank: int, exec_env: dict[str, str],
+               config: dict[str, Any]) -> WorkerHandle | None:
+        """A spare started with this environment, given its set-up, or None."""
+        spare = SPARES.take(exec_env)
+        if spare is None:
+            return None
+        setup, fds = self._boot(spare.slot_path, config)
+        if fds:  # descriptors must be passed at the start: it cannot serve this pool
+            spare.end()
+            return None
+        self._pin(spare.process.pid, rank)
+        try:
+            spare.conn.send_bytes(setup)
+        except OSError:  # it ended meanwhile
+            spare.end()
+            return None
+        return WorkerHandle(worker_id, spare.process, spare.conn, spare.slot_path)
 
     def _boot(self, slot_path: str, config: dict[str, Any]) -> tuple[bytes, list[int]]:
         """An exec worker's set-up, pickled, and the descriptors it holds
@@ -512,7 +540,11 @@ class Launcher:
         return process
 
     def close(self) -> None:
+        """The pool is done: remove its files, and have spares ready for a next
+        pool like it (exec workers only; see :class:`_Spares`)."""
         self._remove_dir()
+        if self._exec_envs:
+            SPARES.want([self._exec_envs[rank] for rank in sorted(self._exec_envs)])
 
 
 def _remove_pool_files(directory: str) -> None:
@@ -530,3 +562,217 @@ def _sweep_dead_pools_once() -> None:
         _swept = True
         sweep_dead(tempfile.gettempdir(), POOL_DIR_PREFIX)
         sweep_dead_shared()  # results of a pool whose process was killed
+
+
+# ---------------------------------------------------------------- spares
+
+#: ``0`` turns spare workers off
+SPARES_VAR = "MPNB_SPARES"
+
+
+class _Spare:
+    """An exec worker started ahead: blocked reading its set-up from its pipe."""
+
+    def __init__(self, env: dict[str, str], process: _ExecProcess, conn: Any, slot_path: str):
+        self.env = env
+        self.cwd = os.getcwd()  # the process's, which it inherited
+        self.process = process
+        self.conn = conn
+        self.slot_path = slot_path
+
+    def end(self) -> None:
+        """Close its pipe (it then exits by itself: see :func:`mpnb._worker.boot`),
+        kill it if it has not within a second, and remove its slot."""
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        self.process.join(1.0)
+        if self.process.exitcode is None:
+            _worker.kill_tree(self.process.pid)
+            self.process.join(1.0)
+        self.process.close()
+        try:
+            os.unlink(self.slot_path)
+        except OSError:
+            pass
+
+
+class _Spares:
+    """Exec workers started ahead for the next pool.
+
+    A notebook makes one pool after another (``with mpnb.Pool() as pool:``
+    in cell after cell), mostly with the same options.  When a pool of exec
+    workers closes, as many interpreters as it had workers are started in
+    the background with the same environment, and wait for a set-up; the
+    next pool whose workers' environment (variables, working directory) is
+    the same adopts them instead of starting interpreters, so its first
+    result comes in milliseconds, not tens.  Anything else (another pool
+    size, whose thread caps differ; a changed variable; descriptors its
+    initializer must pass at the start) starts workers as before.
+
+    Only the last closed pool's kind is kept: asking for others ends the
+    spares that no longer match.  A spare holds nothing of any pool: it has
+    imported mpnb's worker module, no task, no initializer.  It ends when
+    its pipe closes: at the end of this process, however it ends, or
+    :meth:`end_all`; a process forked from this one closes its copies of the
+    pipes.  They are started by one thread of their own, which lives as long
+    as the process: ``PR_SET_PDEATHSIG`` counts from the thread that starts
+    a process, and an adopted spare must not die with a pool's engine thread.
+    ``MPNB_SPARES=0`` turns them off.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready: list[_Spare] = []
+        self._wanted: list[dict[str, str]] = []
+        self._generation = 0
+        self._thread: threading.Thread | None = None
+        self._dir: str | None = None
+        self._count = 0
+        self._closed = False
+
+    def take(self, env: dict[str, str]) -> _Spare | None:
+        """A live spare started with ``env``, no longer counted as a spare."""
+        cwd = os.getcwd()
+        with self._cond:
+            for n, spare in enumerate(self._ready):
+                if spare.env == env and spare.cwd == cwd and spare.process.exitcode is None:
+                    del self._ready[n]
+                    if env in self._wanted:  # not made again
+                        self._wanted.remove(env)
+                    return spare
+        return None
+
+    def want(self, envs: list[dict[str, str]]) -> None:
+        """Spares with these environments (one each), and no others."""
+        if os.environ.get(SPARES_VAR) == "0" or os.name != "posix":
+            return
+        with self._cond:
+            if self._closed or sys.is_finalizing():
+                return
+            self._generation += 1
+            self._wanted = list(envs)
+            keep, surplus = [], []
+            unmatched = list(envs)
+            for spare in self._ready:
+                if spare.env in unmatched and spare.process.exitcode is None:
+                    unmatched.remove(spare.env)
+                    keep.append(spare)
+                else:
+                    surplus.append(spare)
+            self._ready = keep
+            if unmatched and self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="mpnb-spares", daemon=True)
+                self._thread.start()
+                self._stop_at_exit()
+            self._cond.notify_all()
+        for spare in surplus:
+            spare.end()
+
+    def pids(self) -> list[int]:
+        with self._cond:
+            return [spare.process.pid for spare in self._ready]
+
+    def _stop_at_exit(self) -> None:
+        """Registered once the thread runs, so after the engines' own exit hooks
+        (an engine starts before a pool closes), and so run before them: the
+        pools the interpreter's exit shuts down then ask for no spares."""
+        atexit.register(self.end_all, closing=True)
+        try:
+            # runs before atexit handlers, as the engines' (mpnb.backends.base)
+            threading._register_atexit(self.end_all, closing=True)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # interpreter already exiting
+            pass
+
+    def end_all(self, closing: bool = False) -> None:
+        """End every spare (and, ``closing``, make no more and remove their
+        directory: at exit)."""
+        with self._cond:
+            self._generation += 1
+            self._closed = self._closed or closing
+            ready, self._ready, self._wanted = self._ready, [], []
+            thread = self._thread
+            self._cond.notify_all()
+        for spare in ready:
+            spare.end()
+        if closing:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(5.0)  # a spare it is starting: ended there (_serve)
+            if self._dir is not None:
+                shutil.rmtree(self._dir, True)
+
+    def _missing(self) -> dict[str, str] | None:
+        unmatched = list(self._wanted)
+        for spare in self._ready:
+            if spare.env in unmatched:
+                unmatched.remove(spare.env)
+        return unmatched[0] if unmatched and not self._closed else None
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                env = self._missing()
+                while env is None:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                    env = self._missing()
+                generation = self._generation
+            try:
+                spare = self._start(env)
+            except Exception:  # no spare: the next pool starts its workers itself
+                with self._cond:
+                    if self._generation == generation:
+                        self._wanted = []
+                continue
+            with self._cond:
+                if self._generation == generation and not self._closed:
+                    self._ready.append(spare)
+                    continue
+            spare.end()  # asked for others meanwhile
+
+    def _start(self, env: dict[str, str]) -> _Spare:
+        if self._dir is None:
+            # the owner's pid in the name: the next pool removes it if this process was killed
+            self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")
+        self._count += 1
+        slot_path = os.path.join(self._dir, f"worker-spare{self._count}")
+        with open(slot_path, "wb") as f:
+            f.write(SLOT.pack(-1, -1, 0.0, 0, -1))
+        with _STARTING:
+            parent_end, child_end = Pipe(duplex=True)
+            try:
+                process = _ExecProcess(child_end.fileno(), {**env, _worker.WORKER_VAR: slot_path}, [])
+            except BaseException:
+                parent_end.close()
+                raise
+            finally:
+                child_end.close()
+        return _Spare(env, process, parent_end, slot_path)
+
+    def _close_in_forked_child(self) -> None:
+        # a forked copy must not hold the spares' pipes open past this process;
+        # the spares are not its children, and the thread was not copied
+        for spare in self._ready:
+            for close in (spare.conn.close, spare.process.close):
+                try:
+                    close()
+                except OSError:
+                    pass
+        self.__init__()  # type: ignore[misc]
+
+
+SPARES = _Spares()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=SPARES._close_in_forked_child)
+
+
+def spare_pids() -> list[int]:
+    """Process ids of the spare workers waiting for a pool (see :class:`_Spares`)."""
+    return SPARES.pids()
+
+
+def end_spares() -> None:
+    """End the spare workers now (a next pool starts its own)."""
+    SPARES.end_all()
