@@ -41,6 +41,20 @@ class Contender(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def forget(self) -> None:
+        """Drop what a pool closed earlier left ready for the next one (untimed),
+        so that a cold start is cold."""
+
+
+def end_spares() -> None:
+    """End mpnb's spare workers, where this mpnb has them (an earlier
+    revision, run by :mod:`benchmarks.baseline`, may not)."""
+    try:
+        from mpnb.backends.launcher import end_spares as end
+    except ImportError:
+        return
+    end()
+
 
 class Mpnb(Contender):
     """``mpnb.Pool`` with a start method (``"exec"``, ``"loky"``), or on
@@ -63,6 +77,9 @@ class Mpnb(Contender):
 
     def close(self) -> None:
         self.pool.shutdown()
+
+    def forget(self) -> None:
+        end_spares()
 
 
 class Stdlib(Contender):

@@ -39,7 +39,7 @@ FORK_EXEC = "floor: fork+exec of `python -I -S -c pass`"
 PIPE = "floor: pipe round trip (8 bytes)"
 MEMCPY = "floor: memcpy of the data, once"
 IDEAL = f"ideal: {WORKERS} workers, no overhead"
-ROWS = {FORK_EXEC: ("cold",), PIPE: ("warm", "cs1"), MEMCPY: ("array", "out"),
+ROWS = {FORK_EXEC: ("cold", "next"), PIPE: ("warm", "cs1"), MEMCPY: ("array", "out"),
         IDEAL: ("cpu", "ms1", "mb", "out_mem", "pandas")}
 ROUND_TRIPS = 2000
 #: the echo child: reads 8 bytes, writes them back, until its input closes
@@ -89,7 +89,9 @@ def memcpy(megabytes: int) -> float:
 def floor_round(sizes: Sizes, data, figures: dict[str, dict[str, Figure]]) -> None:
     """One measurement of every floor and ideal, appended to ``figures[row][column]``."""
     for _ in range(3):  # each is short: three samples per round
-        figures[FORK_EXEC]["cold"].values.append(fork_exec() * 1e3)
+        seconds = fork_exec()
+        figures[FORK_EXEC]["cold"].values.append(seconds * 1e3)
+        figures[FORK_EXEC]["next"].values.append(seconds * 1e3)
     trip = pipe_round_trip()
     figures[PIPE]["warm"].values.append(trip * 1e3)
     figures[PIPE]["cs1"].values.append(1 / trip)

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
 
+from benchmarks.contenders import end_spares
 from benchmarks.tasks import burn, identity
 
 WORKERS = 2
@@ -57,6 +58,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def one_round(name: str, figures: dict[str, list[float]]) -> None:
+    end_spares()  # a cold start: no spare worker left by the previous round
     pool = make_pool(name)
     try:
         figures["cold start (ms)"].append(1000 * timed(lambda: pool.submit(identity, 1).result()))

@@ -106,7 +106,7 @@ class BenchKernel:
 
 def kernel_rounds(sizes: Sizes) -> tuple[dict[str, dict[str, Figure]], dict[str, Figure], bool]:
     """mpnb in a kernel with and without the live widget; ``%%mppool`` cells."""
-    pools = {name: {key: Figure(UNITS[key]) for key in ("cold", "warm", "cs1", "auto")}
+    pools = {name: {key: Figure(UNITS[key]) for key in ("cold", "next", "warm", "cs1", "auto")}
              for name in KERNEL_ROWS}
     cells = {name: Figure("ms") for name in ("plain cell: def", "%%mppool cell: def",
                                              "%%mppool -n 2 cell: def + map of 2 tasks (warm pool)")}

@@ -6,7 +6,11 @@ the same code, as the contenders run in the benchmark's own process.
 
 Workloads, per contender and round (2 workers each):
 
-- **cold start**: create the pool and run one trivial task, to its result;
+- **cold start**: create the pool and run one trivial task, to its result
+  (with nothing left ready by an earlier pool: mpnb's spare workers are ended);
+- **next pool**: the same, right after the round's pool closed: what a
+  notebook's next ``with Pool() as pool:`` cell costs (a forkserver is still
+  running then, and mpnb adopts the spares the closed pool left);
 - **warm call**: a second call (2 trivial tasks) on that pool;
 - **chunksize 1**: 2,000 trivial tasks, one per message (tasks/s);
 - **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
@@ -66,6 +70,7 @@ def columns(sizes: Sizes) -> dict[str, str]:
     """Column key -> heading."""
     return {
         "cold": "cold start",
+        "next": "next pool",
         "warm": "warm call",
         "cs1": f"{sizes.tasks:,} tasks, chunksize 1",
         "auto": f"{sizes.auto:,} tasks, auto-chunked",
@@ -80,7 +85,7 @@ def columns(sizes: Sizes) -> dict[str, str]:
     }
 
 
-UNITS = {"cold": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s",
+UNITS = {"cold": "ms", "next": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s",
          "array_mem": "MB", "ms1": "tasks/s", "mb": "s", "out": "s", "out_mem": "MB", "pandas": "s"}
 #: units where a larger figure is better; in the others (times, memory) a smaller one is
 HIGHER_IS_BETTER = {"tasks/s", "×"}
@@ -140,7 +145,8 @@ def _check(contender: Contender, got, want, what: str) -> None:
 
 
 def one_round(contender: Contender, sizes: Sizes, data: Data, figures: dict[str, Figure]) -> None:
-    """Every workload once on one fresh pool of ``contender``."""
+    """Every workload once on one fresh pool of ``contender``, then the next pool's start."""
+    contender.forget()
     try:  # a pool that failed any workload, even the first, is still closed
         _small_tasks(contender, sizes, figures)
         _arrays_in(contender, sizes, data, figures)
@@ -148,16 +154,23 @@ def one_round(contender: Contender, sizes: Sizes, data: Data, figures: dict[str,
         _pandas(contender, data, figures)
     finally:
         contender.close()
+    seconds, got = _timed(_first_result, contender)
+    contender.close()
+    contender.forget()  # nothing of it may run on beside the next contender
+    _check(contender, got, [0], "the next pool")
+    figures["next"].values.append(seconds * 1e3)
+
+
+def _first_result(contender: Contender) -> list:
+    """A new pool and one trivial task, to its result."""
+    contender.start()
+    return contender.map(identity, [0], None)
 
 
 def _small_tasks(contender: Contender, sizes: Sizes, figures: dict[str, Figure]) -> None:
     """Cold start, warm call, trivial tasks, CPU-bound tasks and 1 ms tasks."""
 
-    def cold() -> list:
-        contender.start()
-        return contender.map(identity, [0], None)
-
-    seconds, got = _timed(cold)
+    seconds, got = _timed(_first_result, contender)
     _check(contender, got, [0], "cold start")
     figures["cold"].values.append(seconds * 1e3)
     seconds, got = _timed(contender.map, identity, [1, 2], None)

@@ -111,6 +111,8 @@ OTHER = "other"
 POOL_KINDS = (LOKY_WORKER, SPAWN_WORKER, FORKSERVER, FORKSERVER_WORKER, RESOURCE_TRACKER, KERNEL_FORK)
 
 MPNB_OWNER = "mpnb.Pool"
+#: the owner of spare workers: started when a pool closed, for the next pool like it
+MPNB_SPARE = "mpnb.Pool (spare for the next pool)"
 
 _token: str | None = None
 
@@ -224,7 +226,7 @@ def _row(seen: _Seen, depth: int, known: dict[int, tuple[str, tuple[str, ...]]],
     parent_kind, parent_cmdline = known.get(seen.ppid, (None, None))
     kind = _kind(seen.cmdline, parent_kind, parent_cmdline, seen.name)
     owner = owners.get(pid)
-    if owner == MPNB_OWNER:
+    if owner in (MPNB_OWNER, MPNB_SPARE):
         kind = MPNB_WORKER  # also the spawn/forkserver workers of an mpnb.Pool
     elif kind == MPNB_GUARDIAN:
         owner = owners.get(seen.ppid)  # its worker's pool
@@ -268,7 +270,7 @@ def _judge(seen: _Seen, kind: str, parent_kind: str | None, owners: dict[int, st
     if not started_here or now - seen.created < SETTLE:
         return None, None
     pid = seen.process.pid
-    if kind == MPNB_WORKER and owners.get(pid) != MPNB_OWNER:
+    if kind == MPNB_WORKER and owners.get(pid) not in (MPNB_OWNER, MPNB_SPARE):
         return "a worker of an mpnb.Pool that was shut down or dropped", _STOP_FIX
     if kind in POOL_KINDS and pid not in owners:
         return (f"a {kind} that no live pool, executor or multiprocessing Process "
@@ -324,7 +326,7 @@ def _owners() -> dict[int, str]:
             owners[pid] = owner
     launcher = sys.modules.get("mpnb.backends.launcher")
     if launcher is not None:  # exec workers waiting for the next pool
-        owners.update((pid, MPNB_OWNER) for pid in launcher.spare_pids())
+        owners.update((pid, MPNB_SPARE) for pid in launcher.spare_pids())
     base = sys.modules.get("mpnb.backends.base")
     for engine in base.live_engines() if base is not None else ():
         # what runs on this machine only: a dask engine's rows are the cluster's processes

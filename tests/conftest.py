@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 
 from kernel import Kernel, assert_no_leftovers, install_kernelspec, new_tag
-from mpnb.backends.launcher import end_spares
 
 
 def pytest_configure(config):
@@ -15,7 +14,6 @@ def tag():
     """A fresh process tag; afterwards no process carrying it may be alive."""
     value = new_tag()
     yield value
-    end_spares()  # this process's, not a pool's: they wait for the next pool
     assert_no_leftovers(value)
 
 

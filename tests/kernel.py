@@ -112,9 +112,15 @@ def leftovers(tag: str) -> list[psutil.Process]:
 
 
 def assert_no_leftovers(tag: str, within: float = 10.0) -> None:
-    """Fail if any process tagged ``tag`` is still alive after ``within`` s."""
+    """Fail if any process tagged ``tag`` is still alive after ``within`` s.
+
+    The spare workers of this process are ended first: they belong to the
+    process, waiting for its next pool, not to the pool that closed."""
+    from mpnb.backends.launcher import end_spares
+
     deadline = time.monotonic() + within
     while True:
+        end_spares()  # again each time: a pool dropped just before may still be closing
         alive = leftovers(tag)
         if not alive:
             return

@@ -220,6 +220,19 @@ def test_an_mpnb_pools_guardians_are_part_of_the_pool(tag):
         assert "0 leftover" in shown and "mpnb worker guardian" in shown
 
         k.run("pool.shutdown()").ok()
+        # what is left are the spares for the next pool, each with its guardian, none a leftover
+        reply = k.run("from mpnb.backends.launcher import spare_pids\n"
+                      "deadline = time.monotonic() + 60\n"
+                      "while len(spare_pids()) < 2 and time.monotonic() < deadline:\n"
+                      "    time.sleep(0.05)\n"
+                      "print(sorted(spare_pids()))").ok()
+        spares = json.loads(reply.stdout)
+        assert len(spares) == 2 and not set(spares) & set(workers)
+        rows = rows_of(k)
+        assert sorted(rows) == sorted(spares + [r["pid"] for r in rows.values() if r["ppid"] in spares]), rows
+        assert all(r["owner"] == "mpnb.Pool (spare for the next pool)" and r["leftover"] is None
+                   for r in rows.values()), rows
+        k.run("from mpnb.backends.launcher import end_spares\nend_spares()").ok()
         deadline = time.monotonic() + 60
         while k.descendants() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -53,12 +53,19 @@ def test_the_next_pool_like_the_last_takes_its_spares(tag, monkeypatch):
         rows = {row.pid: row for row in processes.status(cpu=False).rows}
         assert all(rows[pid].owner == processes.MPNB_OWNER and not rows[pid].leftover for pid in spares)
     assert set(_spares(2)).isdisjoint(spares)
-    # waiting spares are owned too
-    rows = {row.pid: row for row in processes.status(cpu=False).rows}
+    # waiting spares are owned too, and so are their guardians (forked as they boot)
     waiting = spare_pids()
-    assert all(not rows[pid].leftover for pid in waiting)
+    wait_until(lambda: all(len(psutil.Process(pid).children()) == 1 for pid in waiting), "the spares' guardians")
+    rows = {row.pid: row for row in processes.status(cpu=False).rows}
+    for pid in waiting:
+        assert rows[pid].owner == processes.MPNB_SPARE and rows[pid].kind == processes.MPNB_WORKER
+        assert not rows[pid].leftover
+    guardians = [row for row in rows.values() if row.ppid in waiting]
+    assert len(guardians) == 2 and all(row.kind == processes.MPNB_GUARDIAN and not row.leftover
+                                       for row in guardians)
     end_spares()
-    assert not any(_alive(pid) for pid in waiting)
+    assert not any(map(_alive, waiting))  # ended, and their guardians end after them
+    wait_until(lambda: not any(_alive(row.pid) for row in guardians), "the spares' guardians to end")
 
 
 def _alive(pid: int) -> bool:

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from collections import ChainMap
 from multiprocessing import Pipe
@@ -631,6 +632,7 @@ class _Spares:
         self._dir: str | None = None
         self._count = 0
         self._closed = False
+        self._starting = False
 
     def take(self, env: dict[str, str]) -> _Spare | None:
         """A live spare started with ``env``, no longer counted as a spare."""
@@ -696,9 +698,14 @@ class _Spares:
             self._cond.notify_all()
         for spare in ready:
             spare.end()
+        if thread is not threading.current_thread():
+            with self._cond:  # a spare being started now is ended by _serve: wait for that
+                deadline = time.monotonic() + 5.0
+                while self._starting and time.monotonic() < deadline:
+                    self._cond.wait(deadline - time.monotonic())
         if closing:
             if thread is not None and thread is not threading.current_thread():
-                thread.join(5.0)  # a spare it is starting: ended there (_serve)
+                thread.join(5.0)
             if self._dir is not None:
                 shutil.rmtree(self._dir, True)
 
@@ -719,18 +726,22 @@ class _Spares:
                     self._cond.wait()
                     env = self._missing()
                 generation = self._generation
+                self._starting = True
             try:
-                spare = self._start(env)
+                spare: _Spare | None = self._start(env)
             except Exception:  # no spare: the next pool starts its workers itself
-                with self._cond:
-                    if self._generation == generation:
-                        self._wanted = []
-                continue
+                spare = None
             with self._cond:
-                if self._generation == generation and not self._closed:
-                    self._ready.append(spare)
-                    continue
-            spare.end()  # asked for others meanwhile
+                keep = spare is not None and self._generation == generation and not self._closed
+                if keep:
+                    self._ready.append(spare)  # type: ignore[arg-type]
+                elif spare is None and self._generation == generation:
+                    self._wanted = []
+            if spare is not None and not keep:
+                spare.end()  # asked for others (or none) meanwhile
+            with self._cond:
+                self._starting = False
+                self._cond.notify_all()
 
     def _start(self, env: dict[str, str]) -> _Spare:
         if self._dir is None:
