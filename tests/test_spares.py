@@ -7,6 +7,7 @@ that its spares end with it, whatever else holds their pipes.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -28,14 +29,26 @@ def _environ(pid: int) -> dict[str, str]:
     return psutil.Process(pid).environ()
 
 
-def _spares(n: int) -> list[int]:
-    wait_until(lambda: len(spare_pids()) == n, f"{n} spare workers")
+def _spares(n: int, **env: str) -> list[int]:
+    """The spares, once there are ``n``, each with ``env`` in its environment."""
+    def ready() -> bool:
+        pids = spare_pids()
+        return len(pids) == n and all(_environ(pid).get(k) == v for pid in pids for k, v in env.items())
+
+    wait_until(ready, f"{n} spare workers with {env}")
     return spare_pids()
+
+
+def _fresh() -> None:
+    """No spare, and none to come from a pool of an earlier test that is
+    collected now (the last pool closed decides what spares are made)."""
+    gc.collect()
+    end_spares()
 
 
 def test_the_next_pool_like_the_last_takes_its_spares(tag, monkeypatch):
     monkeypatch.delenv(SPARES_VAR, raising=False)
-    end_spares()
+    _fresh()
     with mpnb.Pool(2, live=False) as first:
         assert first.map(abs, range(-3, 3)) == [3, 2, 1, 0, 1, 2]
         used = set(first.pids)
@@ -77,7 +90,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_pool_unlike_the_last_starts_its_own_and_the_spares_follow_it(tag, monkeypatch):
     monkeypatch.delenv(SPARES_VAR, raising=False)
-    end_spares()
+    _fresh()
     with mpnb.Pool(2, live=False) as first:
         first.map(abs, range(4))
     old = _spares(2)
@@ -85,8 +98,7 @@ def test_a_pool_unlike_the_last_starts_its_own_and_the_spares_follow_it(tag, mon
         assert other.map(abs, range(-2, 2)) == [2, 1, 0, 1]
         assert set(other.pids).isdisjoint(old)  # another environment: its own workers
         assert [_environ(pid).get("MPNB_TEST_SPARE") for pid in other.pids] == ["1", "1"]
-    new = _spares(2)
-    assert all(_environ(pid).get("MPNB_TEST_SPARE") == "1" for pid in new)
+    new = _spares(2, MPNB_TEST_SPARE="1")
     wait_until(lambda: not any(map(_alive, old)), "the spares of the other kind to end")
     # a changed working directory is another environment too
     monkeypatch.chdir(os.path.dirname(__file__))
@@ -96,7 +108,7 @@ def test_a_pool_unlike_the_last_starts_its_own_and_the_spares_follow_it(tag, mon
 
 
 def test_no_spares_when_turned_off(tag, monkeypatch):
-    end_spares()
+    _fresh()
     monkeypatch.setenv(SPARES_VAR, "0")
     with mpnb.Pool(1, live=False) as pool:
         pool.map(abs, range(2))
