@@ -14,6 +14,7 @@ import time
 
 import mpnb
 from benchmarks.tasks import identity
+from benchmarks.workloads import NEXT_POOL_PAUSE
 
 
 def has_live_widget() -> bool:
@@ -42,6 +43,7 @@ def pool_round(live: bool, tasks: int, auto: int) -> None:
     assert pool.map(identity, range(auto)) == list(range(auto))
     figures["auto"] = auto / (time.perf_counter() - start)
     pool.shutdown()
+    time.sleep(NEXT_POOL_PAUSE)
     start = time.perf_counter()  # the notebook's next pool, as one_round measures it
     pool = mpnb.Pool(2, context="exec", **options)
     pool.map(identity, [0])

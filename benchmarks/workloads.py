@@ -8,9 +8,10 @@ Workloads, per contender and round (2 workers each):
 
 - **cold start**: create the pool and run one trivial task, to its result
   (with nothing left ready by an earlier pool: mpnb's spare workers are ended);
-- **next pool**: the same, right after the round's pool closed: what a
-  notebook's next ``with Pool() as pool:`` cell costs (a forkserver is still
-  running then, and mpnb adopts the spares the closed pool left);
+- **next pool**: the same, half a second after the round's pool closed:
+  what a notebook's next ``with Pool() as pool:`` cell costs (no one runs
+  cells faster; a forkserver is still running then, and mpnb adopts the
+  spares the closed pool left);
 - **warm call**: a second call (2 trivial tasks) on that pool;
 - **chunksize 1**: 2,000 trivial tasks, one per message (tasks/s);
 - **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
@@ -64,6 +65,7 @@ FULL = Sizes(rounds=3, tasks=2000, auto=20_000, cpu_tasks=16, cpu_seconds=0.25, 
 QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, array_mb=20,
               ms_tasks=500, mb_tasks=20, mb_seconds=0.01, out_mb=10, frame_rows=200_000)
 MS_TASK = 0.001  # seconds of CPU per task of the 1 ms workload
+NEXT_POOL_PAUSE = 0.5  # seconds between a pool's close and the next pool (a notebook's next cell)
 
 
 def columns(sizes: Sizes) -> dict[str, str]:
@@ -154,6 +156,7 @@ def one_round(contender: Contender, sizes: Sizes, data: Data, figures: dict[str,
         _pandas(contender, data, figures)
     finally:
         contender.close()
+    time.sleep(NEXT_POOL_PAUSE)
     seconds, got = _timed(_first_result, contender)
     contender.close()
     contender.forget()  # nothing of it may run on beside the next contender

@@ -8,10 +8,12 @@ that its spares end with it, whatever else holds their pipes.
 from __future__ import annotations
 
 import gc
+import glob
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import psutil
@@ -20,6 +22,7 @@ import pytest
 import mpnb
 from kernel import TAG_VAR, wait_until
 from mpnb import processes
+from mpnb._worker import WORKER_VAR
 from mpnb.backends.launcher import SPARES_VAR, end_spares, spare_pids
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="exec workers (and so spares) are POSIX only")
@@ -105,6 +108,22 @@ def test_a_pool_unlike_the_last_starts_its_own_and_the_spares_follow_it(tag, mon
     with mpnb.Pool(2, env={"MPNB_TEST_SPARE": "1"}, live=False) as moved:
         moved.map(abs, range(2))
         assert set(moved.pids).isdisjoint(new)
+
+
+def test_a_pool_made_right_after_takes_the_spares_being_started(tag, monkeypatch):
+    monkeypatch.delenv(SPARES_VAR, raising=False)
+    _fresh()
+    for _ in range(3):
+        with mpnb.Pool(2, live=False) as pool:
+            assert pool.map(abs, [-1, -2]) == [1, 2]
+            slots = [os.path.basename(_environ(pid)[WORKER_VAR]) for pid in pool.pids]
+    # the first pool started its own workers; each next one, made at once, took the spares
+    assert all(slot.startswith("worker-spare") for slot in slots), slots
+    end_spares()
+    # their slots' directory goes with the last of them
+    left = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), f"mpnb-pool-{os.getpid()}-*"))
+            if glob.glob(os.path.join(d, "worker-spare*"))]
+    assert left == []
 
 
 def test_no_spares_when_turned_off(tag, monkeypatch):

@@ -635,16 +635,27 @@ class _Spares:
         self._starting = False
 
     def take(self, env: dict[str, str]) -> _Spare | None:
-        """A live spare started with ``env``, no longer counted as a spare."""
+        """A live spare started with ``env``, no longer counted as a spare.
+
+        One still being started is waited for (for at most a second): the
+        next pool may come right after the last closed, and a spare whose
+        process exists, even if its interpreter is still booting, is sooner
+        ready than a new one."""
         cwd = os.getcwd()
+        deadline = time.monotonic() + 1.0
         with self._cond:
-            for n, spare in enumerate(self._ready):
-                if spare.env == env and spare.cwd == cwd and spare.process.exitcode is None:
-                    del self._ready[n]
-                    if env in self._wanted:  # not made again
-                        self._wanted.remove(env)
-                    return spare
-        return None
+            while True:
+                for n, spare in enumerate(self._ready):
+                    if spare.env == env and spare.cwd == cwd and spare.process.exitcode is None:
+                        del self._ready[n]
+                        if env in self._wanted:  # not made again
+                            self._wanted.remove(env)
+                        return spare
+                pending = self._wanted.count(env) > sum(spare.env == env for spare in self._ready)
+                left = deadline - time.monotonic()
+                if not pending or self._closed or left <= 0:
+                    return None
+                self._cond.wait(left)
 
     def want(self, envs: list[dict[str, str]]) -> None:
         """Spares with these environments (one each), and no others."""
@@ -703,11 +714,12 @@ class _Spares:
                 deadline = time.monotonic() + 5.0
                 while self._starting and time.monotonic() < deadline:
                     self._cond.wait(deadline - time.monotonic())
-        if closing:
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(5.0)
-            if self._dir is not None:
-                shutil.rmtree(self._dir, True)
+                if not (self._starting or self._ready or self._wanted) and self._dir is not None:
+                    # nothing uses the directory of their slots now (one made later makes it again)
+                    shutil.rmtree(self._dir, True)
+                    self._dir = None
+        if closing and thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
 
     def _missing(self) -> dict[str, str] | None:
         unmatched = list(self._wanted)
@@ -737,6 +749,7 @@ class _Spares:
                     self._ready.append(spare)  # type: ignore[arg-type]
                 elif spare is None and self._generation == generation:
                     self._wanted = []
+                self._cond.notify_all()  # a pool may be waiting for it (take)
             if spare is not None and not keep:
                 spare.end()  # asked for others (or none) meanwhile
             with self._cond:
