@@ -42,16 +42,19 @@ def _spares(n: int, **env: str) -> list[int]:
     return spare_pids()
 
 
-def _fresh() -> None:
+def _fresh(tag: str, monkeypatch) -> None:
     """No spare, and none to come from a pool of an earlier test that is
-    collected now (the last pool closed decides what spares are made)."""
+    collected now (the last pool closed decides what spares are made); the
+    workers and spares made next carry ``tag``, so that the ``tag`` fixture
+    checks that none of them (nor their guardians) is left."""
+    monkeypatch.delenv(SPARES_VAR, raising=False)
     gc.collect()
     end_spares()
+    monkeypatch.setenv(TAG_VAR, tag)
 
 
 def test_the_next_pool_like_the_last_takes_its_spares(tag, monkeypatch):
-    monkeypatch.delenv(SPARES_VAR, raising=False)
-    _fresh()
+    _fresh(tag, monkeypatch)
     with mpnb.Pool(2, live=False) as first:
         assert first.map(abs, range(-3, 3)) == [3, 2, 1, 0, 1, 2]
         used = set(first.pids)
@@ -92,8 +95,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_pool_unlike_the_last_starts_its_own_and_the_spares_follow_it(tag, monkeypatch):
-    monkeypatch.delenv(SPARES_VAR, raising=False)
-    _fresh()
+    _fresh(tag, monkeypatch)
     with mpnb.Pool(2, live=False) as first:
         first.map(abs, range(4))
     old = _spares(2)
@@ -111,8 +113,7 @@ def test_a_pool_unlike_the_last_starts_its_own_and_the_spares_follow_it(tag, mon
 
 
 def test_a_pool_made_right_after_takes_the_spares_being_started(tag, monkeypatch):
-    monkeypatch.delenv(SPARES_VAR, raising=False)
-    _fresh()
+    _fresh(tag, monkeypatch)
     for _ in range(3):
         with mpnb.Pool(2, live=False) as pool:
             assert pool.map(abs, [-1, -2]) == [1, 2]
@@ -127,7 +128,7 @@ def test_a_pool_made_right_after_takes_the_spares_being_started(tag, monkeypatch
 
 
 def test_no_spares_when_turned_off(tag, monkeypatch):
-    _fresh()
+    _fresh(tag, monkeypatch)
     monkeypatch.setenv(SPARES_VAR, "0")
     with mpnb.Pool(1, live=False) as pool:
         pool.map(abs, range(2))

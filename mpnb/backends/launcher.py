@@ -770,6 +770,7 @@ class _Spares:
                 process = _ExecProcess(child_end.fileno(), {**env, _worker.WORKER_VAR: slot_path}, [])
             except BaseException:
                 parent_end.close()
+                os.unlink(slot_path)
                 raise
             finally:
                 child_end.close()
