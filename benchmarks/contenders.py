@@ -97,6 +97,12 @@ class Stdlib(Contender):
         self.pool.close()
         self.pool.join()
 
+    def forget(self) -> None:
+        if self.method == "forkserver":  # its server process, which forks the next pool's workers
+            from multiprocessing import forkserver
+
+            forkserver._forkserver._stop()  # type: ignore[attr-defined]
+
 
 class Executor(Contender):
     name = "ProcessPoolExecutor (spawn)"

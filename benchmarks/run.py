@@ -275,6 +275,19 @@ def _rounds(contenders: list, sizes: Sizes, figures: dict[str, dict[str, Figure]
                 one_round(contender, sizes, data, figures[contender.name])
 
 
+def _byte_compile() -> None:
+    """Compile mpnb's modules and the benchmark's to bytecode, as ``pip install``
+    does: where ``PYTHONDONTWRITEBYTECODE`` is set, a checkout's workers would
+    otherwise compile them at every start, and the standard library's pools
+    load their installed bytecode."""
+    import compileall
+
+    import mpnb
+
+    for package in (mpnb, sys.modules[__package__]):
+        compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     sizes = QUICK if args.quick else FULL
@@ -288,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     names = _chosen([c.name for c in contenders] + KERNEL_ROWS, args.only)
     contenders = [c for c in contenders if c.name in names]
     tmp, shm_before = _private_tempdir(), _shm()
+    _byte_compile()
     started = datetime.datetime.now()
     import_all(contenders)
     figures = {name: {key: Figure(UNITS[key]) for key in columns(sizes)}
@@ -341,6 +355,7 @@ def render(sizes, figures, cells, live, left, started, args, baselines: list[Bas
         "median (min–max), **bold** where it is the best of its column; ×p = the median ÷ the best "
         f"peer's (the best contender not mpnb; ×r = ÷ {REFERENCE}'s where no peer ran); "
         "×f = the median ÷ the floor's or the ideal's (the last rows, measured in the same rounds).",
+        "mpnb's and the benchmark's modules are byte-compiled first, as an install is.",
         f"Machine: {machine()}.",
         f"Versions: {versions()}.",
     ]

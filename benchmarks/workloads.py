@@ -7,7 +7,8 @@ the same code, as the contenders run in the benchmark's own process.
 Workloads, per contender and round (2 workers each):
 
 - **cold start**: create the pool and run one trivial task, to its result
-  (with nothing left ready by an earlier pool: mpnb's spare workers are ended);
+  (with nothing left ready by an earlier pool: mpnb's spare workers are ended,
+  the standard library's forkserver is stopped);
 - **next pool**: the same, half a second after the round's pool closed:
   what a notebook's next ``with Pool() as pool:`` cell costs (no one runs
   cells faster; a forkserver is still running then, and mpnb adopts the

@@ -12,6 +12,7 @@ nothing heavy: it is loaded by every worker at start-up.
     engine                                           worker
     ------                                           ------
     (RUNS, [Run, ...])  ------------------------->   run each chunk in turn
+    (LOAD, call, fn)    ------------------------->   load a call's function (idle)
     STOP (None)         ------------------------->   leave the serve loop
     Boot (exec workers) ------------------------->   set up, then serve
                         <-------------------------   (HELLO, pid, monotonic time)
@@ -28,27 +29,30 @@ running.
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections import namedtuple
 
+# Mode and Kind are plain ints, not enum.IntEnum: enum adds 2 ms to every
+# worker's start, and an IntEnum member pickles by a call of Python code
 
-class Mode(enum.IntEnum):
-    """How a task's item becomes a call of its function."""
+
+class Mode:
+    """How a task's item becomes a call of its function (an int)."""
 
     ARG = 0  #: ``fn(item)``: map and imap over one iterable
     STAR = 1  #: ``fn(*item)``: starmap, and map over several iterables
     KWARGS = 2  #: ``fn(*item[0], **item[1])``: submit and apply
 
 
-class Kind(enum.IntEnum):
-    """The first field of every message."""
+class Kind:
+    """The first field of every message (an int)."""
 
     RUNS = 1  #: engine -> worker: chunks to run, of one call
     HELLO = 2  #: worker -> engine: ready to run tasks
     INIT_FAILED = 3  #: worker -> engine: its set-up (the initializer) raised
     RECORDS = 4  #: worker -> engine: outcomes of tasks
     PROGRESS = 5  #: worker -> engine: how far the running task is (a :data:`Progress`)
+    LOAD = 6  #: engine -> worker: ``(LOAD, call, fn_data)``, a call's function to load while idle
 
 
 #: what the engine sends to make a worker leave its loop
@@ -60,7 +64,7 @@ STOP = None
 #: used first out); ``items_data`` the pickled list of items; ``flush_each``
 #: asks for a record after every task, each run alone (the call has a
 #: timeout, or the chunk runs carefully after a crash in a batch);
-#: ``mode`` is a :class:`Mode`.
+#: ``mode`` is one of :class:`Mode`'s ints.
 Run = namedtuple("Run", "seq count call fn_data items_data flush_each mode")
 
 #: outcomes of the tasks of chunk ``seq`` from position ``first`` on:

@@ -28,13 +28,12 @@ imports nothing heavy: it is the first thing a worker loads.
 
 from __future__ import annotations
 
+import _thread
 import io
 import mmap
 import os
-import signal
 import struct
 import sys
-import threading
 import time
 from collections import OrderedDict
 
@@ -45,7 +44,13 @@ from mpnb._task import Failure, caller, dumps, dumps_plain, hide_frames_of, load
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a worker 3 ms of start-up
+    import signal
+    import threading
     from typing import Any
+else:
+    # the C module: signal's enums cost a worker 2 ms of start-up (and
+    # threading 1 ms, imported when the worker starts a thread)
+    import _signal as signal
 
 hide_frames_of(__file__)
 
@@ -138,7 +143,7 @@ class _Worker:
         self.pending: list[Record] = []  # records not sent yet
         self.last_sent = time.monotonic()
         # a task's own threads may report progress while this one sends records
-        self.send_lock = threading.Lock()
+        self.send_lock = _thread.allocate_lock()
         self.seq = -1  # the chunk running now, for progress reports
         #: (values, first) while tasks run in one C call (see _run_tasks)
         self.batch: tuple[list, int] | None = None
@@ -178,6 +183,8 @@ class _Worker:
                 if batch is not None:
                     reached[4] = batch[1] + len(batch[0])
 
+        import threading
+
         self.batch_look = threading.Thread(target=look, name="mpnb-batch-look", daemon=True)
         self.batch_look.start()
 
@@ -209,6 +216,15 @@ class _Worker:
         if isinstance(value, BaseException):
             raise value
         return value
+
+    def preload(self, key: int, data: bytes) -> None:
+        """Load a call's function while idle (its module's import too), so
+        that this worker's first task of the call does not wait for it; a
+        failure is kept, and fails the call's chunks as loading them would."""
+        try:
+            self.function(key, data)
+        except BaseException:  # noqa: S110  (kept in the cache, see function())
+            pass
 
     def run_chunk(self, run: Run, last: bool) -> None:
         """Run one chunk; report columns: values, failures by position,
@@ -329,6 +345,9 @@ class _Worker:
                 return  # the parent is gone or closed the connection
             if message is STOP:
                 return
+            if message[0] == Kind.LOAD:
+                self.preload(message[1], message[2])
+                continue
             runs = [Run._make(run) for run in message[1]]  # plain tuples on the wire
             if not self.pending:
                 # records go out when the message's last chunk ends, or once
@@ -584,7 +603,7 @@ def _die_with_parent(parent: int, mark: str) -> None:
 
     if parent_gone():
         _end_with_tree()
-    threading.Thread(target=watch, name="mpnb-parent-watch", daemon=True).start()
+    _thread.start_new_thread(watch, ())  # not threading's: its import costs a worker 1 ms of start-up
 
 
 def _start_guardian(mark: str, libc, owner: int | None) -> None:

@@ -39,7 +39,7 @@ class Call:
 
     _ids = itertools.count()
 
-    def __init__(self, fn: Callable | None, fn_bytes: bytes | None, timeout: float | None, mode: Mode,
+    def __init__(self, fn: Callable | None, fn_bytes: bytes | None, timeout: float | None, mode: int,
                  future: Future | None = None):
         self.id = next(self._ids)
         self.fn = fn  # for an engine that runs tasks in this process
@@ -206,7 +206,7 @@ class Chunk:
         return Chunk(self.call, [self.indices[p] for p in positions], [self.items[p] for p in positions], None)
 
 
-def arguments(mode: Mode, item: Any) -> tuple[tuple, dict]:
+def arguments(mode: int, item: Any) -> tuple[tuple, dict]:
     """A task's item as the ``(args, kwargs)`` its function is called with."""
     if mode is Mode.ARG:
         return (item,), {}

@@ -213,7 +213,7 @@ class Pool(MultiprocessingAPI, Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown: this mpnb.Pool's "
                                "workers were stopped as the interpreter exits")
 
-    def _new_call(self, fn: Callable, timeout: float | None, mode: Mode, future: Future | None = None,
+    def _new_call(self, fn: Callable, timeout: float | None, mode: int, future: Future | None = None,
                   kind: type[Call] = Call, cache: Any = None) -> Call:
         if not callable(fn):
             raise TypeError(f"the pool needs a callable, not a {type(fn).__name__}")

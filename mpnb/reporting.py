@@ -34,13 +34,14 @@ a worker has not loaded already.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
-import threading
 import time
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs a worker 3 ms
+if TYPE_CHECKING:  # typing costs a worker 3 ms; threading, 1 ms (imported when a thread starts)
+    import threading
     from typing import Any, Callable, Iterable, Iterator
 
     #: ``sink(done, total, note)`` sends one update to the parent
@@ -57,7 +58,7 @@ MAX_NOTE = 80
 #: running now.  A process a task forked (another pid) must not write into
 #: the worker's pipe.
 process_sink: "tuple[int, Sink, Callable[[], Any]] | None" = None
-_threads = threading.local()  # .sink on a dask worker's thread running an mpnb task
+_threads = _thread._local()  # .sink on a dask worker's thread running an mpnb task
 
 # -- a local worker: report() stores, a thread sends
 #: ``[on, done, total, note]``: ``on`` while the worker's sending thread
@@ -153,6 +154,8 @@ def _start_sender(found: "tuple[int, Sink, Callable[[], Any]]") -> None:
     global _sender
     _local[0] = True
     if _sender is None or not _sender.is_alive():
+        import threading
+
         _sender = threading.Thread(target=_send_latest, args=(found,), name="mpnb-progress", daemon=True)
         _sender.start()
 
@@ -230,6 +233,8 @@ def _send(sink: "Sink", done: Any, total: Any, note: Any) -> None:
 def _start_flusher() -> None:
     global _flusher
     if _flusher is None or not _flusher.is_alive():
+        import threading
+
         _flusher = threading.Thread(target=_flush, name="mpnb-progress-stride", daemon=True)
         _flusher.start()
 

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 import mpnb
-from kernel import TAG_VAR
+from kernel import TAG_VAR, wait_until
 
 PROBE = '''
 import importlib
@@ -39,6 +39,16 @@ def path(_):
 
 def call_exit(code):
     exit(code)
+
+
+def loaded(names):
+    return [name for name in names if name in sys.modules]
+
+
+def where(name):
+    import os
+
+    return os.getpid(), name in sys.modules
 
 
 def spawn_flags(_):
@@ -146,3 +156,32 @@ def test_processes_a_task_spawns_get_the_parents_interpreter_flags(probe, tag):
 
     with mpnb.Pool(1, context="exec", live=False, env={TAG_VAR: tag}) as pool:
         assert pool.map(probe.spawn_flags, [None]) == [subprocess._args_from_interpreter_flags()]
+
+
+#: what an exec worker has not loaded when its first task starts: each costs
+#: every worker's start (a cold pool's first result) a millisecond or more
+HEAVY = ("enum", "signal", "threading", "typing", "re", "logging", "pickle", "inspect", "pathlib",
+         "subprocess", "tempfile", "multiprocessing", "cloudpickle", "numpy")
+
+
+def test_an_exec_worker_starts_without_heavy_modules(probe, tag):
+    """The worker module and its set-up import only C modules and a few
+    light ones: nothing above is loaded before a task needs it."""
+    with mpnb.Pool(1, context="exec", live=False, env={TAG_VAR: tag}) as pool:
+        assert pool.map(probe.loaded, [HEAVY]) == [[]]
+
+
+def test_an_idle_worker_loads_a_calls_function_while_another_runs_it(probe, tag, tmp_path):
+    """A call's function goes to the idle workers as its first task goes to
+    one: they import its module then, not at their first task of it."""
+    (tmp_path / "probe" / "second.py").write_text("def same(x):\n    return x\n")
+    second = importlib.import_module("second")
+    try:
+        with mpnb.Pool(2, context="exec", live=False, env={TAG_VAR: tag}) as pool:
+            wait_until(lambda: sum(r.state == "idle" for r in pool.monitor.snapshot()) == 2, "two idle workers")
+            assert pool.apply(second.same, (1,)) == 1  # one worker runs it
+            found = pool.map(probe.where, ["second"] * 2, chunksize=1)
+    finally:
+        sys.modules.pop("second", None)
+    assert len({pid for pid, _ in found}) == 2, found  # one task each
+    assert all(loaded for _, loaded in found), found

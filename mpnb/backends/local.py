@@ -66,6 +66,9 @@ _LOAD_GRACE = 30.0
 _AHEAD_SECONDS = 0.01
 # and at most this many chunks per worker
 _MAX_AHEAD = 64
+# a call's function pickled in at most this many bytes goes to the idle
+# workers that lack it as soon as the call is sent (see _preload)
+_PRELOAD_BYTES = 16 * 1024
 # functions whose pace the engine remembers from one call to the next
 _PACES_KEPT = 32
 # consecutive workers that die before they are ready before the engine gives up
@@ -108,6 +111,20 @@ class _WorkerState:
             yield n, chunk, range(self.next_pos if n == 0 else 0, len(chunk.indices))
 
 
+def _cached(state: _WorkerState, call_id: int) -> bool:
+    """Whether the worker has the call's function cached; it has once this
+    returns.  The mirror of the worker's cache (``_worker._Worker.function``):
+    both must change in exactly the same way."""
+    functions = state.functions
+    had = call_id in functions
+    if not had:
+        functions[call_id] = None
+        while len(functions) > FUNCTION_CACHE_SIZE:
+            functions.popitem(last=False)
+    functions.move_to_end(call_id)
+    return had
+
+
 class LocalEngine(EngineBase):
     """Runs chunks on worker processes of this machine (see the module docstring)."""
 
@@ -140,6 +157,8 @@ class LocalEngine(EngineBase):
         self._cancels: list[tuple[set[int], threading.Event]] = []
         # seconds per task of recent functions, by Call.pace_key
         self._paces: OrderedDict[int, float] = OrderedDict()
+        # (call id, pickled function) of the chunk sent last, if small (see _preload)
+        self._latest: tuple[int, bytes] | None = None
 
     # -- the contract
 
@@ -167,6 +186,7 @@ class LocalEngine(EngineBase):
             # dispatch first: it may drop the last queued chunks (cancelled
             # futures), and then nothing would wake the wait below (gh-94440)
             self._dispatch()
+            self._preload()
             if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
                 return
             self._wait_and_handle()
@@ -386,15 +406,9 @@ class LocalEngine(EngineBase):
             except BaseException as exc:  # SystemExit too: this thread must live on
                 self._fail_unpicklable(chunk, exc)
                 return None
-        # mirror of the worker's function cache (see _worker._Worker.function)
-        if call.id in state.functions:
-            fn_data = None
-        else:
-            fn_data = call.fn_bytes
-            state.functions[call.id] = None
-            while len(state.functions) > FUNCTION_CACHE_SIZE:
-                state.functions.popitem(last=False)
-        state.functions.move_to_end(call.id)
+        fn_data = None if _cached(state, call.id) else call.fn_bytes
+        if call.fn_bytes is not None and len(call.fn_bytes) <= _PRELOAD_BYTES:
+            self._latest = call.id, call.fn_bytes
         now = time.monotonic()
         if not state.chunks:
             state.next_pos, state.since = 0, now
@@ -403,6 +417,24 @@ class LocalEngine(EngineBase):
         state.tasks += len(chunk.indices)
         return Run(chunk.seq, len(chunk.indices), call.id, fn_data, chunk.data,
                    call.timeout is not None or chunk.careful, int(call.mode))
+
+    def _preload(self) -> None:
+        """Send the latest call's function to each idle worker that lacks it,
+        so that it imports the function's module now, while another worker
+        runs the call's first tasks, and not at its own first task of it (the
+        next call's).  Small functions only: the message must not fill a pipe."""
+        if self._latest is None:
+            return
+        call_id, fn_data = self._latest
+        for state in self.workers.values():
+            if (state.chunks or not state.ready or not state.open or state.kill_reason is not None
+                    or state.retired is not None or call_id in state.functions or self._spent(state)):
+                continue
+            _cached(state, call_id)
+            try:
+                state.handle.conn.send_bytes(pickle.dumps((Kind.LOAD, call_id, fn_data), pickle.HIGHEST_PROTOCOL))
+            except OSError:
+                state.open = False  # dead: its sentinel fires
 
     def _fail_unpicklable(self, chunk: Chunk, exc: BaseException) -> None:
         """Each task of a chunk whose items do not pickle fails with the doctor's sentence."""
