@@ -45,11 +45,10 @@ from mpnb._task import Failure, caller, dumps, dumps_plain, hide_frames_of, load
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a worker 3 ms of start-up
     import signal
-    import threading
     from typing import Any
 else:
-    # the C module: signal's enums cost a worker 2 ms of start-up (and
-    # threading 1 ms, imported when the worker starts a thread)
+    # the C module: signal's enums cost a worker 2 ms of start-up (its
+    # threads start with _thread: threading costs 1 ms more, 4 ms cold)
     import _signal as signal
 
 hide_frames_of(__file__)
@@ -147,7 +146,7 @@ class _Worker:
         self.seq = -1  # the chunk running now, for progress reports
         #: (values, first) while tasks run in one C call (see _run_tasks)
         self.batch: tuple[list, int] | None = None
-        self.batch_look: threading.Thread | None = None
+        self.batch_look = False  # the thread of _look_at_batches runs
         reporting.process_sink = (os.getpid(), self.send_progress, self.running)  # mpnb.report sends here
 
     def report(self, record: Record, flush: bool) -> None:
@@ -183,10 +182,8 @@ class _Worker:
                 if batch is not None:
                     reached[4] = batch[1] + len(batch[0])
 
-        import threading
-
-        self.batch_look = threading.Thread(target=look, name="mpnb-batch-look", daemon=True)
-        self.batch_look.start()
+        _thread.start_new_thread(look, ())  # not threading's: see the imports
+        self.batch_look = True
 
     def send_progress(self, done: float, total: float | None, note: str | None) -> None:
         """``mpnb.report`` of the running task (throttled by the caller); an
@@ -320,7 +317,7 @@ class _Worker:
         position[1] = pos
         reporting.task_starts()[1] = None
         self.batch = (values, first)  # which task runs: first + len(values)
-        if self.batch_look is None:
+        if not self.batch_look:
             self._look_at_batches()
         while pos < end:
             try:

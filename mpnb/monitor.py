@@ -96,10 +96,17 @@ class Monitor:
     # ------------------------------------------------------------- writers
 
     def _emit(self, count: int, kind: str, payload: tuple) -> None:
-        self._log.append((self._logged, count, kind, payload))
+        log = self._log
+        log.append((self._logged, count, kind, payload))
         self._logged += count
-        while self._log and self._logged - self._log[0][0] > EVENT_HISTORY:
-            self._log.popleft()
+        # entries wholly before the history go, a few per new one: an entry
+        # of a whole chunk's tasks would otherwise drop thousands of one-task
+        # entries at once, on the engine's thread (events() reads no further)
+        oldest = self._logged - EVENT_HISTORY
+        for _ in range(4):
+            if len(log) < 2 or log[0][0] + log[0][1] > oldest:
+                break
+            log.popleft()
 
     def worker_starting(self, worker: int, pid: int, current: Callable[[], tuple[int, int, float]],
                         rank: int | None = None, device: str | None = None, memory_limit: int | None = None) -> None:
@@ -260,8 +267,9 @@ class Monitor:
         last :data:`EVENT_HISTORY` events are kept.
         """
         with self._lock:
-            entries = [e for e in self._log if e[0] + e[1] > since]
             logged = self._logged
+            since = max(since, logged - EVENT_HISTORY)
+            entries = [e for e in self._log if e[0] + e[1] > since]
         events: list[Event] = []
         for first, count, kind, payload in entries:
             expanded = _expand(kind, payload)

@@ -41,7 +41,7 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as wait_for
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import errors
 from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Progress, Record, Run
@@ -531,7 +531,7 @@ class LocalEngine(EngineBase):
         one call's records at once: at chunksize 1 a message holds many
         chunks, and the caller's lock is then taken once, not per chunk."""
         call: Call | None = None
-        indices: list[int] = []
+        indices: list[Sequence[int]] = []  # each record's, joined at delivery
         values: list[Any] = []
         failed: list[int] = []
         output: dict[int, list] = {}
@@ -541,16 +541,16 @@ class LocalEngine(EngineBase):
                 continue
             chunk_call, outcomes = got
             if call is not None and (chunk_call is not call or call.future is not None):
-                call.deliver(indices, values, failed, output)
+                call.deliver(_joined(indices), values, failed, output)
                 indices, values, failed, output = [], [], [], {}
             call = chunk_call
-            indices += outcomes.indices
+            indices.append(outcomes.indices)
             values += outcomes.values
             failed += outcomes.failed
             if outcomes.output:
                 output.update(outcomes.output)
         if call is not None:
-            call.deliver(indices, values, failed, output)
+            call.deliver(_joined(indices), values, failed, output)
 
     def _on_record(self, state: _WorkerState, record: Record) -> tuple[Call, Outcomes] | None:
         """Note ``record`` in the monitor; its call and outcomes, to deliver (None: ignored)."""
@@ -745,6 +745,18 @@ def _chunk_seconds(chunk: Chunk) -> float | None:
     """How long ``chunk`` should take in a worker, once its call's pace is known."""
     pace = chunk.call.task_seconds
     return None if pace is None else pace * len(chunk.indices)
+
+
+def _joined(pieces: list[Sequence[int]]) -> Sequence[int]:
+    """The task indices of several records as one sequence: one range when
+    they are ranges that follow each other (a map's usual case), so that no
+    list of every index is built."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if all(type(p) is range and p.step == 1 for p in pieces) and all(
+            a.stop == b.start for a, b in zip(pieces, pieces[1:])):  # type: ignore[attr-defined]
+        return range(pieces[0].start, pieces[-1].stop)  # type: ignore[attr-defined]
+    return [i for piece in pieces for i in piece]
 
 
 def _reserve_ok(chunk: Chunk) -> bool:
