@@ -261,13 +261,14 @@ def read_record(chunk: Chunk, record: Record, place: str) -> Outcomes:
         values = _unpack(values, first, unloadable)
     errors: dict[int, str] = {}
     failed = []
-    for pos, failure in itertools.chain(record.failures.items(), unloadable.items()):
-        index = chunk.indices[pos]
-        exc = failure_here(failure, f"{describe(call, index, chunk.items[pos])} {place}")
-        values[pos - first] = exc
-        failed.append(index)
-        errors[index] = f"{type(exc).__name__}: {exc}"
-    output = {chunk.indices[pos]: segments for pos, segments in record.outputs.items()}
+    if record.failures or unloadable:  # (at chunksize 1 a record per task: the usual case skips this)
+        for pos, failure in itertools.chain(record.failures.items(), unloadable.items()):
+            index = chunk.indices[pos]
+            exc = failure_here(failure, f"{describe(call, index, chunk.items[pos])} {place}")
+            values[pos - first] = exc
+            failed.append(index)
+            errors[index] = f"{type(exc).__name__}: {exc}"
+    output = {chunk.indices[pos]: segments for pos, segments in record.outputs.items()} if record.outputs else {}
     return Outcomes(chunk.indices[first : first + len(values)], values, failed, errors, output)
 
 

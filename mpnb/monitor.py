@@ -171,22 +171,29 @@ class Monitor:
         timed ones ran evenly between their times.  ``errors`` maps the
         failed ones to a one-line description.  ``ended``: the seq of the
         chunk these tasks ended, as :meth:`chunk_ended` (one lock, not two)."""
-        if not indices:
-            if ended is not None:
-                self.chunk_ended(worker, ended)
-            return
+        self.runs_ended(worker, pid, [(call, indices, starts, end, errors, ended)])
+
+    def runs_ended(self, worker: int, pid: int, runs: list[tuple]) -> None:
+        """Several :meth:`tasks_ended` of one worker, each ``(call, indices,
+        starts, end, errors, ended)``, under one lock and as one log entry
+        (the records of one message: at chunksize 1, one per task)."""
         with self._lock:
-            if ended is not None:
-                self._chunk_ended(worker, ended)
-            self._emit(2 * len(indices), "tasks", (worker, pid, call, indices, starts, end, errors))
             row = self._rows.get(worker)
-            if row is not None:
-                row.failed += len(errors)
-                row.done += len(indices) - len(errors)
-            counts = self._counts.get(call)
-            if counts is not None:
-                counts[0] += len(indices) - len(errors)
-                counts[1] += len(errors)
+            count = 0
+            for call, indices, _, _, errors, ended in runs:
+                if ended is not None:
+                    self._chunk_ended(worker, ended)
+                done, failed = len(indices) - len(errors), len(errors)
+                count += 2 * len(indices)
+                if row is not None:
+                    row.failed += failed
+                    row.done += done
+                counts = self._counts.get(call)
+                if counts is not None:
+                    counts[0] += done
+                    counts[1] += failed
+            if count:
+                self._emit(count, "runs", (worker, pid, runs))
 
     def task_progress(self, worker: int, seq: int, position: int, done: float, total: float | None,
                       note: str | None) -> None:
@@ -327,7 +334,13 @@ def _expand(kind: str, payload: tuple) -> list[Event]:
     if kind == "one":
         cls, fields = payload
         return [cls(*fields)]
-    worker, pid, call, indices, starts, end, errors = payload
+    worker, pid, runs = payload
+    return [event for call, indices, starts, end, errors, _ in runs
+            for event in _run_events(worker, pid, call, indices, starts, end, errors)]
+
+
+def _run_events(worker: int, pid: int, call: int, indices: Sequence[int], starts: list[float] | dict[int, float],
+                end: float, errors: dict[int, str]) -> list[Event]:
     if isinstance(starts, dict):
         starts = _spread(starts, len(indices), end)
     events: list[Event] = []

@@ -531,29 +531,37 @@ class LocalEngine(EngineBase):
         one call's records at once: at chunksize 1 a message holds many
         chunks, and the caller's lock is then taken once, not per chunk."""
         call: Call | None = None
+        runs: list[tuple] = []  # for the monitor, told before delivery (see _on_record)
         indices: list[Sequence[int]] = []  # each record's, joined at delivery
         values: list[Any] = []
         failed: list[int] = []
         output: dict[int, list] = {}
+        worker, pid = state.who
         for record in records:
             got = self._on_record(state, record)
             if got is None:
                 continue
-            chunk_call, outcomes = got
+            chunk_call, outcomes, run = got
             if call is not None and (chunk_call is not call or call.future is not None):
+                self.monitor.runs_ended(worker, pid, runs)
                 call.deliver(_joined(indices), values, failed, output)
-                indices, values, failed, output = [], [], [], {}
+                runs, indices, values, failed, output = [], [], [], [], {}
             call = chunk_call
+            runs.append(run)
             indices.append(outcomes.indices)
             values += outcomes.values
             failed += outcomes.failed
             if outcomes.output:
                 output.update(outcomes.output)
         if call is not None:
+            self.monitor.runs_ended(worker, pid, runs)
             call.deliver(_joined(indices), values, failed, output)
 
-    def _on_record(self, state: _WorkerState, record: Record) -> tuple[Call, Outcomes] | None:
-        """Note ``record`` in the monitor; its call and outcomes, to deliver (None: ignored)."""
+    def _on_record(self, state: _WorkerState, record: Record) -> tuple[Call, Outcomes, tuple] | None:
+        """Read ``record``: its call, its outcomes to deliver, and what the
+        monitor is told of it (``Monitor.runs_ended``), before they are
+        delivered, so that a summary made when the caller wakes counts them;
+        None: ignored."""
         if not state.chunks or state.chunks[0].seq != record.seq:
             return None  # a chunk cancelled while it waited behind another call's task
         chunk = state.chunks[0]
@@ -570,9 +578,7 @@ class LocalEngine(EngineBase):
             state.chunks.popleft()
             state.next_pos = 0
             ended = record.seq
-        self.monitor.tasks_ended(state.handle.worker_id, pid, call.id, outcomes.indices, starts, record.end,
-                                 outcomes.errors, ended=ended)
-        return call, outcomes
+        return call, outcomes, (call.id, outcomes.indices, starts, record.end, outcomes.errors, ended)
 
     def _learn_pace(self, call: Call, seconds: float) -> None:
         """Update the call's seconds per task, and remember it for its function."""
