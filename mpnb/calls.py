@@ -208,9 +208,9 @@ class Chunk:
 
 def arguments(mode: int, item: Any) -> tuple[tuple, dict]:
     """A task's item as the ``(args, kwargs)`` its function is called with."""
-    if mode is Mode.ARG:
+    if mode == Mode.ARG:
         return (item,), {}
-    if mode is Mode.KWARGS:
+    if mode == Mode.KWARGS:
         return item
     return tuple(item), {}
 
@@ -219,7 +219,7 @@ def describe(call: Call, index: int, item: Any) -> str:
     """``task 3 (argument 7)``: how errors and views name a task."""
     args, kwargs = arguments(call.mode, item)
     label = f"task {index}"
-    if call.mode is Mode.ARG:
+    if call.mode == Mode.ARG:
         return f"{label} (argument {short_repr(args[0])})"
     parts = [short_repr(a) for a in args] + [f"{k}={short_repr(v)}" for k, v in kwargs.items()]
     return f"{label} (arguments ({', '.join(parts)}))"
