@@ -51,3 +51,23 @@ def test_bars_sit_on_a_seconds_axis():
     assert 'class="mpnb-task mpnb-cancelled"' in svg and "mpnb-failed" not in svg
     assert repr(timeline).startswith("<Timeline of call 0: 3 tasks on 2 workers over 2.30 s;")
     assert "no task of this call ran" in Timeline(5, [])._repr_svg_()
+
+
+def test_the_event_log_keeps_the_last_events_of_the_history_only():
+    """One-task records (chunksize 1), then a record of a whole large chunk:
+    the log drops old entries a few at a time, but ``events`` returns the
+    last ``EVENT_HISTORY`` events, the newest last, and counts every one."""
+    from mpnb.monitor import EVENT_HISTORY, Monitor, TaskFinished, TaskStarted
+
+    monitor = Monitor()
+    monitor.worker_starting(0, 1, lambda: (-1, -1, 0.0))
+    for index in range(EVENT_HISTORY):  # 2 events each
+        monitor.tasks_ended(0, 1, 7, [index], [float(index)], index + 0.5, {})
+    big = range(EVENT_HISTORY, EVENT_HISTORY + 3000)
+    monitor.runs_ended(0, 1, [(7, big, {0: 1e5}, 2e5, {}, None)])
+    events, cursor = monitor.events()
+    assert cursor == 2 * EVENT_HISTORY + 6000  # every event is counted
+    assert len(events) == EVENT_HISTORY
+    assert isinstance(events[-1], TaskFinished) and events[-1].index == big[-1]
+    assert isinstance(events[0], TaskStarted) and events[0].index == EVENT_HISTORY + 3000 - EVENT_HISTORY // 2
+    assert monitor.events(cursor)[0] == []
