@@ -1,11 +1,16 @@
 """Measuring memory, and turning repeated figures into a table.
 
 Memory is the proportional set size (PSS) summed over this process and all
-its descendants, as psutil reads it from ``/proc/<pid>/smaps_rollup``: a
-page shared by k processes counts 1/k in each, so an array mapped by the
-parent and every worker counts once, and a copy per worker counts once per
-copy.  A thread samples it every few milliseconds while a workload runs; the
-figure reported is the peak minus the value just before the workload.
+its descendants, read from ``/proc/<pid>/smaps_rollup``: a page shared by k
+processes counts 1/k in each, so an array mapped by the parent and every
+worker counts once, and a copy per worker counts once per copy.  Shared
+memory (files in ``/dev/shm``, shared anonymous mappings) is counted once,
+mapped or not: the machine's ``Shmem`` of ``/proc/meminfo`` in place of the
+processes' ``Pss_Shmem`` (a pool that writes an array into a file and maps
+it nowhere holds that memory all the same).  A thread samples it every few
+milliseconds while a workload runs; the figure reported is the peak minus
+the value just before the workload.  Where there is no ``Pss_Shmem`` (not
+Linux), psutil's PSS alone.
 """
 
 from __future__ import annotations
@@ -19,15 +24,45 @@ import psutil
 SAMPLE_EVERY = 0.01  # seconds
 
 
+def _rollup(pid: int) -> dict[str, int] | None:
+    """A process's ``smaps_rollup`` in bytes by field, or None where there is none."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _machine_shmem() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Shmem in /proc/meminfo")
+
+
 def tree_pss() -> int:
-    """Bytes of PSS of this process and its descendants."""
+    """Bytes of memory of this process and its descendants (see the module's text)."""
     me = psutil.Process()
-    total = 0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            total += proc.memory_full_info().pss
-        except psutil.Error:
-            pass  # ended between listing and reading
+    procs = [me, *me.children(recursive=True)]
+    if _rollup(me.pid) is None or "Pss_Shmem" not in _rollup(me.pid):
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:
+                pass  # ended between listing and reading
+        return total
+    total = _machine_shmem()
+    for proc in procs:
+        fields = _rollup(proc.pid)
+        if fields is not None:  # else it ended between listing and reading
+            total += fields["Pss"] - fields["Pss_Shmem"]
     return total
 
 

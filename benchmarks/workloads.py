@@ -18,7 +18,8 @@ Workloads, per contender and round (2 workers each):
 - **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
 - **CPU-bound**: 16 tasks of 0.25 s of CPU each; speed-up = 4 s / wall time;
 - **large array**: 8 tasks that each read the same 200 MB numpy array (time,
-  and extra memory: peak PSS of the process tree minus the value before);
+  and extra memory: peak PSS of the process tree, shared memory counted
+  once, minus the value before: see ``measure.py``);
 - **1 ms tasks**: 10,000 tasks of 1 ms of CPU each, the library's own
   chunking (tasks/s; the ideal is 2 workers × 1,000 tasks/s);
 - **1 MB results**: 200 tasks of 50 ms of CPU, each returning a 1 MB numpy

@@ -217,7 +217,10 @@ def pickling_error(exc: BaseException, where: str, args: tuple, kwargs: dict) ->
     """The error of a task whose arguments do not pickle: the pickle
     doctor's sentence (which argument, the path inside it, why, the fix)."""
     from mpnb.pickling import PicklingProblem, diagnose_call  # only on failure: it is slow to import
+    from mpnb.shared import NoRoomToShare
 
+    if isinstance(exc, NoRoomToShare):  # it pickles: there was no room to share it
+        return exc
     found = _diagnosis(lambda: diagnose_call(args, kwargs, by_value=True))
     if found is not None:
         err: BaseException = PicklingProblem(found)

@@ -9,8 +9,8 @@ directory where there is none) and pickled as a reference to that file::
     caller (pickling a chunk)              worker (unpickling it)
     -------------------------              ----------------------
     array seen first time in this call:    attach(path, dtype, shape, order)
-      write it to mpnb-shared-<pid>-...      mmap the file read-only
-      keep it mapped, remember its id        -> a read-only ndarray on the pages
+      write(2) it to mpnb-shared-<pid>-...   mmap the file read-only
+      remember its id                        -> a read-only ndarray on the pages
     seen again: the same reference         the same path again in this batch of
                                              chunks: the same mapping
     call ends (or is interrupted, or is    the worker forgets its mappings when
@@ -58,7 +58,7 @@ import tempfile
 import weakref
 from typing import Any, Literal
 
-__all__ = ["SHARE_BYTES", "backing_file", "shared_array"]
+__all__ = ["SHARE_BYTES", "NoRoomToShare", "backing_file", "shared_array"]
 
 #: arrays of at least this many bytes are shared rather than pickled per task
 SHARE_BYTES = int(os.environ.get("MPNB_SHARE_BYTES", 1 << 20))
@@ -92,6 +92,11 @@ def _is_shareable(obj: Any) -> bool:
     )
 
 
+class NoRoomToShare(OSError):
+    """A large array argument could not be written to shared memory (a full
+    ``/dev/shm``): the error of each task that has it, as it is."""
+
+
 class SharedArrays:
     """The arrays one call shares: written on first sight, unlinked by :meth:`release`."""
 
@@ -99,8 +104,8 @@ class SharedArrays:
         self._by_id: dict[int, tuple] = {}
         # the arrays are kept alive so that an id is never reused in this call
         self._arrays: list[Any] = []
-        self._files: list[tuple[str, mmap.mmap]] = []
-        self._finalizer = weakref.finalize(self, _unlink, self._files)
+        self._files: list[str] = []
+        self._finalizer = weakref.finalize(self, _unlink_all_paths, self._files)
         _sweep_dead_once()
 
     def reduce(self, array: Any) -> tuple | None:
@@ -119,22 +124,24 @@ class SharedArrays:
         return attach, args
 
     def _write(self, array: Any) -> tuple:
-        import numpy
-
         order: Order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
         path = _new_path()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._files.append(path)  # from now on: unlinked by release, whatever happens
         try:
-            os.ftruncate(fd, array.nbytes)
-            buffer = mmap.mmap(fd, array.nbytes)
-        except BaseException:
-            os.unlink(path)
-            raise
+            # written, not mapped and copied into: a write fills each page of
+            # /dev/shm once, where a mapping has it zeroed first and faults on
+            # every page (200 MB: 60 ms against 140 ms), and a full /dev/shm
+            # fails the write instead of killing this process with SIGBUS
+            for block in _blocks(array, order):
+                _write_all(fd, block)
+        except OSError as exc:
+            raise NoRoomToShare(exc.errno, f"sharing an array of shape {array.shape} and dtype {array.dtype} with "
+                          f"the workers needs {array.nbytes:,} bytes in {_directory()} ({exc.strerror}); "
+                          f"free some, give the machine (or container) a larger /dev/shm, or send large "
+                          f"arrays in the pipe instead with MPNB_SHARE_BYTES set above {array.nbytes}") from None
         finally:
             os.close(fd)
-        # kept mapped until release, so its pages count in this process's memory
-        self._files.append((path, buffer))
-        numpy.ndarray(array.shape, array.dtype, buffer=buffer, order=order)[...] = array
         return path, array.dtype, array.shape, order
 
     def release(self) -> None:
@@ -142,17 +149,31 @@ class SharedArrays:
         self._finalizer()
 
 
-def _unlink(files: list[tuple[str, mmap.mmap]]) -> None:
-    for path, buffer in files:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        try:
-            buffer.close()
-        except BufferError:  # a view of it is still alive here; it unmaps with that view
-            pass
-    files.clear()
+def _unlink_all_paths(paths: list[str]) -> None:
+    for path in paths:
+        _unlink_path(path)
+    paths.clear()
+
+
+def _blocks(array: Any, order: Order) -> Any:
+    """``array``'s bytes in ``order``, as buffers to write one after the
+    other: itself when it is contiguous, else copies of about 8 MB of rows."""
+    import numpy
+
+    if array.flags.c_contiguous or array.flags.f_contiguous:
+        yield array.reshape(-1, order=order).view(numpy.uint8)  # a view, not a copy
+        return
+    rows = max(1, (8 << 20) // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        yield numpy.ascontiguousarray(array[start:start + rows]).reshape(-1).view(numpy.uint8)
+
+
+def _write_all(fd: int, data: Any) -> None:
+    """Write all of ``data`` (a bytes-like object) to ``fd``."""
+    view = memoryview(data)
+    done = 0
+    while done < view.nbytes:
+        done += os.write(fd, view[done:done + (1 << 30)])
 
 
 def _sweep_dead_once() -> None:
@@ -423,9 +444,7 @@ def _write_result(raw: memoryview, path: str) -> tuple[str, int] | None:
     """Write a buffer into a new file; None when there is no room for it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        done = 0
-        while done < raw.nbytes:
-            done += os.write(fd, raw[done:])
+        _write_all(fd, raw)
     except OSError:
         os.unlink(path)
         return None

@@ -120,8 +120,9 @@ def test_calls_back_to_back_never_find_the_previous_file_mapped(pool):
 @pytest.mark.parametrize("make", [
     lambda: big(order="F"),
     lambda: big((2048, 1024))[::2, ::3],
+    lambda: big((4096, 1024))[:, ::2],  # 16 MB not contiguous: written in blocks of rows
     lambda: np.zeros(100_000, dtype=[("x", "<f8"), ("n", "<i4"), ("tag", "S4")]),
-], ids=["fortran", "strided", "structured"])
+], ids=["fortran", "strided", "strided-blocks", "structured"])
 def test_layouts_arrive_with_the_same_values(pool, make):
     array = make()
     if array.dtype.names:
@@ -186,3 +187,27 @@ def test_file_removed_after_an_interrupt(pool):
     interrupter.join()
     assert our_files() == []
     assert isinstance(pool.last_results[0], BaseException)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no file size limit to stand in for a full /dev/shm")
+def test_no_room_for_a_shared_array_is_a_clear_error_and_the_pool_serves_on(pool):
+    import resource
+
+    array = big()
+    # a file size limit fails the write as a full /dev/shm does (it would
+    # otherwise raise SIGXFSZ, whose default ends the process)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (array.nbytes // 2, hard))
+    try:
+        with pytest.raises(OSError) as caught:
+            pool.map(probe, [(array, i) for i in range(4)], chunksize=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(caught.value)
+    assert f"shape {array.shape}" in message and f"{array.nbytes:,} bytes" in message
+    assert "MPNB_SHARE_BYTES" in message and "/dev/shm" in message
+    assert our_files() == []
+    assert pool.map(probe, [(array, 0)])[0]["row"] == float(array[0].sum()), "the pool serves on"
+    assert our_files() == []
