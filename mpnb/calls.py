@@ -78,10 +78,12 @@ class Call:
             self.results = MapResults(n)
 
     def values(self) -> list[Any]:
-        """Every task's outcome by index, once all ended (a map's result)."""
+        """Every task's outcome by index, once all ended (a map's result):
+        a map's list of places itself, not a copy (nothing writes to it
+        once every task ended)."""
         results = self.results
         if type(results) is MapResults:
-            return results.slots[:]
+            return results.slots
         return list(map(results.__getitem__, range(self.total or len(results))))
 
     def release(self) -> None:

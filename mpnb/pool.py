@@ -352,7 +352,9 @@ class Pool(MultiprocessingAPI, Executor):
             raise TypeError("map() needs at least one iterable")
         iterables, chunksize = map_arguments(iterables, chunksize)
         if len(iterables) == 1:
-            return self._map(fn, list(iterables[0]), Mode.ARG, chunksize, timeout, on_error, cache)
+            items = iterables[0]  # a list is not copied (nor is it by multiprocessing.Pool.map)
+            return self._map(fn, items if type(items) is list else list(items), Mode.ARG, chunksize, timeout,
+                             on_error, cache)
         return self._map(fn, list(zip(*iterables)), Mode.STAR, chunksize, timeout, on_error, cache)
 
     def starmap(
