@@ -63,9 +63,9 @@ def group_stats(frame: Any) -> Any:
     return frame.groupby("key").agg(x_sum=("x", "sum"), y_mean=("y", "mean"), n=("x", "size"))
 
 
-def import_pandas(seconds: float) -> bool:
-    """Import pandas in this worker, then hold it ``seconds`` so that the next task goes to another."""
-    import pandas  # noqa: F401
-
+def import_module(args: tuple) -> bool:
+    """Import module ``name`` in this worker, then hold it ``seconds`` so that the next task goes to another."""
+    name, seconds = args
+    __import__(name)
     time.sleep(seconds)
     return True

@@ -4,7 +4,9 @@ Kept apart from :mod:`benchmarks.run` so that a child interpreter running an
 earlier mpnb (:mod:`benchmarks.baseline`) times exactly the same calls, with
 the same code, as the contenders run in the benchmark's own process.
 
-Workloads, per contender and round (2 workers each):
+Workloads, per contender and round (2 workers each; a round starts after
+:attr:`Sizes.settle` seconds of rest (3), so no round runs in the wake of the
+last one's large frees):
 
 - **cold start**: create the pool and run one trivial task, to its result
   (with nothing left ready by an earlier pool: mpnb's spare workers are ended,
@@ -17,7 +19,8 @@ Workloads, per contender and round (2 workers each):
 - **chunksize 1**: 2,000 trivial tasks, one per message (tasks/s);
 - **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
 - **CPU-bound**: 16 tasks of 0.25 s of CPU each; speed-up = 4 s / wall time;
-- **large array**: 8 tasks that each read the same 200 MB numpy array (time,
+- **large array**: 8 tasks that each read the same 200 MB numpy array (the
+  workers import numpy before, untimed; time,
   and extra memory: peak PSS of the process tree, shared memory counted
   once, minus the value before: see ``measure.py``);
 - **1 ms tasks**: 10,000 tasks of 1 ms of CPU each, the library's own
@@ -41,7 +44,7 @@ import numpy as np
 
 from benchmarks.contenders import WORKERS, Contender
 from benchmarks.measure import Figure, PeakMemory
-from benchmarks.tasks import array_sum, burn, burn_returning, group_stats, identity, import_pandas, make_array
+from benchmarks.tasks import array_sum, burn, burn_returning, group_stats, identity, import_module, make_array
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,16 @@ class Sizes:
     out_tasks: int = 8
     frame_rows: int = 4_000_000
     frame_parts: int = 8
+    # seconds of rest before each contender's round: CPU-bound tasks started within a
+    # second or two of the round before freeing its large arrays ran up to 3 % slower
+    # (measured: 1.93-1.95x against 1.98x after 4 s), whoever came next
+    settle: float = 3.0
 
 
 # 3 rounds: with the last four workloads a round of every contender takes about 3 minutes on 2 cores
 FULL = Sizes(rounds=3, tasks=2000, auto=20_000, cpu_tasks=16, cpu_seconds=0.25, array_mb=200)
 QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, array_mb=20,
-              ms_tasks=500, mb_tasks=20, mb_seconds=0.01, out_mb=10, frame_rows=200_000)
+              ms_tasks=500, mb_tasks=20, mb_seconds=0.01, out_mb=10, frame_rows=200_000, settle=0.1)
 MS_TASK = 0.001  # seconds of CPU per task of the 1 ms workload
 NEXT_POOL_PAUSE = 0.5  # seconds between a pool's close and the next pool (a notebook's next cell)
 
@@ -151,6 +158,7 @@ def _check(contender: Contender, got, want, what: str) -> None:
 def one_round(contender: Contender, sizes: Sizes, data: Data, figures: dict[str, Figure]) -> None:
     """Every workload once on one fresh pool of ``contender``, then the next pool's start."""
     contender.forget()
+    time.sleep(sizes.settle)
     try:  # a pool that failed any workload, even the first, is still closed
         _small_tasks(contender, sizes, figures)
         _arrays_in(contender, sizes, data, figures)
@@ -194,7 +202,16 @@ def _small_tasks(contender: Contender, sizes: Sizes, figures: dict[str, Figure])
     figures["ms1"].values.append(sizes.ms_tasks / seconds)
 
 
+def _import_in_workers(contender: Contender, module: str) -> None:
+    """Have each worker import ``module`` (untimed): one task each, held long enough that the next goes to another."""
+    contender.map(import_module, [(module, 0.05)] * WORKERS, 1)
+
+
 def _arrays_in(contender: Contender, sizes: Sizes, data: Data, figures: dict[str, Figure]) -> None:
+    # the workers import numpy first, untimed, as for pandas: a fork-started one
+    # (or joblib's, at its first task) has it already, and the import (30-50 ms
+    # and some 10 MB per worker) is not the array's move
+    _import_in_workers(contender, "numpy")
     items = [(data.array, i) for i in range(sizes.array_tasks)]
     with PeakMemory() as memory:
         seconds, got = _timed(contender.map, array_sum, items, 1)
@@ -230,7 +247,7 @@ def _pandas(contender: Contender, data: Data, figures: dict[str, Figure]) -> Non
 
     # the workers import pandas first, untimed: a fork-started one has it already, and
     # the import (about 0.5 s) would otherwise outweigh what the pools do
-    contender.map(import_pandas, [0.05] * WORKERS, 1)
+    _import_in_workers(contender, "pandas")
     seconds, got = _timed(lambda: pd.concat(contender.map(group_stats, data.parts, 1)).sort_index())
     try:
         pd.testing.assert_frame_equal(got, data.grouped)
