@@ -136,10 +136,12 @@ class SharedArrays:
             for block in _blocks(array, order):
                 _write_all(fd, block)
         except OSError as exc:
-            raise NoRoomToShare(exc.errno, f"sharing an array of shape {array.shape} and dtype {array.dtype} with "
-                          f"the workers needs {array.nbytes:,} bytes in {_directory()} ({exc.strerror}); "
-                          f"free some, give the machine (or container) a larger /dev/shm, or send large "
-                          f"arrays in the pipe instead with MPNB_SHARE_BYTES set above {array.nbytes}") from None
+            raise NoRoomToShare(
+                exc.errno,
+                f"sharing an array of shape {array.shape} and dtype {array.dtype} with the workers needs "
+                f"{array.nbytes:,} bytes in {_directory()} ({exc.strerror}); free some, give the machine (or "
+                f"container) a larger /dev/shm, or send large arrays in the pipe instead with MPNB_SHARE_BYTES "
+                f"set above {array.nbytes}") from None
         finally:
             os.close(fd)
         return path, array.dtype, array.shape, order
