@@ -5,7 +5,7 @@ earlier mpnb (:mod:`benchmarks.baseline`) times exactly the same calls, with
 the same code, as the contenders run in the benchmark's own process.
 
 Workloads, per contender and round (2 workers each; a round starts after
-:attr:`Sizes.settle` seconds of rest (3; see :func:`_settle`), so no round runs
+:attr:`Sizes.settle` seconds of rest (5; see :func:`_settle`), so no round runs
 in the wake of the last one's large frees):
 
 - **cold start**: create the pool and run one trivial task, to its result
@@ -63,10 +63,10 @@ class Sizes:
     out_tasks: int = 8
     frame_rows: int = 4_000_000
     frame_parts: int = 8
-    # seconds of rest before each contender's round: CPU-bound tasks started within a
-    # second or two of the round before freeing its large arrays ran up to 3 % slower
+    # seconds of rest before each contender's round: CPU-bound tasks started within
+    # 3 s of the round before freeing its large arrays ran up to 3 % slower
     # (measured: 1.93-1.95x against 1.98x after 4 s), whoever came next
-    settle: float = 3.0
+    settle: float = 5.0
 
 
 # 3 rounds: with the last four workloads a round of every contender takes about 3 minutes on 2 cores

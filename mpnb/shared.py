@@ -101,7 +101,8 @@ class SharedArrays:
     """The arrays one call shares: written on first sight, unlinked by :meth:`release`."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, tuple] = {}
+        # by array id: its reference's arguments, or why it could not be written
+        self._by_id: dict[int, tuple | NoRoomToShare] = {}
         # the arrays are kept alive so that an id is never reused in this call
         self._arrays: list[Any] = []
         self._files: list[str] = []
@@ -119,15 +120,22 @@ class SharedArrays:
             return None
         args = self._by_id.get(id(array))
         if args is None:
-            args = self._by_id[id(array)] = self._write(array)
             self._arrays.append(array)
+            try:
+                args = self._write(array)
+            except NoRoomToShare as exc:  # every task that has it fails alike, with no second try
+                args = exc
+            self._by_id[id(array)] = args
+        if isinstance(args, NoRoomToShare):
+            raise NoRoomToShare(*args.args)  # a new one: each task's error has its own traceback
         return attach, args
 
     def _write(self, array: Any) -> tuple:
         order: Order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
         path = _new_path()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._files.append(path)  # from now on: unlinked by release, whatever happens
+        self._files.append(path)
+        written = False
         try:
             # written, not mapped and copied into: a write fills each page of
             # /dev/shm once, where a mapping has it zeroed first and faults on
@@ -135,6 +143,7 @@ class SharedArrays:
             # fails the write instead of killing this process with SIGBUS
             for block in _blocks(array, order):
                 _write_all(fd, block)
+            written = True
         except OSError as exc:
             raise NoRoomToShare(
                 exc.errno,
@@ -144,6 +153,9 @@ class SharedArrays:
                 f"set above {array.nbytes}") from None
         finally:
             os.close(fd)
+            if not written:  # what it holds of /dev/shm is freed at once
+                _unlink_path(path)
+                self._files.remove(path)
         return path, array.dtype, array.shape, order
 
     def release(self) -> None:

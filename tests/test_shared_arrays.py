@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import mpnb
-from mpnb.shared import SHARE_BYTES, backing_file
+from mpnb.shared import SHARE_BYTES, NoRoomToShare, backing_file
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -200,12 +200,14 @@ def test_no_room_for_a_shared_array_is_a_clear_error_and_the_pool_serves_on(pool
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (array.nbytes // 2, hard))
     try:
-        with pytest.raises(OSError) as caught:
-            pool.map(probe, [(array, i) for i in range(4)], chunksize=1)
+        results = pool.map(probe, [(array, i) for i in range(4)] + [(np.zeros(3), 0)], chunksize=2,
+                           on_error="collect")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
-    message = str(caught.value)
+    assert all(isinstance(r, NoRoomToShare) and isinstance(r, OSError) for r in results[:4]), results
+    assert results[4]["row"] == 0.0, "a task without the array runs"
+    message = str(results[0])
     assert f"shape {array.shape}" in message and f"{array.nbytes:,} bytes" in message
     assert "MPNB_SHARE_BYTES" in message and "/dev/shm" in message
     assert our_files() == []
