@@ -87,9 +87,14 @@ def memcpy(megabytes: int) -> float:
 
 
 def floor_round(sizes: Sizes, data, figures: dict[str, dict[str, Figure]]) -> None:
-    """One measurement of every floor and ideal, appended to ``figures[row][column]``:
-    the ones that allocate and free large arrays first, so that the next
-    contender's round starts as long after those frees as can be."""
+    """One measurement of every floor and ideal, appended to ``figures[row][column]``."""
+    for _ in range(3):  # each is short: three samples per round
+        seconds = fork_exec()
+        figures[FORK_EXEC]["cold"].values.append(seconds * 1e3)
+        figures[FORK_EXEC]["next"].values.append(seconds * 1e3)
+    trip = pipe_round_trip()
+    figures[PIPE]["warm"].values.append(trip * 1e3)
+    figures[PIPE]["cs1"].values.append(1 / trip)
     figures[MEMCPY]["array"].values.append(memcpy(sizes.array_mb))
     figures[MEMCPY]["out"].values.append(memcpy(sizes.out_mb) * sizes.out_tasks)
     ideal = figures[IDEAL]
@@ -100,10 +105,3 @@ def floor_round(sizes: Sizes, data, figures: dict[str, dict[str, Figure]]) -> No
     start = time.perf_counter()
     group_stats(data.whole)
     ideal["pandas"].values.append((time.perf_counter() - start) / WORKERS)
-    for _ in range(3):  # each is short: three samples per round
-        seconds = fork_exec()
-        figures[FORK_EXEC]["cold"].values.append(seconds * 1e3)
-        figures[FORK_EXEC]["next"].values.append(seconds * 1e3)
-    trip = pipe_round_trip()
-    figures[PIPE]["warm"].values.append(trip * 1e3)
-    figures[PIPE]["cs1"].values.append(1 / trip)
