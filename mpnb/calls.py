@@ -26,7 +26,8 @@ from mpnb._repr import short_repr
 from mpnb.errors import failure_here, note
 from mpnb.shared import SharedArrays
 
-__all__ = ["Call", "Chunk", "MapResults", "Outcomes", "arguments", "describe", "dump_items", "read_record", "task_errors"]
+__all__ = ["Call", "Chunk", "MapResults", "Outcomes", "arguments", "as_list", "describe", "dump_items", "read_record",
+           "task_errors"]
 
 
 class Call:
@@ -206,6 +207,11 @@ class Chunk:
         """A new chunk of the tasks at ``positions``, to run again."""
         positions = list(positions)
         return Chunk(self.call, [self.indices[p] for p in positions], [self.items[p] for p in positions], None)
+
+
+def as_list(items: Iterable[Any]) -> list[Any]:
+    """A map's items as a list: a list is not copied (nor does multiprocessing.Pool.map copy one)."""
+    return items if type(items) is list else list(items)
 
 
 def arguments(mode: int, item: Any) -> tuple[tuple, dict]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import backends, serialize, view
 from mpnb._protocol import Mode
-from mpnb.calls import Call, Chunk, arguments, describe, dump_items
+from mpnb.calls import Call, Chunk, arguments, as_list, describe, dump_items
 from mpnb.mpcompat import (
     AsyncResult,
     ClosedPoolError,
@@ -352,9 +352,7 @@ class Pool(MultiprocessingAPI, Executor):
             raise TypeError("map() needs at least one iterable")
         iterables, chunksize = map_arguments(iterables, chunksize)
         if len(iterables) == 1:
-            items = iterables[0]  # a list is not copied (nor is it by multiprocessing.Pool.map)
-            return self._map(fn, items if type(items) is list else list(items), Mode.ARG, chunksize, timeout,
-                             on_error, cache)
+            return self._map(fn, as_list(iterables[0]), Mode.ARG, chunksize, timeout, on_error, cache)
         return self._map(fn, list(zip(*iterables)), Mode.STAR, chunksize, timeout, on_error, cache)
 
     def starmap(
