@@ -64,8 +64,8 @@ class Sizes:
     frame_rows: int = 4_000_000
     frame_parts: int = 8
     # seconds of rest before each contender's round: CPU-bound tasks started within
-    # 3 s of the round before freeing its large arrays ran up to 3 % slower
-    # (measured: 1.93-1.95x against 1.98x after 4 s), whoever came next
+    # 2 s of this process freeing large arrays ran up to 5 % slower (measured:
+    # 1.88-1.95x in 5 of 8 tries, against 1.98x after 4 s), whoever came next
     settle: float = 5.0
 
 
