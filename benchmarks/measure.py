@@ -50,7 +50,7 @@ def tree_pss() -> int:
     """Bytes of memory of this process and its descendants (see the module's text)."""
     me = psutil.Process()
     procs = [me, *me.children(recursive=True)]
-    if _rollup(me.pid) is None or "Pss_Shmem" not in _rollup(me.pid):
+    if "Pss_Shmem" not in (_rollup(me.pid) or {}):
         total = 0
         for proc in procs:
             try:

@@ -468,8 +468,7 @@ def _write_result(raw: memoryview, path: str) -> tuple[str, int] | None:
 
 
 def _unlink_all(files: list[tuple[str, int]]) -> None:
-    for path, _ in files:
-        _unlink_path(path)
+    _unlink_all_paths([path for path, _ in files])
     files.clear()
 
 
