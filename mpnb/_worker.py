@@ -252,7 +252,7 @@ class _Worker:
         batch (:meth:`_run_batch`).  See docs/architecture.md."""
         capture, monotonic = self.capture, time.monotonic
         position, clock = self.position, self.clock
-        reported = reporting.task_starts()  # [1]: the latest mpnb.report, emptied as a task starts
+        reported = reporting.task_starts()  # the latest mpnb.report's done, emptied as a task starts
         segments: list[tuple[str, str]] = []
         capture.segments = segments
         first = check_at = pos = 0
@@ -292,7 +292,7 @@ class _Worker:
                     one_by_one, check_at = True, pos
                 continue
             position[1] = pos
-            reported[1] = None
+            reported.cell_contents = None
             try:
                 values.append(task(items[pos]))
             except BaseException as exc:
@@ -315,7 +315,7 @@ class _Worker:
         position[4] = pos
         position[3] = end
         position[1] = pos
-        reporting.task_starts()[1] = None
+        reporting.task_starts().cell_contents = None
         self.batch = (values, first)  # which task runs: first + len(values)
         if not self.batch_look:
             self._look_at_batches()
