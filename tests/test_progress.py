@@ -54,6 +54,20 @@ def bad_report():
         time.sleep(0.01)
     return "no TypeError"
 
+def report_late():
+    """Reports once, waits past the sending thread's look, reports 9 of 10,
+    and returns at once: that last report is still unsent as the next task starts."""
+    mpnb.report(1, 10, "first")
+    time.sleep(2.5 * mpnb.reporting.INTERVAL)  # half a look before the next
+    mpnb.report(9, 10, "first")
+    return "reported"
+
+def quiet(flag):
+    """Reports nothing; waits until the test creates ``flag``."""
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+    return "quiet"
+
 def bars(flag):
     """A tqdm bar that waits at 250 of 1000 until ``flag``, then prints once."""
     from tqdm.auto import tqdm
@@ -203,6 +217,25 @@ def test_text_view_shows_a_tasks_report_and_the_header_counts_it(tag, tmp_path, 
                  pool.monitor.snapshot)
         flag2.touch()
         assert looped.result(timeout=60) == sum(range(8))
+
+
+def test_a_tasks_report_is_never_shown_as_the_next_tasks(tag, tmp_path):
+    # one worker: task 0 reports 9/10 just before it returns; task 1 reports
+    # nothing, so its row must never show task 0's report
+    flag = tmp_path / "quiet"
+    with mpnb.Pool(1, env={TAG_VAR: tag}) as pool, released(flag):
+        first = pool.submit(TASKS["report_late"])
+        second = pool.submit(TASKS["quiet"], str(flag))
+        assert first.result(timeout=60) == "reported"
+        wait_for(second.running, "the quiet task sent to the worker", pool.monitor.snapshot)
+        # the sending thread looks every INTERVAL: give it ten looks while task 1 runs
+        deadline = time.monotonic() + 10 * reporting.INTERVAL
+        while time.monotonic() < deadline:
+            shown = [(r.note, r.task_done) for r in pool.monitor.snapshot() if r.task_done is not None]
+            assert not shown, f"the quiet task's row shows the task before's report: {shown}"
+            time.sleep(reporting.INTERVAL / 4)
+        flag.touch()
+        assert second.result(timeout=60) == "quiet"
 
 
 def test_widget_shows_reports_and_tqdm_bars_stay_out_of_the_cell(kernel, tmp_path):
