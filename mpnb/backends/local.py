@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import pickle
+import select
 import threading
 import time
 import traceback
@@ -40,7 +42,6 @@ import sys
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.connection import wait as wait_for
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import errors
@@ -79,7 +80,7 @@ _RETIRE_GRACE = 10.0
 
 class _WorkerState:
     __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
-                 "open", "started", "tasks", "retired", "rank", "memory", "peak", "measured")
+                 "open", "started", "tasks", "retired", "rank", "memory", "peak", "measured", "inbox")
 
     def __init__(self, handle: WorkerHandle, rank: int):
         self.handle = handle
@@ -100,6 +101,9 @@ class _WorkerState:
         self.memory = MemoryProbe(handle.pid)  # resident memory, when a limit is set
         self.peak = 0  # the most resident memory seen
         self.measured = 0  # its task count when it was last measured idle (soft_memory)
+        # whether a message waits, in one call (Connection.poll builds a selector each time)
+        self.inbox = select.poll()
+        self.inbox.register(handle.conn.fileno(), select.POLLIN)
 
     @property
     def who(self) -> tuple[int, int]:
@@ -148,6 +152,11 @@ class LocalEngine(EngineBase):
         self.workers: dict[int, _WorkerState] = {}
         self.queue: deque[Chunk] = deque()
         self._wake_r, self._wake_w = os.pipe()
+        # what the loop waits on, registered once, not per wait: each file
+        # descriptor and its worker, True for its connection, False for its
+        # sentinel (see _wait_and_handle)
+        self._poller = select.poll()
+        self._polled: dict[int, tuple[_WorkerState, bool] | None] = {}
         os.set_blocking(self._wake_w, False)
         # closed only when nobody can write to it any more (the read end closes when run() ends)
         weakref.finalize(self, os.close, self._wake_w)
@@ -445,29 +454,37 @@ class LocalEngine(EngineBase):
     # -- receiving
 
     def _wait_and_handle(self) -> None:
-        by_object: dict[Any, _WorkerState] = {}
-        waitables: list[Any] = [self._wake_r]
-        for state in self.workers.values():
-            if state.open:
-                waitables.append(state.handle.conn)
-                by_object[state.handle.conn] = state
-            waitables.append(state.handle.sentinel)
-            by_object[state.handle.sentinel] = state
-        ready = wait_for(waitables, timeout=self._next_wakeup())
-        if self._wake_r in ready:
-            os.read(self._wake_r, 4096)
+        ready = self._poller_for_workers().poll(_milliseconds(self._next_wakeup()))
+        polled = self._polled
         dead: list[_WorkerState] = []
-        for obj in ready:
-            found = by_object.get(obj)
+        for fd, _ in ready:  # any event: data, end of file, an error or a closed descriptor
+            found = polled.get(fd)
             if found is None:
-                continue
-            if obj is found.handle.conn:
-                self._read(found)
+                os.read(self._wake_r, 4096)
+            elif found[1]:
+                self._read(found[0])
             else:
-                dead.append(found)
+                dead.append(found[0])
         for state in dead:
             self._read(state)  # what it sent before it died
             self._on_death(state)
+
+    def _poller_for_workers(self) -> Any:
+        """The poller, registered for the wake pipe and each worker's
+        connection (while open) and sentinel: one ``poll`` call a wait, where
+        ``multiprocessing.connection.wait`` builds a selector each time."""
+        want: dict[int, tuple[_WorkerState, bool] | None] = {self._wake_r: None}
+        for state in self.workers.values():
+            if state.open:
+                want[state.handle.conn.fileno()] = (state, True)
+            want[state.handle.sentinel] = (state, False)
+        if want != self._polled:  # a worker came, left or closed its end
+            for fd in self._polled.keys() - want.keys():
+                self._poller.unregister(fd)
+            for fd in want:
+                self._poller.register(fd, select.POLLIN)
+            self._polled = want
+        return self._poller
 
     def _next_wakeup(self) -> float | None:
         if self._cancels or any(w.kill_reason for w in self.workers.values()):
@@ -490,7 +507,7 @@ class LocalEngine(EngineBase):
         conn = state.handle.conn
         while state.open:
             try:
-                if not conn.poll():
+                if not state.inbox.poll(0):
                     return
                 data = conn.recv_bytes()
             except (EOFError, OSError):
@@ -745,6 +762,12 @@ def _copy_of(error: BaseException) -> Callable[[str], BaseException]:
         return exc
 
     return make
+
+
+def _milliseconds(seconds: float | None) -> int | None:
+    """A wait in seconds as ``poll`` takes it: whole milliseconds, rounded
+    up (a wait must not end before its time); None: no end."""
+    return None if seconds is None else math.ceil(seconds * 1000)
 
 
 def _chunk_seconds(chunk: Chunk) -> float | None:
