@@ -137,6 +137,9 @@ class _Worker:
         self.position = memoryview(self.slot).cast("q")
         self.clock = memoryview(self.slot).cast("d")
         self.functions: OrderedDict[int, Any] = OrderedDict()
+        # (call, stride, time of the last reading) where the last chunk ended:
+        # the next chunk of the same call goes on from there, not from a stride of 1
+        self.pace: tuple[int, int, float] = (-1, 1, 0.0)
         _task.share_results = slot_path  # large results through shared memory, named after the slot
         self.capture = _Capture()
         self.pending: list[Record] = []  # records not sent yet
@@ -240,12 +243,12 @@ class _Worker:
         sys.stdout, sys.stderr = self.capture.stdout, self.capture.stderr
         self.seq = run.seq
         try:
-            record = self._run_tasks(run.seq, task, items, run.flush_each)
+            record = self._run_tasks(run.seq, task, items, run.flush_each, run.call)
         finally:
             sys.stdout, sys.stderr = saved
         self.report(record, last)
 
-    def _run_tasks(self, seq: int, task, items: list, flush_each: bool) -> Record:
+    def _run_tasks(self, seq: int, task, items: list, flush_each: bool, call: int) -> Record:
         """Run a chunk's tasks; the record of those not reported yet.  The clock
         is read before every task while tasks are slow, a timeout needs each start or a
         task printed, else ever more rarely; the tasks between two readings run as a
@@ -256,7 +259,8 @@ class _Worker:
         segments: list[tuple[str, str]] = []
         capture.segments = segments
         first = check_at = pos = 0
-        stride, checked, n = 1, 0.0, len(items)
+        n = len(items)
+        stride, checked = (self.pace[1], self.pace[2]) if self.pace[0] == call else (1, 0.0)
         values: list[Any] = []
         failures: dict[int, Failure] = {}
         outputs: dict[int, list] = {}
@@ -303,6 +307,7 @@ class _Worker:
                 capture.segments = segments = []
                 one_by_one = True
             pos += 1
+        self.pace = (call, stride, checked)
         return Record(seq, first, values, failures, outputs, starts, monotonic(), True)
 
     def _run_batch(self, task, items: list, pos: int, end: int, values: list, first: int,
