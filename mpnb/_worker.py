@@ -258,8 +258,7 @@ class _Worker:
         reported = reporting.task_starts()  # the latest mpnb.report's done, emptied as a task starts
         segments: list[tuple[str, str]] = []
         capture.segments = segments
-        first = check_at = pos = 0
-        n = len(items)
+        first, check_at, pos, n = 0, 0, 0, len(items)
         stride, checked = (self.pace[1], self.pace[2]) if self.pace[0] == call else (1, 0.0)
         values: list[Any] = []
         failures: dict[int, Failure] = {}

@@ -220,7 +220,7 @@ class Pool(MultiprocessingAPI, Executor):
         fn_bytes = None
         if not self._engine.in_process:
             try:
-                fn_bytes = serialize.dumps(fn)
+                fn_bytes = serialize.dumps_function(fn)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # SystemExit from a __reduce__ too

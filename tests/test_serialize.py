@@ -124,3 +124,33 @@ def test_plain_data_pickles_in_one_pass_and_all_else_is_refused():
         assert dumps_plain(value) is None, value
         assert dumps_plain([1, (2, value)]) is None, value
         assert dumps_plain({"k": [value]}) is None, value
+
+
+def test_a_function_found_by_name_is_pickled_once_while_its_name_finds_it(tmp_path, monkeypatch):
+    """A pool pickles its function at every call; one that pickles by
+    reference is pickled once, and again as soon as its name finds another
+    function or its module is registered to go by value."""
+    (tmp_path / "mpnb_probe_module.py").write_text("def f(x):\n    return x + 1\n\ndef g(x):\n    return x - 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mpnb_probe_module as module
+
+    try:
+        first = serialize.dumps_function(module.f)
+        assert first == pickle.dumps(module.f, pickle.HIGHEST_PROTOCOL)  # by reference
+        assert serialize.dumps_function(module.f) is first  # remembered
+        old = module.f
+        module.f = module.g  # the name now finds another function: the old one goes by value
+        by_value = serialize.dumps_function(old)
+        assert by_value != first and pickle.loads(by_value)(1) == 2
+        module.f = old
+        assert serialize.dumps_function(module.f) is first
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            shipped = serialize.dumps_function(module.f)
+            assert shipped != first and b"mpnb_probe_module" in shipped and pickle.loads(shipped)(1) == 2
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+        assert serialize.dumps_function(module.f) == first
+        assert serialize.dumps_function(lambda x: x) != serialize.dumps_function(lambda x: x + 1)
+    finally:
+        sys.modules.pop("mpnb_probe_module", None)
