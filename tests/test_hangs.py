@@ -186,6 +186,29 @@ def test_ctrl_c_in_future_result_stops_its_task_and_shutdown_does_not_wait(kerne
     assert after.stdout.strip() == "stopped"
 
 
+def test_ctrl_c_while_a_caller_sends_its_chunks_is_raised_once_they_are_sent():
+    """The local engine's submit sends the chunks from the caller's thread
+    while its loop waits; a KeyboardInterrupt in the middle (a message half
+    written to a worker) would break the engine, so SIGINT's handler runs
+    at the end of that block, and once."""
+    from mpnb.backends.local import _interrupts_held
+
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                for step in range(100_000):  # the handler would run at one of these
+                    steps.append(step)
+                steps.append("end of the block")
+        assert steps[-1] == "end of the block"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _read_until(kernel: Kernel, msg_id: str, text: str) -> None:
     seen = ""
     deadline = time.monotonic() + DEADLINE

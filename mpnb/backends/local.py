@@ -29,12 +29,14 @@ Workers are started by :class:`mpnb.backends.launcher.Launcher`; the wire is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import os
 import pickle
 import select
+import signal
 import threading
 import time
 import traceback
@@ -154,8 +156,11 @@ class LocalEngine(EngineBase):
         self._wake_r, self._wake_w = os.pipe()
         # what the loop waits on, registered once, not per wait: each file
         # descriptor and its worker, True for its connection, False for its
-        # sentinel (see _wait_and_handle)
+        # sentinel (see _on_ready)
         self._poller = select.poll()
+        # the engine's state is the loop's, except while a caller's thread
+        # dispatches its own submit (see submit); the loop lets it go while it waits
+        self._state_lock = threading.Lock()
         self._polled: dict[int, tuple[_WorkerState, bool] | None] = {}
         os.set_blocking(self._wake_w, False)
         # closed only when nobody can write to it any more (the read end closes when run() ends)
@@ -187,20 +192,53 @@ class LocalEngine(EngineBase):
 
     # -- the loop
 
+    def submit(self, chunks: list[Chunk]) -> None:
+        """Run these chunks: sent to the workers from the caller's thread
+        while the loop waits, which is woken only if it must look sooner than
+        it would; else (the loop is busy, or stopping) given to the loop.
+        The loop woken for every call would take the interpreter's lock
+        from the caller before it is asleep, in the middle of the call."""
+        if not self._state_lock.acquire(blocking=False):
+            super().submit(chunks)
+            return
+        wake: bool | None = True  # whatever happens here, the loop looks
+        try:
+            with _interrupts_held():  # a KeyboardInterrupt must not split a message to a worker
+                if not self.stopped.is_set():
+                    self._take_waiting()  # what other threads asked before
+                if self.stopping or self.stopped.is_set():
+                    wake = None  # the loop answers, as after a shutdown
+                else:
+                    self._on_submit(chunks)
+                    self._dispatch()
+                    self._preload()
+                    wake = bool(self.queue) or self._next_wakeup() is not None
+        finally:
+            self._state_lock.release()
+            if wake:
+                self._wake()
+        if wake is None:
+            super().submit(chunks)
+
     def _loop(self) -> None:
-        self._start_missing()
+        with self._state_lock:
+            self._start_missing()
         while True:
-            self._take_waiting()
-            self._retire_spent()
-            # dispatch first: it may drop the last queued chunks (cancelled
-            # futures), and then nothing would wake the wait below (gh-94440)
-            self._dispatch()
-            self._preload()
-            if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
-                return
-            self._wait_and_handle()
-            self._check_timeouts()
-            self._check_memory(time.monotonic())
+            with self._state_lock:
+                self._take_waiting()
+                self._retire_spent()
+                # dispatch first: it may drop the last queued chunks (cancelled
+                # futures), and then nothing would wake the wait below (gh-94440)
+                self._dispatch()
+                self._preload()
+                if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
+                    return
+                poller, timeout = self._poller_for_workers(), _milliseconds(self._next_wakeup())
+            ready = poller.poll(timeout)
+            with self._state_lock:
+                self._on_ready(ready)
+                self._check_timeouts()
+                self._check_memory(time.monotonic())
 
     def _close(self) -> None:
         try:
@@ -453,8 +491,8 @@ class LocalEngine(EngineBase):
 
     # -- receiving
 
-    def _wait_and_handle(self) -> None:
-        ready = self._poller_for_workers().poll(_milliseconds(self._next_wakeup()))
+    def _on_ready(self, ready: list[tuple[int, int]]) -> None:
+        """Read what the workers whose descriptors are ``ready`` sent; a dead one's last messages, then its death."""
         polled = self._polled
         dead: list[_WorkerState] = []
         for fd, _ in ready:  # any event: data, end of file, an error or a closed descriptor
@@ -762,6 +800,25 @@ def _copy_of(error: BaseException) -> Callable[[str], BaseException]:
         return exc
 
     return make
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """In the main thread, SIGINT's handler is run only at the end of the
+    block: the block changes the engine's state, which a KeyboardInterrupt
+    between two steps would break (a message half written to a worker)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler) or threading.current_thread() is not threading.main_thread():
+        yield  # SIGINT's handler runs in the main thread only
+        return
+    frames: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: frames.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if frames:
+            handler(signal.SIGINT, frames[0])
 
 
 def _milliseconds(seconds: float | None) -> int | None:
