@@ -149,7 +149,9 @@ class _Worker:
         self.seq = -1  # the chunk running now, for progress reports
         #: (values, first) while tasks run in one C call (see _run_tasks)
         self.batch: tuple[list, int] | None = None
-        self.batch_look = False  # the thread of _look_at_batches runs
+        # held while no batch runs: the thread of _look_at_batches waits on it
+        # (None until that thread starts, at the first batch)
+        self.look_wake: Any = None
         reporting.process_sink = (os.getpid(), self.send_progress, self.running)  # mpnb.report sends here
 
     def report(self, record: Record, flush: bool) -> None:
@@ -176,17 +178,23 @@ class _Worker:
     def _look_at_batches(self) -> None:
         """Start the thread that writes, while a batch of tasks runs in one C
         call, the task it has reached into the slot (see :data:`SLOT`): a
-        slow task among fast ones shows in the live view as itself."""
+        slow task among fast ones shows in the live view as itself.  Between
+        batches it waits on :attr:`look_wake`, which each batch's start
+        releases: an idle worker, or one running slow tasks, never wakes it."""
+        reached, wake = self.position, _thread.allocate_lock()  # the slot, as 8-byte words
+
         def look() -> None:
-            reached = self.position  # the slot, as 8-byte words
             while True:
                 time.sleep(BATCH_LOOK_SECONDS)
                 batch = self.batch
-                if batch is not None:
+                if batch is None:
+                    wake.acquire()  # until a batch starts (at once if one started since)
+                else:
                     reached[4] = batch[1] + len(batch[0])
 
+        wake.acquire()
+        self.look_wake = wake
         _thread.start_new_thread(look, ())  # not threading's: see the imports
-        self.batch_look = True
 
     def send_progress(self, done: float, total: float | None, note: str | None) -> None:
         """``mpnb.report`` of the running task (throttled by the caller); an
@@ -321,8 +329,11 @@ class _Worker:
         position[1] = pos
         reporting.task_starts().cell_contents = None
         self.batch = (values, first)  # which task runs: first + len(values)
-        if not self.batch_look:
+        wake = self.look_wake
+        if wake is None:
             self._look_at_batches()
+        elif wake.locked():  # only this thread releases it: never one release too many
+            wake.release()
         while pos < end:
             try:
                 values.extend(map(task, items[pos:end]))  # at C speed
@@ -569,8 +580,9 @@ def _die_with_parent(parent: int, mark: str) -> None:
     SIGKILL, even while it is stopped or a task holds the GIL in a long C
     call.  What it started is then ended by its guardian (see
     :func:`_start_guardian`), which runs no Python code of the tasks and so
-    never waits for their GIL.  Elsewhere, or when the parent is not the
-    process that started it (forkserver), a thread watches the parent's pid,
+    never waits for their GIL; when the parent is not the process that
+    started it (forkserver), the guardian waits on a pidfd of the parent.
+    Elsewhere, or where neither works, a thread watches the parent's pid,
     and the SIGHUP the kernel sends a stopped worker whose group it orphans
     ends the worker with its tree.
     """
@@ -584,7 +596,7 @@ def _die_with_parent(parent: int, mark: str) -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     direct = os.getppid() == parent  # not so under forkserver
     # before any thread starts: a fork copies only this one
-    _start_guardian(mark, libc, None if direct else parent)
+    guarded = _start_guardian(mark, libc, None if direct else parent)
 
     def parent_gone() -> bool:
         if direct:
@@ -604,15 +616,28 @@ def _die_with_parent(parent: int, mark: str) -> None:
 
     if parent_gone():
         _end_with_tree()
-    _thread.start_new_thread(watch, ())  # not threading's: its import costs a worker 1 ms of start-up
+    # the kernel's signal (direct) or the guardian's pidfd (forkserver) sees
+    # the parent end at once: a thread that wakes 4 times a second is for elsewhere
+    if libc is None or not (direct or (guarded and _pidfd_watches(parent))):
+        _thread.start_new_thread(watch, ())  # not threading's: its import costs a worker 1 ms of start-up
 
 
-def _start_guardian(mark: str, libc, owner: int | None) -> None:
+def _pidfd_watches(pid: int) -> bool:
+    """Whether a pidfd of ``pid`` opens here, as the guardian opens one to wait for it."""
+    try:
+        os.close(os.pidfd_open(pid))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def _start_guardian(mark: str, libc, owner: int | None) -> bool:
     """Fork the worker's guardian: a process that waits for the worker to
     end, however it ends, then kills what the worker left.  Given ``owner``
     (the pool's process, when it is not the worker's parent: forkserver), it
     also ends the worker when the owner dies, which ``PR_SET_PDEATHSIG``
     cannot see.
+    False when it could not be started.
 
     It waits for EOF on a pipe whose write end only the worker holds
     (processes a task forks close their copy; exec closes it), so EOF means
@@ -626,7 +651,7 @@ def _start_guardian(mark: str, libc, owner: int | None) -> None:
     except OSError:
         os.close(read_end)
         os.close(write_end)
-        return  # no guardian: the pool's kill paths still end the tree
+        return False  # no guardian: the pool's kill paths still end the tree
     if pid == 0:
         try:
             os.close(write_end)
@@ -645,6 +670,7 @@ def _start_guardian(mark: str, libc, owner: int | None) -> None:
             pass
 
     os.register_at_fork(after_in_child=close_in_forked_child)
+    return True
 
 
 def _guard(read_end: int, worker: int, mark: str, libc, owner: int | None) -> None:

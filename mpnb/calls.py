@@ -92,6 +92,14 @@ class Call:
         if self.shares is not None:
             self.shares.release()
 
+    def wake(self) -> None:
+        """Wake the caller waiting for this call: :meth:`deliver` does when
+        every task has its outcome, a task failed or output came, and
+        ``Pool.cancel`` when it stops the call; a caller waiting without a
+        live view wakes for nothing else."""
+        with self.cond:
+            self.cond.notify_all()
+
     def deliver(self, indices: Sequence[int], values: list[Any], failed: Iterable[int], output: dict[int, list]) -> None:
         with self.cond:
             results = self.results
@@ -111,8 +119,8 @@ class Call:
                 while contiguous in results:
                     contiguous += 1
             self.contiguous = contiguous
-            if self.total is None or len(results) >= self.total or failed:
-                self.cond.notify_all()
+            if self.total is None or len(results) >= self.total or failed or output:
+                self.cond.notify_all()  # see wake
         if stored is not False:
             self.cache.put(indices, values, stored)
         future = self.future

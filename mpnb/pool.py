@@ -70,7 +70,7 @@ __all__ = [
     "WorkerMemoryError",
 ]
 
-# how often a waiting caller wakes to notice Ctrl-C and replay output
+# how often a waiting caller wakes to handle clicks on its live view (else its call wakes it)
 _POLL = 0.05
 # how long an interrupted call waits for its running tasks to be stopped
 _CANCEL_WAIT = 1.5
@@ -285,8 +285,7 @@ class Pool(MultiprocessingAPI, Executor):
             return Chunk(call, [], [], b"")  # nothing to run
 
     def _send(self, chunks: list[Chunk]) -> None:
-        chunks = [c for c in chunks if c.indices]
-        if chunks:
+        if chunks := [c for c in chunks if c.indices]:
             self._engine.submit(chunks)
 
     def _cancel(self, call: Call) -> None:
@@ -416,7 +415,7 @@ class Pool(MultiprocessingAPI, Executor):
         while shown < n:
             with call.cond:
                 if call.contiguous < n and not (call.failed and on_error == "raise"):
-                    call.cond.wait(_POLL)
+                    call.cond.wait(_POLL if live is not None else None)  # see Call.wake; SIGINT raises here
                 upto = call.contiguous
                 failed = call.first_failure()
             self._between_waits(call, live)
@@ -552,6 +551,7 @@ class Pool(MultiprocessingAPI, Executor):
                 self._stop_map(call)
             elif call.future is None:
                 self._interrupts.add(call.id)
+                call.wake()  # its caller waits in map() or apply()
             else:
                 _stop_submitted(self._engine, call)
 

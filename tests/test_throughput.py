@@ -11,6 +11,7 @@ spread over the workers.  Nothing here measures speed.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -103,7 +104,47 @@ def test_a_print_inside_a_fast_chunk_comes_in_order(pool, capsys):
     assert capsys.readouterr().out == "task 700 speaks\n"
 
 
-def test_the_live_row_names_a_slow_task_among_fast_ones(pool):
+def _wakes(pids) -> int:
+    """How many times the kernel ran the threads of processes ``pids`` (``schedstat``)."""
+    total = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[2])
+    return total
+
+
+def _until_quiet(pids, within=60.0) -> None:
+    """Wait for a second in which no thread of ``pids`` runs."""
+    deadline = time.monotonic() + within
+    counts = []
+    while time.monotonic() < deadline:
+        before = _wakes(pids)
+        time.sleep(1.0)
+        counts.append(_wakes(pids) - before)
+        if counts[-1] == 0:
+            return
+    raise AssertionError(f"the idle workers' threads ran {counts} times in each second")
+
+
+schedstat = pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="needs Linux's /proc/<pid>/schedstat")
+
+
+@schedstat
+def test_an_idle_worker_wakes_no_thread_after_fast_tasks(pool):
+    # batches of fast tasks start the thread that looks at them: it must not
+    # go on waking once they are over (nor may anything else in an idle worker)
+    assert pool.map(identity, range(20000)) == list(range(20000))
+    _until_quiet(pool.pids)
+
+
+@pytest.mark.parametrize("parked", [False, True], ids=["first-batch", "after-idle"])
+def test_the_live_row_names_a_slow_task_among_fast_ones(pool, parked):
+    if parked:  # the looking thread started, then waited for the next batch
+        if not os.path.exists("/proc/self/schedstat"):
+            pytest.skip("needs Linux's /proc/<pid>/schedstat")
+        pool.map(identity, range(20000))
+        _until_quiet(pool.pids)
     result = pool.map_async(sleep_at_200, range(300), chunksize=300)
     deadline = time.monotonic() + 60
     busy = []
@@ -181,3 +222,30 @@ def test_a_slot_read_half_written_is_no_timeout(tag, tmp_path):
         time.sleep(1.0)  # the engine looks at the slot every 0.1 s meanwhile
         release.touch()
         assert future.result(timeout=60) == "released"
+
+
+@schedstat
+def test_a_map_waits_without_waking_until_its_tasks_end(pool):
+    # no live view: the caller is woken by its call (all ended, a failure,
+    # output), not every few milliseconds
+    path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+
+    def wakes() -> int:
+        with open(path) as f:
+            return int(f.read().split()[2])
+
+    before = wakes()
+    assert pool.map(time.sleep, [1.5, 1.5], chunksize=1) == [None, None]
+    assert wakes() - before < 10
+
+
+def test_cancel_from_another_thread_wakes_a_waiting_map(pool):
+    timer = threading.Timer(0.5, pool.cancel)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.map(time.sleep, [120, 120], chunksize=1)
+    finally:
+        timer.join()
+    assert time.monotonic() - started < 60  # not once the tasks have ended
