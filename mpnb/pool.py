@@ -386,7 +386,7 @@ class Pool(MultiprocessingAPI, Executor):
         self.last_results = None
         self.monitor.call_started(call.id, n)
         self._running[call.id], self._last_call = call, call.id
-        live = view.watch(_watched(self, call, items), call.id, self.live)
+        live = view.watch(_watched(self, call, items), call.id, self.live, polled=True)
         interrupted = False
         try:
             self._send([chunk for _, chunk in self._chunks(call, items, chunksize)])

@@ -22,8 +22,9 @@ and hands them to the widget (:mod:`mpnb.widget`) or the text line.
 
 :func:`choose_mode` decides between the ipywidgets view (a kernel with a
 frontend), a text line on a terminal, and nothing.  Work that ends within
-:data:`DELAY` shows nothing at all, so a quick call costs only a thread
-start.  The caller does no per-task work: a refresher thread reads the
+:data:`DELAY` shows nothing at all; a ``map``'s caller starts the refresher
+from its wait only once DELAY has passed, so a quick map starts no thread
+(other work starts it at once).  The caller does no per-task work: a refresher thread reads the
 monitor a few times a second, builds the facts and hands them to the view,
 which sends only what changed.  With at most three widgets changing per tick
 and :data:`INTERVAL` between ticks (so at most three ticks in any second), a
@@ -153,7 +154,8 @@ class Session:
     caller ends the session with :meth:`finish`.
     """
 
-    def __init__(self, watched: Watched, call_id: int, mode: str, done: Callable[[], bool] | None = None):
+    def __init__(self, watched: Watched, call_id: int, mode: str, done: Callable[[], bool] | None = None,
+                 polled: bool = False):
         self.monitor: Monitor = watched.monitor
         self.mode = mode
         self.background = done is not None
@@ -181,7 +183,11 @@ class Session:
         self._caller_waits_in_main = not self.background and threading.current_thread() is threading.main_thread()
         self.view: View | None = None  # made by the refresher once DELAY has passed
         self._thread = threading.Thread(target=self._refresh, name="mpnb-live", daemon=True)
-        self._thread.start()
+        # polled: the caller waits in a loop that calls poll() until finish(),
+        # and poll() starts the refresher once DELAY has passed (a quick call starts no thread)
+        self._polled = polled
+        if not polled:
+            self._thread.start()
 
     def _make_view(self) -> View:
         if self.mode == "widget":
@@ -204,7 +210,11 @@ class Session:
                 self._done[call_id] = done
 
     def poll(self) -> None:
-        """From a waiting caller: handle clicks on this view (main thread only)."""
+        """From a waiting caller: start the refresher of a polled session once
+        :data:`DELAY` has passed; handle clicks on this view (main thread only)."""
+        if self._polled and time.monotonic() - self._started >= DELAY:
+            self._polled = False
+            self._thread.start()
         if self._pump is None:
             return
         now = time.monotonic()
@@ -217,7 +227,9 @@ class Session:
         refreshing and leave the summary."""
         self._cancelled = self._cancelled or interrupted
         self._stop.set()
-        if threading.current_thread() is not self._thread:
+        if self._polled:  # never started: nothing was shown
+            self._polled = False
+        elif threading.current_thread() is not self._thread:
             self._thread.join()
 
     def cancel(self) -> None:
@@ -229,7 +241,9 @@ class Session:
 
     def _refresh(self) -> None:
         try:
-            while not self._stop.wait(DELAY if self.view is None else INTERVAL):
+            # a polled session's refresher starts once DELAY has passed: it makes the view at once
+            while not self._stop.wait(INTERVAL if self.view is not None else
+                                      max(0.0, self._started + DELAY - time.monotonic())):
                 if self.background and self._all_done():
                     break
                 if self.view is None:
@@ -361,17 +375,20 @@ _background: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictiona
 _background_lock = threading.Lock()
 
 
-def watch(watched: Watched, call_id: int, live: bool | None) -> Session | None:
+def watch(watched: Watched, call_id: int, live: bool | None, polled: bool = False) -> Session | None:
     """A live view of one blocking call (``map``, ``imap``), or ``None``.
 
     ``live`` is the owner's option (see :func:`choose_mode`).  The caller
     calls :meth:`Session.poll` while it waits and :meth:`Session.finish` when
-    the call is over.
+    the call is over.  ``polled``: the caller waits in one loop until the end
+    and calls :meth:`Session.poll` at least every :data:`DELAY` (``map``; not
+    ``imap``, whose consumer may do long work between two results), so the
+    refresher thread starts only if the call lasts.
     """
     mode = choose_mode(live)
     if mode is None:
         return None
-    return Session(watched, call_id, mode)
+    return Session(watched, call_id, mode, polled=polled)
 
 
 def watch_background(watched: Watched, call_id: int, live: bool | None, done: Callable[[], bool]) -> None:

@@ -516,3 +516,31 @@ def test_mppool_no_live_and_background_futures_in_a_real_kernel(kernel):
     assert frontend.comm_with_class("mpnb-live") and frontend.comm_with_class("mpnb-cancel")
     assert 'class="mpnb-summary" data-done="6" data-total="6" data-failed="0"' in summary["text/html"]
     assert kernel.run("print([f.result() for f in futures])").ok().stdout == "[0, 1, 2, 3, 4, 5]\n"
+
+
+def _refreshers() -> int:
+    return sum(thread.name == "mpnb-live" for thread in threading.enumerate())
+
+
+def test_a_polled_view_starts_its_refresher_only_once_the_call_lasts(capsys):
+    # map's caller polls its view while it waits: a call quicker than DELAY
+    # costs no thread and shows nothing; a longer one gets its view and summary
+    monitor, cancels = Monitor(), []
+    before = _refreshers()
+    quick = view.watch(watched_record(monitor, cancels), 5, live=True, polled=True)
+    assert quick is not None
+    monitor.call_started(5, 1)
+    quick.poll()
+    assert _refreshers() == before
+    quick.finish()
+    assert capsys.readouterr().err == ""
+
+    slow = view.watch(watched_record(monitor, cancels), 6, live=True, polled=True)
+    monitor.call_started(6, 2)
+    time.sleep(view.DELAY)
+    slow.poll()
+    assert _refreshers() == before + 1
+    wait_for(lambda: slow.view is not None, "text view")
+    slow.finish()
+    assert _refreshers() == before
+    assert "mpnb pool (local, exec): done, 0 of 2 tasks returned" in capsys.readouterr().err
