@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import itertools
+import os
 import pickle
 import sys
 import threading
@@ -28,6 +29,21 @@ from mpnb.shared import SharedArrays
 
 __all__ = ["Call", "Chunk", "MapResults", "Outcomes", "arguments", "as_list", "describe", "dump_items", "read_record",
            "task_errors"]
+
+
+def _signals_end_waits() -> bool:
+    """Whether a signal's handler runs inside an untimed lock wait: on Linux
+    with glibc (its semaphore wait returns on EINTR). Windows before Python
+    3.14, macOS and other C libraries run it only once a wait ends."""
+    try:
+        return sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
+#: the longest a caller without a live view waits before it looks at Ctrl-C
+#: again: where SIGINT's handler runs in the wait itself, until its call wakes it
+WAIT_TIMEOUT: float | None = None if _signals_end_waits() else 0.05
 
 
 class Call:

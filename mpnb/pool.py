@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import backends, serialize, view
 from mpnb._protocol import Mode
-from mpnb.calls import Call, Chunk, arguments, as_list, describe, dump_items
+from mpnb.calls import WAIT_TIMEOUT, Call, Chunk, arguments, as_list, describe, dump_items
 from mpnb.mpcompat import (
     AsyncResult,
     ClosedPoolError,
@@ -415,7 +415,7 @@ class Pool(MultiprocessingAPI, Executor):
         while shown < n:
             with call.cond:
                 if call.contiguous < n and not (call.failed and on_error == "raise"):
-                    call.cond.wait(_POLL if live is not None else None)  # see Call.wake; SIGINT raises here
+                    call.cond.wait(_POLL if live is not None else WAIT_TIMEOUT)  # see Call.wake
                 upto = call.contiguous
                 failed = call.first_failure()
             self._between_waits(call, live)

@@ -340,6 +340,23 @@ def test_a_pool_whose_manager_stopped_refuses_work_at_once(tag):
     _ends(pool.shutdown)
 
 
+def test_a_fault_met_while_a_caller_dispatches_breaks_the_pool_as_one_in_the_loop(tag):
+    # the caller's thread sends its chunks itself while the loop waits, and acts on
+    # what other threads asked first: a fault there is the engine's, not the caller's
+    from mpnb.backends.base import Cancel
+
+    pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
+    engine = pool._engine
+    pool.map(square, [1])  # then idle: the loop waits for nothing but its wake pipe
+    engine.inbox.put(Cancel(None, threading.Event()))  # a fault for whoever reads the inbox next, unwoken
+    outcome = _ends(lambda: pool.submit(square, 2).result(timeout=DEADLINE))
+    assert isinstance(outcome.get("error"), BrokenProcessPool), outcome
+    assert engine.stopped.wait(DEADLINE)
+    with pytest.raises(BrokenProcessPool, match="create a new mpnb.Pool"):
+        pool.submit(square, 3)
+    _ends(pool.shutdown)
+
+
 # -------------------------------------------------------------- worker start-up
 
 

@@ -161,6 +161,7 @@ class LocalEngine(EngineBase):
         # the engine's state is the loop's, except while a caller's thread
         # dispatches its own submit (see submit); the loop lets it go while it waits
         self._state_lock = threading.Lock()
+        self._fault: BaseException | None = None  # raised in submit's dispatch: the loop raises it
         self._polled: dict[int, tuple[_WorkerState, bool] | None] = {}
         os.set_blocking(self._wake_w, False)
         # closed only when nobody can write to it any more (the read end closes when run() ends)
@@ -202,6 +203,7 @@ class LocalEngine(EngineBase):
             super().submit(chunks)
             return
         wake: bool | None = True  # whatever happens here, the loop looks
+        taken = False
         try:
             with _interrupts_held():  # a KeyboardInterrupt must not split a message to a worker
                 if not self.stopped.is_set():
@@ -209,10 +211,14 @@ class LocalEngine(EngineBase):
                 if self.stopping or self.stopped.is_set():
                     wake = None  # the loop answers, as after a shutdown
                 else:
+                    taken = True
                     self._on_submit(chunks)
                     self._dispatch()
                     self._preload()
                     wake = bool(self.queue) or self._next_wakeup() is not None
+        except BaseException as exc:  # a fault of the engine's, not the caller's: the loop
+            self._fault = exc  # raises it as its own, and every task it holds then fails
+            wake = True if taken else None
         finally:
             self._state_lock.release()
             if wake:
@@ -225,6 +231,8 @@ class LocalEngine(EngineBase):
             self._start_missing()
         while True:
             with self._state_lock:
+                if self._fault is not None:
+                    raise self._fault
                 self._take_waiting()
                 self._retire_spent()
                 # dispatch first: it may drop the last queued chunks (cancelled
