@@ -24,11 +24,12 @@ and hands them to the widget (:mod:`mpnb.widget`) or the text line.
 frontend), a text line on a terminal, and nothing.  Work that ends within
 :data:`DELAY` shows nothing at all; a ``map``'s caller starts the refresher
 from its wait only once DELAY has passed, so a quick map starts no thread
-(other work starts it at once).  The caller does no per-task work: a refresher thread reads the
-monitor a few times a second, builds the facts and hands them to the view,
-which sends only what changed.  With at most three widgets changing per tick
-and :data:`INTERVAL` between ticks (so at most three ticks in any second), a
-live view sends at most nine comm messages per second whatever the task rate.
+(other work starts it at once).  The caller does no per-task work: a
+refresher thread reads the monitor a few times a second, builds the facts
+and hands them to the view, which sends only what changed.  With at most
+three widgets changing per tick and :data:`INTERVAL` between ticks (so at
+most three ticks in any second), a live view sends at most nine comm
+messages per second whatever the task rate.
 
 A Cancel click reaches the kernel as a ``comm_msg`` on the shell channel,
 which the kernel reads only between cells; while a blocking call waits in

@@ -209,6 +209,40 @@ def test_ctrl_c_while_a_caller_sends_its_chunks_is_raised_once_they_are_sent():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_ctrl_c_while_submit_dispatches_reaches_the_caller_and_the_pool_works_on(tag, monkeypatch):
+    """SIGINT in the middle of the caller's own dispatch is raised to the
+    caller once its chunks are sent: not taken for a fault of the engine."""
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    pool = mpnb.Pool(1, live=False, env={TAG_VAR: tag})
+    try:
+        engine = pool._engine
+        pool.map(square, [1])  # the worker is up and idle: submit dispatches from this thread
+        dispatch, hits, raised = engine._dispatch, [], []
+
+        def interrupted_dispatch():
+            if threading.current_thread() is threading.main_thread():  # the caller's own dispatch
+                hits.append(True)
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, now
+            dispatch()
+
+        monkeypatch.setattr(engine, "_dispatch", interrupted_dispatch)
+        deadline = time.monotonic() + DEADLINE
+        while not hits and time.monotonic() < deadline:  # the loop may hold the engine at first
+            try:
+                assert pool.submit(square, 7).result(timeout=DEADLINE) == 49
+            except KeyboardInterrupt:
+                raised.append(True)
+            time.sleep(0.05)
+        monkeypatch.undo()
+        assert hits and raised, "the caller's own dispatch ran, and its Ctrl-C reached it"
+        assert not engine.stopped.is_set()
+        assert pool.map(square, [2, 3]) == [4, 9]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _ends(pool.shutdown)
+
+
 def _read_until(kernel: Kernel, msg_id: str, text: str) -> None:
     seen = ""
     deadline = time.monotonic() + DEADLINE

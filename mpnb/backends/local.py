@@ -205,20 +205,22 @@ class LocalEngine(EngineBase):
         wake: bool | None = True  # whatever happens here, the loop looks
         taken = False
         try:
+            # a Ctrl-C here is raised at the end of this block, to the caller: the engine is whole
             with _interrupts_held():  # a KeyboardInterrupt must not split a message to a worker
-                if not self.stopped.is_set():
-                    self._take_waiting()  # what other threads asked before
-                if self.stopping or self.stopped.is_set():
-                    wake = None  # the loop answers, as after a shutdown
-                else:
-                    taken = True
-                    self._on_submit(chunks)
-                    self._dispatch()
-                    self._preload()
-                    wake = bool(self.queue) or self._next_wakeup() is not None
-        except BaseException as exc:  # a fault of the engine's, not the caller's: the loop
-            self._fault = exc  # raises it as its own, and every task it holds then fails
-            wake = True if taken else None
+                try:
+                    if not self.stopped.is_set():
+                        self._take_waiting()  # what other threads asked before
+                    if self.stopping or self.stopped.is_set():
+                        wake = None  # the loop answers, as after a shutdown
+                    else:
+                        taken = True
+                        self._on_submit(chunks)
+                        self._dispatch()
+                        self._preload()
+                        wake = bool(self.queue) or self._next_wakeup() is not None
+                except BaseException as exc:  # a fault of the engine's, not the caller's: the loop
+                    self._fault = exc  # raises it as its own, and every task it holds then fails
+                    wake = True if taken else None
         finally:
             self._state_lock.release()
             if wake:
