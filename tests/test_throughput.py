@@ -11,6 +11,8 @@ spread over the workers.  Nothing here measures speed.
 from __future__ import annotations
 
 import os
+import sys
+import sysconfig
 import threading
 import time
 
@@ -251,3 +253,37 @@ def test_cancel_from_another_thread_wakes_a_waiting_map(pool):
     finally:
         timer.join()
     assert time.monotonic() - started < 60  # not once the tasks have ended
+
+
+def _threads(pid) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _page_faults(pids) -> int:
+    """The minor page faults of processes ``pids`` so far (``/proc/<pid>/stat``)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            total += int(f.read().rsplit(")", 1)[1].split()[7])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads and page faults in /proc")
+def test_an_idle_worker_gets_ready_for_a_first_map_of_many_fast_tasks(tag):
+    # after its first call, an idle worker touches the memory a large call's
+    # small objects take and starts the thread that looks at batches: the
+    # first map of many fast tasks then pays neither page faults nor a thread start
+    with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
+        assert pool.map(identity, [0]) == [0]  # one task alone: no batch
+        (pid,) = pool.pids
+        deadline = time.monotonic() + 60
+        while _threads(pid) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _threads(pid) == 2, "the batch-looking thread did not start while the worker was idle"
+        time.sleep(0.2)  # its first look, then it waits for a batch
+        before = _page_faults([pid])
+        assert pool.map(identity, list(range(20000))) == list(range(20000))
+        faults = _page_faults([pid]) - before
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return  # mimalloc gives freed pages back: nothing is warmed there
+    assert faults < 60, f"the first map of 20,000 tasks took {faults} page faults in a warmed worker"
