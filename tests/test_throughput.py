@@ -255,6 +255,32 @@ def test_cancel_from_another_thread_wakes_a_waiting_map(pool):
     assert time.monotonic() - started < 60  # not once the tasks have ended
 
 
+def nap(x):
+    if x >= 0:
+        time.sleep(60)
+    return x
+
+
+def test_an_idle_worker_takes_its_whole_share_of_short_work_at_once(pool):
+    # a pace learned at chunksize 1 counts each task's own bookkeeping, so a
+    # map's chunks look slower than they run; while each worker's share is
+    # short work all together, it goes in one message, not a part of it now
+    # and the rest only once the first part's records came back
+    engine = pool._engine
+    assert pool.map(nap, range(-4, 0), chunksize=1) == list(range(-4, 0))
+    engine._paces[next(reversed(engine._paces))] = 0.001  # nap's, the latest learned: 2 ms a chunk of 2
+    pool.map_async(nap, range(24), chunksize=2)  # 12 chunks: 6 a worker, 12 ms of work by the pace
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with engine._state_lock:
+            held = sorted(len(state.chunks) for state in engine.workers.values())
+            queued = len(engine.queue)
+        if sum(held) + queued == 12:
+            break
+        time.sleep(0.01)
+    assert (held, queued) == ([6, 6], 0)  # by _AHEAD_SECONDS alone: 5 each, 2 left queued
+
+
 def _threads(pid) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 

@@ -422,7 +422,7 @@ class LocalEngine(EngineBase):
                 if idle == bool(state.chunks):
                     continue
                 head = self.queue[0]
-                room = min(_ahead(head), share)
+                room = share if idle and _short(head, share) else min(_ahead(head), share)
                 if not idle:
                     if not (_reserve_ok(state.chunks[0]) and _reserve_ok(head) and now - state.since < _FAST):
                         continue
@@ -861,6 +861,17 @@ def _reserve_ok(chunk: Chunk) -> bool:
     seconds = _chunk_seconds(chunk)
     call = chunk.call
     return seconds is not None and seconds < _FAST and call.timeout is None and not call.cancelled
+
+
+def _short(chunk: Chunk, count: int) -> bool:
+    """Whether ``count`` chunks like ``chunk`` are fast work all together: an
+    idle worker then takes its whole share of the queue at once.  A pace
+    learned at chunksize 1 counts each task's own bookkeeping, so a map's
+    chunks look slower than they run: by ``_ahead`` alone the first map
+    after it went in two rounds (each worker's records read before the rest
+    was sent)."""
+    seconds = _chunk_seconds(chunk)
+    return seconds is not None and _reserve_ok(chunk) and seconds * count < _FAST
 
 
 def _ahead(chunk: Chunk) -> int:
