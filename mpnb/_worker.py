@@ -161,14 +161,14 @@ class _Worker:
             mallopt(_M_TRIM_THRESHOLD, _HEAP_KEPT)
 
     def _warm_up(self) -> None:
-        """Get ready, while idle, for a first call of many fast tasks: touch
-        the memory its objects take (CPython keeps one emptied arena of small
-        objects, glibc its heap up to ``_HEAP_KEPT``), then start the thread
-        that looks at batches (its stack faults in now too).  In steps, each
-        begun only while no message waits; done once, and again at the next
-        idle moment if a message came first.  Without it the first map of
-        20,000 trivial tasks took some 200 page faults in two workers and
-        about 10% longer than the next one."""
+        """Get ready, once idle (no message for ``_WARM_AFTER``), for a first
+        call of many fast tasks: touch the memory its objects take (CPython
+        keeps one emptied arena of small objects, glibc its heap up to
+        ``_HEAP_KEPT``), then start the thread that looks at batches (its
+        stack faults in now too).  In steps, each begun only while no message
+        waits; done once, and again at the next idle moment if a message came
+        first.  Without it the first map of 20,000 trivial tasks took some 200
+        page faults in two workers and about 10% longer than the next one."""
         held: list[list[int]] = []
         while not self.conn.poll():
             if len(held) == _WARM_STEPS:
@@ -376,6 +376,8 @@ class _Worker:
         self.conn.send_bytes(dumps((Kind.HELLO, os.getpid(), time.monotonic())))
         call = None
         while True:
+            if not self.warm and not self.conn.poll(_WARM_AFTER):
+                self._warm_up()  # idle, with nothing to do: after the hello, a function's preload or a call
             try:
                 message = loads(self.conn.recv_bytes())
             except (EOFError, OSError):
@@ -404,8 +406,6 @@ class _Worker:
             shared = sys.modules.get("mpnb.shared")
             if shared is not None and not self.conn.poll():
                 shared.forget()  # idle: let go of the call's shared arrays
-            if not self.warm:
-                self._warm_up()
 
 
 # ----------------------------------------------------------- process setup
@@ -419,6 +419,9 @@ _LINUX = sys.platform.startswith("linux")
 #: mallopt's parameter, and what of its freed heap a worker keeps (see _Worker._warm_up)
 _M_TRIM_THRESHOLD = -1
 _HEAP_KEPT = 4 << 20
+#: how long a worker waits for a message before it warms up: calls that
+#: come back to back (a loop of maps) find it at rest, not warming up
+_WARM_AFTER = 0.02
 #: _Worker._warm_up's steps: 64 lists of 512 new ints, 1 MiB of small objects in
 #: all, some 10 µs a step; none on a free-threaded build, whose allocator
 #: (mimalloc) gives freed pages back
