@@ -296,9 +296,10 @@ def _page_faults(pids) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads and page faults in /proc")
 def test_an_idle_worker_gets_ready_for_a_first_map_of_many_fast_tasks(tag):
-    # after its first call, an idle worker touches the memory a large call's
-    # small objects take and starts the thread that looks at batches: the
-    # first map of many fast tasks then pays neither page faults nor a thread start
+    # a worker idle for a moment (no message for 20 ms) touches the memory a
+    # large call's small objects take and starts the thread that looks at
+    # batches: the first map of many fast tasks then pays neither page faults
+    # nor a thread start
     with mpnb.Pool(1, live=False, env={TAG_VAR: tag}) as pool:
         assert pool.map(identity, [0]) == [0]  # one task alone: no batch
         (pid,) = pool.pids
