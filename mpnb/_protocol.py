@@ -105,14 +105,20 @@ SLOT = struct.Struct("<qqdqq")
 #: how often a worker looks which task of a batch runs (a slow one among fast ones)
 BATCH_LOOK_SECONDS = 0.1
 
-#: a worker reads the clock before every task while the tasks since its
-#: last reading took longer than this, and twice as rarely otherwise ...
-STRIDE_SECONDS = 0.001
+#: a worker reads the clock about this often: before every task while tasks
+#: take longer than this, else every as many tasks as fit in it by the pace
+#: since its last reading (at most twice as many as the time before) ...
+STRIDE_SECONDS = 0.05
 #: ... down to once every this many tasks
 MAX_STRIDE = 1024
 
 #: how many shipped functions a worker keeps
 FUNCTION_CACHE_SIZE = 8
 
-#: a chunk that has run this long sends the records it has so far
+#: the records of a message's chunks that ended wait for its last chunk,
+#: but no longer than until one is made this long after the last send
 FLUSH_SECONDS = 0.2
+#: a chunk that has run this long sends the records it has so far, and again
+#: after as long (each send wakes the engine, which takes a core from a busy
+#: worker for a moment: every 0.2 s, it cost a map of 1 ms tasks some 0.3%)
+PARTIAL_SECONDS = 0.5

@@ -314,3 +314,76 @@ def test_an_idle_worker_gets_ready_for_a_first_map_of_many_fast_tasks(tag):
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         return  # mimalloc gives freed pages back: nothing is warmed there
     assert faults < 60, f"the first map of 20,000 tasks took {faults} page faults in a warmed worker"
+
+
+class _Clock:
+    """The worker's clock in one process, moved on by the tasks themselves:
+    what the worker does depends on how long its tasks take, not on how
+    fast this machine runs them."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def task(self, ms: float) -> float:
+        self.now += ms / 1000
+        return ms
+
+    sleep = staticmethod(time.sleep)
+
+
+class _Sent:
+    """A worker's connection that keeps what is sent."""
+
+    def __init__(self):
+        self.messages = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.messages.append(data)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return True
+
+
+def _timed_positions(worker, sent, task, seq: int, items: list) -> list[int]:
+    """Run one chunk in ``worker``, here; the positions of the tasks it read the clock before."""
+    import pickle
+
+    from mpnb._protocol import Record
+
+    last = worker._run_tasks(seq, task, items, False, seq)
+    records = [Record(*r) for data in sent.messages for r in pickle.loads(data)[1]] + [last]
+    sent.messages.clear()
+    assert [v for r in records for v in r.values] == items
+    return sorted(pos for r in records for pos in r.starts)
+
+
+def test_tasks_of_a_few_ms_are_timed_now_and_then_and_slow_ones_each(monkeypatch, tmp_path):
+    # tasks of 2 ms run in batches between readings of the clock (a reading
+    # before each cost some 4 us a task); tasks over STRIDE_SECONDS are each
+    # timed, and so are the tasks after a slow one among fast ones
+    from mpnb import _task, _worker, reporting
+    from mpnb._protocol import SLOT, STRIDE_SECONDS
+
+    clock = _Clock()
+    monkeypatch.setattr(_worker, "time", clock)  # the worker module's alone
+    monkeypatch.setattr(_worker, "_libc", lambda: None)  # no mallopt in this process
+    monkeypatch.setattr(reporting, "process_sink", reporting.process_sink)  # restored after
+    monkeypatch.setattr(_task, "share_results", _task.share_results)
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(SLOT.size))
+    sent = _Sent()
+    worker = _worker._Worker(sent, str(slot))
+    worker.look_wake = threading.Lock()  # no batch-looking thread in this process
+    worker.look_wake.acquire()
+
+    timed = _timed_positions(worker, sent, clock.task, 1, [2] * 1000)
+    assert timed[0] == 0 and len(timed) < 100, f"{len(timed)} of 1,000 tasks of 2 ms timed"
+    slow = STRIDE_SECONDS * 1000 + 1
+    assert _timed_positions(worker, sent, clock.task, 2, [slow] * 20) == list(range(20))
+    mixed = [2] * 300 + [1000] + [2] * 10
+    timed = _timed_positions(worker, sent, clock.task, 3, mixed)
+    after = next(pos for pos in timed if pos > 300)  # the reading that ends the slow task's batch
+    assert after + 1 in timed, f"the task after the slow one's batch was not timed alone: {timed}"
