@@ -386,10 +386,10 @@ class Pool(MultiprocessingAPI, Executor):
         self.last_results = None
         self.monitor.call_started(call.id, n)
         self._running[call.id], self._last_call = call, call.id
-        live = view.watch(_watched(self, call, items), call.id, self.live, polled=True)
-        interrupted = False
+        live, interrupted = None, False
         try:
             self._send([chunk for _, chunk in self._chunks(call, items, chunksize)])
+            live = view.watch(_watched(self, call, items), call.id, self.live, polled=True)  # not delaying them
             self._wait_all(call, n, on_error, live)
         except KeyboardInterrupt as interrupt:
             interrupted = True

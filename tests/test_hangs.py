@@ -209,6 +209,29 @@ def test_ctrl_c_while_a_caller_sends_its_chunks_is_raised_once_they_are_sent():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_the_hold_swaps_handlers_with_the_signal_modules_own_functions():
+    """``_interrupts_held`` runs for every call, so it uses ``_signal``'s
+    functions, not ``signal.signal`` (which converts handlers to enums): on
+    CPython they must be found, and agree with the public ones."""
+    import _signal
+
+    from mpnb.backends import local
+
+    assert (local._getsignal, local._setsignal) == (_signal.getsignal, _signal.signal)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        pass
+
+    try:
+        assert local._setsignal(signal.SIGINT, handler) is previous
+        assert signal.getsignal(signal.SIGINT) is handler is local._getsignal(signal.SIGINT)
+        assert local._setsignal(signal.SIGINT, int(signal.SIG_IGN)) is handler  # the C module's SIG_IGN
+        assert local._getsignal(signal.SIGINT) == signal.SIG_IGN and not callable(local._getsignal(signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_while_submit_dispatches_reaches_the_caller_and_the_pool_works_on(tag, monkeypatch):
     """SIGINT in the middle of the caller's own dispatch is raised to the
     caller once its chunks are sent: not taken for a fault of the engine."""

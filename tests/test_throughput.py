@@ -281,6 +281,60 @@ def test_an_idle_worker_takes_its_whole_share_of_short_work_at_once(pool):
     assert (held, queued) == ([6, 6], 0)  # by _AHEAD_SECONDS alone: 5 each, 2 left queued
 
 
+def _held_once_sent(engine, n: int) -> list[int]:
+    """How many chunks each worker holds once ``n`` are sent, fewest first."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with engine._state_lock:
+            held = sorted(len(state.chunks) for state in engine.workers.values())
+            queued = len(engine.queue)
+        if sum(held) == n and not queued:
+            return held
+        time.sleep(0.01)
+    return held
+
+
+@pytest.mark.parametrize("pace, held", [(1e-6, [0, 2]), (0.001, [1, 1])])
+def test_a_call_of_tiny_work_goes_to_one_worker_and_more_work_is_shared(pool, pace, held):
+    # two tasks of a microsecond each (by the learned pace) run sooner on one
+    # worker than a second message and a second worker's wake take; two of a
+    # millisecond each go one to each worker
+    engine = pool._engine
+    assert pool.map(nap, [-1], chunksize=1) == [-1]
+    engine._paces[next(reversed(engine._paces))] = pace  # nap's, the latest learned
+    pool.map_async(nap, [0, 1], chunksize=1)
+    assert _held_once_sent(engine, 2) == held
+    with engine._state_lock:
+        states = sorted(engine.workers.values(), key=lambda state: len(state.chunks))
+        call = states[-1].chunks[0].call.id
+        # nap's first call was preloaded into the worker it did not run on: a
+        # new call of it sends that worker nothing (its module is imported)
+        assert call not in states[0].functions or held == [1, 1]
+
+
+def _settled(engine, looks_at_is_none: bool) -> float | None:
+    """The end of the engine loop's wait once it is (or is not) None, read under its lock."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with engine._state_lock:
+            if (engine._looks_at is None) == looks_at_is_none:
+                return engine._looks_at
+        time.sleep(0.01)
+    raise AssertionError(f"the loop's wait never became {'endless' if looks_at_is_none else 'bounded'}")
+
+
+def test_a_call_wakes_the_engine_only_for_a_deadline_sooner_than_its_wait(pool):
+    # a call's caller sends its chunks itself and wakes the loop only when the
+    # loop must look sooner than it will: waking it for a deadline it already
+    # waits for made it take the interpreter's lock in the middle of the call
+    engine = pool._engine
+    assert _settled(engine, True) is None  # idle: the loop waits for a message
+    assert engine._sooner(0.1) and not engine._sooner(None)
+    pool.map_async(time.sleep, [30], chunksize=1, timeout=600)  # a timeout: the loop looks every 0.1 s
+    assert _settled(engine, False) <= time.monotonic() + 0.1
+    assert not engine._sooner(0.1) and not engine._sooner(None)  # a second call's own deadline: no wake
+
+
 def _threads(pid) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 

@@ -29,7 +29,6 @@ Workers are started by :class:`mpnb.backends.launcher.Launcher`; the wire is
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -56,6 +55,11 @@ from mpnb.resources import SAMPLE_SECONDS, MemoryProbe, Resources
 
 __all__ = ["LocalEngine"]
 
+try:  # the C functions behind signal.signal and signal.getsignal (see _interrupts_held)
+    from _signal import getsignal as _getsignal, signal as _setsignal  # type: ignore[import-not-found]
+except ImportError:  # another Python: the public ones
+    from signal import getsignal as _getsignal, signal as _setsignal
+
 # a call whose chunks take less than this may queue one more chunk on a busy
 # worker, so it never idles for a round trip; slower ones must not, or a
 # chunk could wait behind a long task while another worker idles
@@ -69,6 +73,10 @@ _LOAD_GRACE = 30.0
 _AHEAD_SECONDS = 0.01
 # and at most this many chunks per worker
 _MAX_AHEAD = 64
+# a call whose queued tasks all together should take less than this (by its
+# measured pace) goes to one worker in one message: a second message and a
+# second worker's wake cost more than the work they would share
+_TINY_SECONDS = 0.0002
 # a call's function pickled in at most this many bytes goes to the idle
 # workers that lack it as soon as the call is sent (see _preload)
 _PRELOAD_BYTES = 16 * 1024
@@ -82,7 +90,7 @@ _RETIRE_GRACE = 10.0
 
 class _WorkerState:
     __slots__ = ("handle", "ready", "chunks", "next_pos", "since", "kill_reason", "functions", "init_failure",
-                 "open", "started", "tasks", "retired", "rank", "memory", "peak", "measured", "inbox")
+                 "open", "started", "tasks", "retired", "rank", "memory", "peak", "measured", "inbox", "loaded")
 
     def __init__(self, handle: WorkerHandle, rank: int):
         self.handle = handle
@@ -96,6 +104,9 @@ class _WorkerState:
         self.since = 0.0  # when chunks[0] was sent or last reported
         self.kill_reason: tuple | None = None
         self.functions: OrderedDict[int, None] = OrderedDict()  # mirror of the worker's cache
+        # the pace keys (hashes of a function's pickle) of the functions it
+        # loaded: one it loaded before needs no preload (its module is imported)
+        self.loaded: set[int] = set()
         self.init_failure: Any = None
         self.open = True  # the connection has not reached EOF
         self.tasks = 0  # tasks sent to it, for max_tasks_per_child
@@ -173,7 +184,9 @@ class LocalEngine(EngineBase):
         # seconds per task of recent functions, by Call.pace_key
         self._paces: OrderedDict[int, float] = OrderedDict()
         # (call id, pickled function) of the chunk sent last, if small (see _preload)
-        self._latest: tuple[int, bytes] | None = None
+        self._latest: tuple[int, bytes, int] | None = None  # id, function pickle and pace key (not the call and its results)
+        # when the loop's wait ends by itself (time.monotonic()), or None: it waits for a message
+        self._looks_at: float | None = None
 
     # -- the contract
 
@@ -217,7 +230,7 @@ class LocalEngine(EngineBase):
                         self._on_submit(chunks)
                         self._dispatch()
                         self._preload()
-                        wake = bool(self.queue) or self._next_wakeup() is not None
+                        wake = bool(self.queue) or self._sooner(self._next_wakeup())
                 except BaseException as exc:  # a fault of the engine's, not the caller's: the loop
                     self._fault = exc  # raises it as its own, and every task it holds then fails
                     wake = True if taken else None
@@ -227,6 +240,10 @@ class LocalEngine(EngineBase):
                 self._wake()
         if wake is None:
             super().submit(chunks)
+
+    def _sooner(self, wait: float | None) -> bool:
+        """Whether the loop must look within ``wait`` seconds, sooner than its wait ends."""
+        return wait is not None and (self._looks_at is None or time.monotonic() + wait < self._looks_at)
 
     def _loop(self) -> None:
         with self._state_lock:
@@ -243,7 +260,9 @@ class LocalEngine(EngineBase):
                 self._preload()
                 if self.stopping and not self.queue and not any(w.chunks for w in self.workers.values()):
                     return
-                poller, timeout = self._poller_for_workers(), _milliseconds(self._next_wakeup())
+                wait = self._next_wakeup()
+                self._looks_at = None if wait is None else time.monotonic() + wait
+                poller, timeout = self._poller_for_workers(), _milliseconds(wait)
             ready = poller.poll(timeout)
             with self._state_lock:
                 self._on_ready(ready)
@@ -412,6 +431,10 @@ class LocalEngine(EngineBase):
         # first every idle worker gets work, then busy ones are topped up when
         # both their call and the next are fast (see _FAST) and have no timeout
         now = time.monotonic()
+        tiny = _tiny(self.queue)
+        free = next((state for state in usable if not state.chunks), None) if tiny else None
+        if free is not None:  # the whole call to one worker
+            self._send(free, tiny)
         # a fair share of what is queued: the first idle worker must not take
         # every chunk of a map while the others wait
         share = -(-len(self.queue) // max(1, len(usable)))
@@ -464,8 +487,10 @@ class LocalEngine(EngineBase):
                 self._fail_unpicklable(chunk, exc)
                 return None
         fn_data = None if _cached(state, call.id) else call.fn_bytes
+        if fn_data is not None:
+            _loads(state, call.pace_key)
         if call.fn_bytes is not None and len(call.fn_bytes) <= _PRELOAD_BYTES:
-            self._latest = call.id, call.fn_bytes
+            self._latest = call.id, call.fn_bytes, call.pace_key
         now = time.monotonic()
         if not state.chunks:
             state.next_pos, state.since = 0, now
@@ -476,18 +501,19 @@ class LocalEngine(EngineBase):
                    call.timeout is not None or chunk.careful, int(call.mode))
 
     def _preload(self) -> None:
-        """Send the latest call's function to each idle worker that lacks it,
-        so that it imports the function's module now, while another worker
+        """Send the latest call's function to each idle worker that never
+        loaded it (by its pickle: a new call of it needs no preload), so that it imports the function's module now, while another worker
         runs the call's first tasks, and not at its own first task of it (the
         next call's).  Small functions only: the message must not fill a pipe."""
         if self._latest is None:
             return
-        call_id, fn_data = self._latest
+        call_id, fn_data, key = self._latest
         for state in self.workers.values():
             if (state.chunks or not state.ready or not state.open or state.kill_reason is not None
-                    or state.retired is not None or call_id in state.functions or self._spent(state)):
+                    or state.retired is not None or key in state.loaded or self._spent(state)):
                 continue
             _cached(state, call_id)
+            _loads(state, key)
             try:
                 state.handle.conn.send_bytes(pickle.dumps((Kind.LOAD, call_id, fn_data), pickle.HIGHEST_PROTOCOL))
             except OSError:
@@ -812,23 +838,33 @@ def _copy_of(error: BaseException) -> Callable[[str], BaseException]:
     return make
 
 
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
+class _interrupts_held:
     """In the main thread, SIGINT's handler is run only at the end of the
     block: the block changes the engine's state, which a KeyboardInterrupt
-    between two steps would break (a message half written to a worker)."""
-    handler = signal.getsignal(signal.SIGINT)
-    if not callable(handler) or threading.current_thread() is not threading.main_thread():
-        yield  # SIGINT's handler runs in the main thread only
-        return
-    frames: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: frames.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    between two steps would break (a message half written to a worker).
+
+    It runs for every call, so it swaps handlers with ``_signal``'s own
+    functions: ``signal.signal`` converts each handler to and from its enum
+    (a ``ValueError`` caught for every callable), 25 µs a block against 2
+    (``tests/test_hangs.py`` checks that the two agree)."""
+
+    __slots__ = ("handler", "frames")
+
+    def __enter__(self) -> None:
+        self.handler = handler = _getsignal(signal.SIGINT)
+        self.frames: list[Any] | None = None
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            frames: list[Any] = []
+            _setsignal(signal.SIGINT, lambda signum, frame: frames.append(frame))
+            self.frames = frames  # else SIGINT's handler runs in the main thread only
+
+    def __exit__(self, *exc: object) -> None:
+        frames = self.frames
+        if frames is None:
+            return
+        _setsignal(signal.SIGINT, self.handler)
         if frames:
-            handler(signal.SIGINT, frames[0])
+            self.handler(signal.SIGINT, frames[0])
 
 
 def _milliseconds(seconds: float | None) -> int | None:
@@ -861,6 +897,26 @@ def _reserve_ok(chunk: Chunk) -> bool:
     seconds = _chunk_seconds(chunk)
     call = chunk.call
     return seconds is not None and seconds < _FAST and call.timeout is None and not call.cancelled
+
+
+def _loads(state: _WorkerState, key: int) -> None:
+    """The worker is sent the function of pace key ``key`` to load (see ``_preload``)."""
+    if len(state.loaded) >= _PACES_KEPT * 8:
+        state.loaded.clear()  # a notebook that made hundreds of functions: preload them again
+    state.loaded.add(key)
+
+
+def _tiny(queue: deque[Chunk]) -> int:
+    """How many chunks of one call lead the queue when they are that call's
+    queued work and it is tiny all together (:data:`_TINY_SECONDS`), else 0."""
+    head = queue[0]
+    seconds = _chunk_seconds(head)
+    if seconds is None or not _reserve_ok(head):
+        return 0
+    fit = int(_TINY_SECONDS / max(seconds, 1e-9))  # how many such chunks are tiny work
+    if len(queue) > fit and queue[fit].call is head.call:
+        return 0
+    return sum(1 for _ in itertools.takewhile(lambda chunk: chunk.call is head.call, queue))
 
 
 def _short(chunk: Chunk, count: int) -> bool:
