@@ -179,18 +179,30 @@ class _Worker:
             held.append(list(range(_WARM_FIRST, _WARM_FIRST + _WARM_STEP)))  # ints past the cached ones
 
     def report(self, record: Record, flush: bool) -> None:
-        """Queue a record; send every queued one if ``flush`` or they are old."""
-        self.pending.append(record)
-        now = time.monotonic()
-        if flush or now - self.last_sent > FLUSH_SECONDS:
-            records, self.pending, self.last_sent = self.pending, [], now
-            # builtin data only (no failure, plain values) pickles in one pass;
-            # else each value alone, so that one the parent cannot load fails its task alone
-            data = dumps_plain((int(Kind.RECORDS), [tuple(r) for r in records]))
-            if data is None:
-                data = dumps((Kind.RECORDS, [tuple(pack(r)) for r in records]))
-            with self.send_lock:
-                self.conn.send_bytes(data)
+        """Queue a record; send every queued one if ``flush`` or they are old.
+        Records left queued wait for the message's next chunks; if those
+        take long (a slow task where the pace promised fast ones), the thread
+        of :meth:`_look_at_batches` sends them once they are old."""
+        with self.send_lock:
+            self.pending.append(record)
+            if flush or time.monotonic() - self.last_sent > FLUSH_SECONDS:
+                self._send_pending()
+                return
+        wake = self.look_wake
+        if wake is None:
+            self._look_at_batches()
+        elif wake.locked():  # only this thread releases it: never one release too many
+            wake.release()
+
+    def _send_pending(self) -> None:
+        """Send the queued records, in one message (``send_lock`` held)."""
+        records, self.pending, self.last_sent = self.pending, [], time.monotonic()
+        # builtin data only (no failure, plain values) pickles in one pass;
+        # else each value alone, so that one the parent cannot load fails its task alone
+        data = dumps_plain((int(Kind.RECORDS), [tuple(r) for r in records]))
+        if data is None:
+            data = dumps((Kind.RECORDS, [tuple(pack(r)) for r in records]))
+        self.conn.send_bytes(data)
 
     def running(self) -> tuple[int, int]:
         """The task running now, as ``mpnb.report`` names it."""
@@ -202,20 +214,29 @@ class _Worker:
     def _look_at_batches(self) -> None:
         """Start the thread that writes, while a batch of tasks runs in one C
         call, the task it has reached into the slot (see :data:`SLOT`): a
-        slow task among fast ones shows in the live view as itself.  Between
-        batches it waits on :attr:`look_wake`, which each batch's start
-        releases: an idle worker, or one running slow tasks, never wakes it.
-        Started by :meth:`_warm_up`, or by the first batch if that comes first."""
+        slow task among fast ones shows in the live view as itself; and that
+        sends queued records once they are ``FLUSH_SECONDS`` old (see
+        :meth:`report`).  Between batches, with no record queued, it waits on
+        :attr:`look_wake`, which each batch's start and each record queued
+        release: an idle worker, or one running slow tasks, never wakes it.
+        Started by :meth:`_warm_up`, or by the first batch or queued record."""
         reached, wake = self.position, _thread.allocate_lock()  # the slot, as 8-byte words
 
         def look() -> None:
             while True:
                 time.sleep(BATCH_LOOK_SECONDS)
                 batch = self.batch
-                if batch is None:
-                    wake.acquire()  # until a batch starts (at once if one started since)
-                else:
+                if batch is not None:
                     reached[4] = batch[1] + len(batch[0])
+                if self.pending:
+                    with self.send_lock:
+                        if self.pending and time.monotonic() - self.last_sent > FLUSH_SECONDS:
+                            try:
+                                self._send_pending()
+                            except OSError:  # the parent is gone: the serve loop ends
+                                return
+                elif batch is None:
+                    wake.acquire()  # until a batch starts or a record waits (at once if one did since)
 
         wake.acquire()
         self.look_wake = wake
