@@ -183,8 +183,9 @@ class LocalEngine(EngineBase):
         self._cancels: list[tuple[set[int], threading.Event]] = []
         # seconds per task of recent functions, by Call.pace_key
         self._paces: OrderedDict[int, float] = OrderedDict()
-        # (call id, pickled function) of the chunk sent last, if small (see _preload)
-        self._latest: tuple[int, bytes, int] | None = None  # id, function pickle and pace key (not the call and its results)
+        # (call id, pickled function, pace key) of the chunk sent last, if small
+        # (see _preload); not the call, which would keep its results alive
+        self._latest: tuple[int, bytes, int] | None = None
         # when the loop's wait ends by itself (time.monotonic()), or None: it waits for a message
         self._looks_at: float | None = None
 
@@ -502,9 +503,10 @@ class LocalEngine(EngineBase):
 
     def _preload(self) -> None:
         """Send the latest call's function to each idle worker that never
-        loaded it (by its pickle: a new call of it needs no preload), so that it imports the function's module now, while another worker
-        runs the call's first tasks, and not at its own first task of it (the
-        next call's).  Small functions only: the message must not fill a pipe."""
+        loaded it (by its pickle: a new call of it needs no preload), so that
+        it imports the function's module now, while another worker runs the
+        call's first tasks, and not at its own first task of it (the next
+        call's).  Small functions only: the message must not fill a pipe."""
         if self._latest is None:
             return
         call_id, fn_data, key = self._latest
@@ -845,7 +847,7 @@ class _interrupts_held:
 
     It runs for every call, so it swaps handlers with ``_signal``'s own
     functions: ``signal.signal`` converts each handler to and from its enum
-    (a ``ValueError`` caught for every callable), 25 µs a block against 2
+    (a ``ValueError`` caught for every callable), 27 µs a block against 4
     (``tests/test_hangs.py`` checks that the two agree)."""
 
     __slots__ = ("handler", "frames")
