@@ -312,27 +312,21 @@ def test_a_call_of_tiny_work_goes_to_one_worker_and_more_work_is_shared(pool, pa
         assert call not in states[0].functions or held == [1, 1]
 
 
-def stall_from_10(x):
-    if x >= 10:
-        time.sleep(60)
-    return x
-
-
 def test_results_queued_behind_a_stalled_task_of_their_message_come_back(pool):
     # by the learned pace the call is tiny work: its 12 chunks travel in one
-    # message, whose records wait for its last chunk; task 10 stalls, and the
-    # ten results before it come back anyway, not once it ends (nor lost if
-    # its worker were killed before)
+    # message, whose records wait for its last chunk; its task 10 stalls, and
+    # the ten results before it come back anyway, not once it ends (nor lost
+    # if its worker were killed before)
     engine = pool._engine
-    assert pool.map(stall_from_10, [-1], chunksize=1) == [-1]
-    engine._paces[next(reversed(engine._paces))] = 1e-6  # stall_from_10's, the latest learned
-    pool.map_async(stall_from_10, range(12), chunksize=1)
+    assert pool.map(nap, [-1], chunksize=1) == [-1]
+    engine._paces[next(reversed(engine._paces))] = 1e-6  # nap's, the latest learned
+    pool.map_async(nap, range(-10, 2), chunksize=1)  # nap(0) stalls
     call = pool._running[max(pool._running)]
     deadline = time.monotonic() + 30
     while call.contiguous < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert call.contiguous == 10
-    assert [call.results[i] for i in range(10)] == list(range(10))
+    assert [call.results[i] for i in range(10)] == list(range(-10, 0))
 
 
 def _settled(engine, looks_at_is_none: bool) -> float | None:
