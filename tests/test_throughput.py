@@ -11,6 +11,7 @@ spread over the workers.  Nothing here measures speed.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import sysconfig
 import threading
@@ -279,6 +280,28 @@ def test_an_idle_worker_takes_its_whole_share_of_short_work_at_once(pool):
             break
         time.sleep(0.01)
     assert (held, queued) == ([6, 6], 0)  # by _AHEAD_SECONDS alone: 5 each, 2 left queued
+
+
+def faults_of_a_buffer_again(size: int) -> int:
+    """The page faults of a buffer of ``size`` bytes made right after one of the same size was freed."""
+    import resource
+
+    bytearray(size)  # made, every page written, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    bytearray(size)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the worker tunes glibc's malloc")
+def test_a_tasks_temporary_buffers_do_not_fault_in_afresh_each_time(pool):
+    # a task's temporaries (numpy's, pandas') of up to 32 MiB come from the
+    # worker's heap, which keeps what is freed: with glibc's fixed limits a
+    # block over 128 KiB was mapped afresh, and all its pages faulted in again
+    size = 8 << 20
+    faults = pool.map(faults_of_a_buffer_again, [size] * 4, chunksize=1)
+    pages = size // os.sysconf("SC_PAGE_SIZE")
+    assert max(faults) < pages // 4, f"{faults} page faults for a buffer of {pages} pages made again"
 
 
 def _held_once_sent(engine, n: int) -> list[int]:
