@@ -17,7 +17,8 @@ import os
 import pickle
 import sys
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import CancelledError, Future
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from mpnb import serialize
@@ -27,8 +28,8 @@ from mpnb._repr import short_repr
 from mpnb.errors import failure_here, note
 from mpnb.shared import SharedArrays
 
-__all__ = ["Call", "Chunk", "MapResults", "Outcomes", "arguments", "as_list", "describe", "dump_items", "read_record",
-           "task_errors"]
+__all__ = ["Call", "Chunk", "MapResults", "Outcomes", "arguments", "as_list", "describe", "dump_items", "in_batches",
+           "read_record", "task_errors"]
 
 
 def _signals_end_waits() -> bool:
@@ -44,6 +45,11 @@ def _signals_end_waits() -> bool:
 #: the longest a caller without a live view waits before it looks at Ctrl-C
 #: again: where SIGINT's handler runs in the wait itself, until its call wakes it
 WAIT_TIMEOUT: float | None = None if _signals_end_waits() else 0.05
+#: how long a call's chunks are pickled before those pickled are sent (see
+#: in_batches): 8 pandas frames of 12 MB took some 12 ms each, written to
+#: shared memory, and their groupby 0.31 s against 0.36 sent together; the
+#: 8 chunks of 20,000 trivial tasks pickle in about 1 ms
+SEND_AFTER = 0.002
 
 
 class Call:
@@ -102,6 +108,14 @@ class Call:
         if type(results) is MapResults:
             return results.slots
         return list(map(results.__getitem__, range(self.total or len(results))))
+
+    def snapshot(self, n: int) -> list[Any]:
+        """The outcomes of tasks ``0`` to ``n - 1`` so far; one not finished holds a ``CancelledError``."""
+        with self.cond:
+            results = self.results
+            if len(results) == n:
+                return self.values()
+            return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]
 
     def release(self) -> None:
         """Free what the call's arguments hold outside the pickles (shared arrays)."""
@@ -320,6 +334,24 @@ def _unpack(packed: PackedValues, first: int, unloadable: dict[int, tuple[str, B
 
 
 # ---------------------------------------------------------------- pickling
+
+
+def in_batches(chunks: Iterable[tuple[int, Chunk]]) -> Iterator[list[Chunk]]:
+    """The chunks of ``(tasks so far, chunk)`` pairs, pickled as they come,
+    in lists to send: all in one, but once pickling took ``SEND_AFTER``
+    since the last list, those pickled so far.  Chunks whose large arguments
+    are written to shared memory then reach the workers while the rest are
+    pickled.  Chunks with no task (its only task failed to pickle) are left out."""
+    batch: list[Chunk] = []
+    since = time.perf_counter()
+    for _, chunk in chunks:
+        if chunk.indices:
+            batch.append(chunk)
+        if batch and time.perf_counter() - since > SEND_AFTER:
+            yield batch
+            batch, since = [], time.perf_counter()
+    if batch:
+        yield batch
 
 
 def dump_items(items: list, call: Call | None = None) -> bytes:

@@ -25,13 +25,13 @@ import itertools
 import os
 import pickle
 import weakref
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import backends, serialize, view
 from mpnb._protocol import Mode
-from mpnb.calls import WAIT_TIMEOUT, Call, Chunk, arguments, as_list, describe, dump_items
+from mpnb.calls import WAIT_TIMEOUT, Call, Chunk, arguments, as_list, describe, dump_items, in_batches
 from mpnb.mpcompat import (
     AsyncResult,
     ClosedPoolError,
@@ -284,9 +284,10 @@ class Pool(MultiprocessingAPI, Executor):
             call.deliver([index], [error], [index], {})
             return Chunk(call, [], [], b"")  # nothing to run
 
-    def _send(self, chunks: list[Chunk]) -> None:
-        if chunks := [c for c in chunks if c.indices]:
-            self._engine.submit(chunks)
+    def _send(self, chunks: Iterable[tuple[int, Chunk]]) -> None:
+        """Give the engine the chunks of :meth:`_chunks`, pickled as they go (:func:`in_batches`)."""
+        for batch in in_batches(chunks):
+            self._engine.submit(batch)
 
     def _cancel(self, call: Call) -> None:
         self._engine.cancel(call).wait(_CANCEL_WAIT)
@@ -322,7 +323,7 @@ class Pool(MultiprocessingAPI, Executor):
         self._running[call.id] = call
         future.add_done_callback(functools.partial(_submitted_done, self._running, self._engine, call))
         self._watch_background(call, [(args, kwargs)], future.done)
-        self._send([chunk for _, chunk in self._chunks(call, [(args, kwargs)], 1)])
+        self._send(self._chunks(call, [(args, kwargs)], 1))
         return future
 
     def _watch_background(self, call: Call, items: list, done: Callable[[], bool]) -> None:
@@ -388,7 +389,7 @@ class Pool(MultiprocessingAPI, Executor):
         self._running[call.id], self._last_call = call, call.id
         live, interrupted = None, False
         try:
-            self._send([chunk for _, chunk in self._chunks(call, items, chunksize)])
+            self._send(self._chunks(call, items, chunksize))
             live = view.watch(_watched(self, call, items), call.id, self.live, polled=True)  # not delaying them
             self._wait_all(call, n, on_error, live)
         except KeyboardInterrupt as interrupt:
@@ -402,7 +403,7 @@ class Pool(MultiprocessingAPI, Executor):
             raise
         finally:
             self._end_call(call, live, interrupted)
-            self.last_results = _snapshot(call, n)
+            self.last_results = call.snapshot(n)
             for index in sorted(call.output):
                 replay(call.output.pop(index, None))
         return self.last_results
@@ -616,8 +617,8 @@ class _Feed:
                 self.exhausted = True
                 self.pool.monitor.call_total(self.call.id, self.submitted)
                 return
-            self.submitted, chunk = pair
-            self.pool._send([chunk])
+            self.submitted = pair[0]
+            self.pool._send([pair])
 
 
 def _stop_submitted(engine: backends.Engine, call: Call) -> None:
@@ -690,11 +691,3 @@ def cache_store(where: Any) -> Any:
     from mpnb import cache as task_cache
 
     return task_cache.open_store(where)
-
-
-def _snapshot(call: Call, n: int) -> list[Any]:
-    with call.cond:
-        results = call.results
-        if len(results) == n:
-            return call.values()
-        return [results[i] if i in results else CancelledError(f"task {i} did not finish") for i in range(n)]

@@ -304,6 +304,46 @@ def test_a_tasks_temporary_buffers_do_not_fault_in_afresh_each_time(pool):
     assert max(faults) < pages // 4, f"{faults} page faults for a buffer of {pages} pages made again"
 
 
+class SlowToPickle:
+    """A task's argument that pickles as ``(i, path)``: the first slowly (beyond
+    SEND_AFTER), the others only once the first task made ``path``, or after 30 s."""
+
+    def __init__(self, i: int, path: str, seen: list[bool]):
+        self.i, self.path, self.seen = i, path, seen
+
+    def __reduce__(self):
+        if self.i == 0:
+            time.sleep(0.05)
+        else:
+            self.seen.append(wait_for_path(self.path, 30.0))
+        return tuple, ((self.i, self.path),)
+
+
+def wait_for_path(path: str, within: float) -> bool:
+    end = time.monotonic() + within
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def touch_first(arg: tuple[int, str]) -> int:
+    i, path = arg
+    if i == 0:
+        open(path, "w").close()
+    return i
+
+
+def test_chunks_slow_to_pickle_reach_the_workers_while_the_rest_are_pickled(pool, tmp_path):
+    # a map of large arguments (written to shared memory as they are pickled)
+    # must not wait for the last to be pickled before the first task starts
+    path, seen = str(tmp_path / "first-started"), []
+    items = [SlowToPickle(i, path, seen) for i in range(4)]
+    assert pool.map(touch_first, items, chunksize=1) == [0, 1, 2, 3]
+    assert seen and all(seen), f"the first task had not started while the next arguments were pickled: {seen}"
+
+
 def _held_once_sent(engine, n: int) -> list[int]:
     """How many chunks each worker holds once ``n`` are sent, fewest first."""
     deadline = time.monotonic() + 60
