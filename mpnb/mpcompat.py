@@ -447,7 +447,7 @@ class MultiprocessingAPI:
         self._watch_background(call, items, future.done)
         try:
             self._send(self._chunks(call, items, chunksize))
-        except BaseException:  # Ctrl-C while pickling the items: nothing of it runs
+        except BaseException:  # Ctrl-C while pickling the items: what was sent is stopped
             call.ended = None
             self._stop_map(call)
             self._end_call(call, None, True)
