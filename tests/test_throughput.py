@@ -283,13 +283,29 @@ def test_an_idle_worker_takes_its_whole_share_of_short_work_at_once(pool):
 
 
 def faults_of_a_buffer_again(size: int) -> int:
-    """The page faults of a buffer of ``size`` bytes made right after one of the same size was freed."""
+    """The page faults of a block of ``size`` bytes from the C library's
+    ``malloc`` (as numpy's arrays get theirs; Python's own allocator is
+    mimalloc on a free-threaded build), every page written, made right after
+    one of the same size was freed."""
+    import ctypes
     import resource
 
-    bytearray(size)  # made, every page written, freed
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def written_block() -> int:
+        block = libc.malloc(size)
+        assert block, "malloc failed"
+        ctypes.memset(block, 1, size)
+        return block
+
+    libc.free(written_block())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    bytearray(size)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    block = written_block()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+    return faults
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
