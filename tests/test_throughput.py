@@ -391,6 +391,49 @@ def test_a_call_of_tiny_work_goes_to_one_worker_and_more_work_is_shared(pool, pa
         assert call not in states[0].functions or held == [1, 1]
 
 
+@pytest.mark.parametrize("pace, held", [(1e-6, [(), (3,)]), (0.001, [(1,), (1, 1)])])
+def test_a_call_of_tiny_work_is_chunked_as_one(pool, pace, held):
+    # the pool's own chunking: three tasks of a microsecond each (by the
+    # learned pace) are one chunk, which its worker runs and reports once;
+    # three of a millisecond each are a chunk each, shared by the workers
+    engine = pool._engine
+    assert pool.map(nap, [-1], chunksize=1) == [-1]
+    engine._paces[next(reversed(engine._paces))] = pace  # nap's, the latest learned
+    pool.map_async(nap, [0, 1, 2])
+    _held_once_sent(engine, len(held[0]) + len(held[1]))
+    with engine._state_lock:
+        sizes = sorted(tuple(len(chunk.indices) for chunk in state.chunks) for state in engine.workers.values())
+    assert sizes == held
+
+
+def wait_then_pid(path: str) -> int:
+    assert wait_for_path(path, 60.0)
+    return os.getpid()
+
+
+def pid_of(_) -> int:
+    return os.getpid()
+
+
+def test_work_goes_first_to_the_idle_worker_that_worked_last(pool, tmp_path):
+    # its caches are warm and its code has run; a new pool's second call
+    # went otherwise to the worker started second, which may have just
+    # started and still be importing what it was sent to preload
+    engine = pool._engine
+    deadline = time.monotonic() + 60
+    while not all(state.ready for state in list(engine.workers.values())) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first = pool.submit(wait_then_pid, str(tmp_path / "first"))
+    second = pool.submit(wait_then_pid, str(tmp_path / "second"))  # the other worker: the first is busy
+    open(tmp_path / "first", "w").close()
+    first_pid = first.result(timeout=60)
+    open(tmp_path / "second", "w").close()
+    second_pid = second.result(timeout=60)
+    assert first_pid != second_pid
+    assert pool.map(pid_of, [0]) == [second_pid]
+    assert pool.map(pid_of, [0, 1]) == [second_pid] * 2  # tiny by now: one chunk, to that worker
+
+
 def test_results_queued_behind_a_stalled_task_of_their_message_come_back(pool):
     # by the learned pace the call is tiny work: its 12 chunks travel in one
     # message, whose records wait for its last chunk; its task 10 stalls, and

@@ -82,6 +82,11 @@ class Engine(Protocol):
     def worker_pids(self) -> list[int]:
         """Processes on this machine that this engine started and owns."""
 
+    def tiny(self, call: Call, n: int) -> bool:
+        """Whether ``n`` tasks of ``call`` are so little work all together
+        that they are best sent as one chunk (the pool's automatic chunking
+        asks)."""
+
 
 # ---------------------------------------------------------------- commands
 
@@ -148,6 +153,9 @@ class EngineBase(threading.Thread):
 
     def worker_pids(self) -> list[int]:
         return []
+
+    def tiny(self, call: Call, n: int) -> bool:
+        return False
 
     def _post(self, message: Any) -> None:
         self.inbox.put(message)

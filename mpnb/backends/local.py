@@ -199,6 +199,17 @@ class LocalEngine(EngineBase):
     def worker_pids(self) -> list[int]:
         return [row.pid for row in self.monitor.snapshot() if row.pid is not None]
 
+    def tiny(self, call: Call, n: int) -> bool:
+        """Whether ``n`` tasks of ``call`` are, by its function's pace, less
+        work all together than a second message takes (:data:`_TINY_SECONDS`).
+        Such a call goes to one worker in one message (see :func:`_tiny`); the
+        pool makes it one chunk, so that the worker runs and reports it once.
+        Called from the caller's thread, without the engine's lock, which the
+        loop still holds right after it delivered the caller's last call: one
+        look-up in a dict (the loop's changes to it are single operations)."""
+        pace = self._paces.get(call.pace_key)
+        return pace is not None and call.timeout is None and pace * n < _TINY_SECONDS
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
@@ -429,6 +440,10 @@ class LocalEngine(EngineBase):
         usable = [w for w in self.workers.values()
                   if w.ready and w.open and w.kill_reason is None and w.retired is None and not self._spent(w)
                   and (soft is None or w.memory.last <= soft)]  # past soft_memory: it drains, then leaves
+        # the worker that worked last comes first: its caches are warm and its
+        # code has run.  A new pool's second call went otherwise to a worker
+        # that had just started, still loading the function sent it to preload
+        usable.sort(key=lambda state: state.since, reverse=True)
         # first every idle worker gets work, then busy ones are topped up when
         # both their call and the next are fast (see _FAST) and have no timeout
         now = time.monotonic()
