@@ -29,6 +29,7 @@ running.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import namedtuple
 
@@ -122,3 +123,62 @@ FLUSH_SECONDS = 0.2
 #: after as long (each send wakes the engine, which takes a core from a busy
 #: worker for a moment: every 0.2 s, it cost a map of 1 ms tasks some 0.3%)
 PARTIAL_SECONDS = 0.5
+
+
+# ---------------------------------------------------------------- framing
+
+#: a message's length before it, as ``multiprocessing.connection`` frames
+#: them (so that the parent's end is a ``Connection``): 4 bytes, or -1 and 8
+SIZE = struct.Struct("!i")
+BIG_SIZE = struct.Struct("!Q")
+#: what the parent reads at once from a worker's pipe (a pipe's usual capacity)
+READ_AT_ONCE = 1 << 16
+
+
+def read_frames(fd: int) -> list[bytes | bytearray]:
+    """The messages waiting on the pipe ``fd``, which must be readable:
+    all that is there, in one read where ``Connection.recv_bytes`` takes two
+    a message and a poll to see whether another waits.  A message only
+    partly there is being written: it is read to its end.  ``EOFError`` at
+    the end of the pipe."""
+    data = os.read(fd, READ_AT_ONCE)
+    if not data:
+        raise EOFError
+    frames: list[bytes | bytearray] = []
+    at = 0
+    while at < len(data):
+        if len(data) - at < 4:
+            data += _read_exactly(fd, 4 - (len(data) - at))
+        (n,) = SIZE.unpack_from(data, at)
+        at += 4
+        if n == -1:
+            if len(data) - at < 8:
+                data += _read_exactly(fd, 8 - (len(data) - at))
+            (n,) = BIG_SIZE.unpack_from(data, at)
+            at += 8
+        if at + n <= len(data):
+            frames.append(data[at:at + n])
+            at += n
+            continue
+        message = bytearray(n)  # the rest is on its way: read into place, not joined
+        have = len(data) - at
+        message[:have] = memoryview(data)[at:]
+        _read_into(fd, message, have)
+        frames.append(message)
+        break
+    return frames
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    buffer = bytearray(n)
+    _read_into(fd, buffer, 0)
+    return bytes(buffer)
+
+
+def _read_into(fd: int, buffer: bytearray, at: int) -> None:
+    view = memoryview(buffer)
+    while at < len(buffer):
+        got = os.readv(fd, [view[at:]])
+        if not got:
+            raise EOFError
+        at += got

@@ -32,14 +32,13 @@ import _thread
 import io
 import mmap
 import os
-import struct
 import sys
 import time
 from collections import OrderedDict
 
 from mpnb import _task, reporting
-from mpnb._protocol import (BATCH_LOOK_SECONDS, FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, PARTIAL_SECONDS,
-                            SLOT, STOP, STRIDE_SECONDS, Boot, Kind, Progress, Record, Run)
+from mpnb._protocol import (BATCH_LOOK_SECONDS, BIG_SIZE, FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, PARTIAL_SECONDS,
+                            SIZE, SLOT, STOP, STRIDE_SECONDS, Boot, Kind, Progress, Record, Run)
 from mpnb._task import Failure, caller, dumps, dumps_plain, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
@@ -910,6 +909,7 @@ class _PipeConnection:
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.poller: Any = None  # made once: a worker polls before every message
 
     def send_bytes(self, data: bytes) -> None:
         n = len(data)
@@ -941,18 +941,18 @@ class _PipeConnection:
         return self._read(n)
 
     def poll(self, timeout: float = 0.0) -> bool:
-        import select  # a built-in module: no cost
+        poller = self.poller
+        if poller is None:
+            import select  # a built-in module: no cost
 
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
+            poller = self.poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
         return bool(poller.poll(timeout * 1000))
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-SIZE = struct.Struct("!i")
-BIG_SIZE = struct.Struct("!Q")
 
 
 class _SiteOnFirstUse:

@@ -143,13 +143,17 @@ class Monitor:
 
     def call_total(self, call: int, total: int) -> None:
         with self._lock:
-            if call in self._calls:
-                self._calls[call] = replace(self._calls[call], total=total)
+            status = self._calls.get(call)
+            if status is not None:
+                self._calls[call] = CallStatus(call, total, status.done, status.failed, status.started,
+                                               status.cached, status.finished)
 
     def call_finished(self, call: int) -> None:
         with self._lock:
-            if call in self._calls:
-                self._calls[call] = replace(self._calls[call], finished=time.monotonic())
+            status = self._calls.get(call)
+            if status is not None:  # (dataclasses.replace took 8 µs of every call)
+                self._calls[call] = CallStatus(call, status.total, status.done, status.failed, status.started,
+                                               status.cached, time.monotonic())
 
     def chunk_sent(self, worker: int, seq: int, call: int, indices: Sequence[int], when: float) -> None:
         self.chunks_sent(worker, [(seq, call, indices, when)])

@@ -580,3 +580,43 @@ def test_tasks_of_a_few_ms_are_timed_now_and_then_and_slow_ones_each(monkeypatch
     timed = _timed_positions(worker, sent, clock.task, 3, mixed)
     after = next(pos for pos in timed if pos > 300)  # the reading that ends the slow task's batch
     assert after + 1 in timed, f"the task after the slow one's batch was not timed alone: {timed}"
+
+
+def test_the_parent_reads_what_waits_on_a_workers_pipe_in_one_go():
+    # every message waiting, in multiprocessing.connection's framing (the
+    # parent's end is a Connection), as the worker and a Connection write
+    # them: one larger than the pipe holds, which arrives while it is read,
+    # and a length whose first bytes come alone
+    import multiprocessing.connection
+    import select
+
+    from mpnb._protocol import SIZE, read_frames
+    from mpnb._worker import _PipeConnection
+
+    read_end, write_end = os.pipe()
+    try:
+        messages = [b"a", b"", b"x" * 5000, bytes(range(256)) * 1000]
+        worker_end = _PipeConnection(write_end)
+        writer = threading.Thread(target=lambda: [worker_end.send_bytes(m) for m in messages])
+        writer.start()
+        got: list = []
+        while len(got) < len(messages):
+            assert select.select([read_end], [], [], 60)[0]
+            got += read_frames(read_end)
+        writer.join()
+        assert [bytes(m) for m in got] == messages
+        multiprocessing.connection.Connection(os.dup(write_end)).send_bytes(b"from a Connection")
+        assert read_frames(read_end) == [b"from a Connection"]
+        os.write(write_end, SIZE.pack(3)[:2])
+        rest = threading.Timer(0.2, os.write, (write_end, SIZE.pack(3)[2:] + b"abc"))
+        rest.start()
+        assert read_frames(read_end) == [b"abc"]
+        rest.join()
+        os.close(write_end)
+        write_end = -1
+        with pytest.raises(EOFError):
+            read_frames(read_end)
+    finally:
+        os.close(read_end)
+        if write_end != -1:
+            os.close(write_end)

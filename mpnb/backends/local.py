@@ -46,7 +46,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import errors
-from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Progress, Record, Run
+from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Progress, Record, Run, read_frames
 from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
 from mpnb.calls import Call, Chunk, Outcomes, arguments, dump_items, read_record
@@ -553,7 +553,7 @@ class LocalEngine(EngineBase):
             if found is None:
                 os.read(self._wake_r, 4096)
             elif found[1]:
-                self._read(found[0])
+                self._read(found[0], readable=True)
             else:
                 dead.append(found[0])
         for state in dead:
@@ -594,34 +594,42 @@ class LocalEngine(EngineBase):
             return None
         return max(0.01, min(0.1, min(timeouts) / 10))
 
-    def _read(self, state: _WorkerState) -> None:
-        conn = state.handle.conn
-        while state.open:
+    def _read(self, state: _WorkerState, readable: bool = False) -> None:
+        """Act on the messages a worker sent: those waiting now, in one read
+        when its pipe is ``readable`` (the loop's wait said so: anything
+        sent later wakes the next wait); else (a dead worker's last words)
+        until none is left."""
+        while state.open and (readable or state.inbox.poll(0)):
             try:
-                if not state.inbox.poll(0):
-                    return
-                data = conn.recv_bytes()
+                frames = read_frames(state.handle.conn.fileno())
             except (EOFError, OSError):
                 state.open = False
                 return
-            try:
-                message = pickle.loads(data)
-            except BaseException as exc:  # values are loaded one by one (_unpack): not expected
-                self._unreadable(state, exc)
+            for data in frames:
+                if state.open:  # (not after a message that did not load)
+                    self._on_worker_message(state, data)
+            if readable:
                 return
-            kind = message[0]
-            if kind == Kind.RECORDS:
-                self._on_records(state, [Record._make(record) for record in message[1]])
-            elif kind == Kind.HELLO:
-                state.ready = True
-                self._start_failures = 0
-                self.monitor.worker_started(state.handle.worker_id, message[1], message[2])
-            elif kind == Kind.INIT_FAILED:
-                state.init_failure = message[2]
-            elif kind == Kind.PROGRESS:
-                progress = Progress._make(message[1])
-                self.monitor.task_progress(state.handle.worker_id, progress.seq, progress.position,
-                                           progress.done, progress.total, progress.note)
+
+    def _on_worker_message(self, state: _WorkerState, data: bytes | bytearray) -> None:
+        try:
+            message = pickle.loads(data)
+        except BaseException as exc:  # values are loaded one by one (_unpack): not expected
+            self._unreadable(state, exc)
+            return
+        kind = message[0]
+        if kind == Kind.RECORDS:
+            self._on_records(state, [Record._make(record) for record in message[1]])
+        elif kind == Kind.HELLO:
+            state.ready = True
+            self._start_failures = 0
+            self.monitor.worker_started(state.handle.worker_id, message[1], message[2])
+        elif kind == Kind.INIT_FAILED:
+            state.init_failure = message[2]
+        elif kind == Kind.PROGRESS:
+            progress = Progress._make(message[1])
+            self.monitor.task_progress(state.handle.worker_id, progress.seq, progress.position,
+                                       progress.done, progress.total, progress.note)
 
     def _unreadable(self, state: _WorkerState, exc: BaseException) -> None:
         """A message from a worker that does not load here: the tasks it held
