@@ -169,6 +169,23 @@ def read_frames(fd: int) -> list[bytes | bytearray]:
     return frames
 
 
+def write_frame(fd: int, data: bytes) -> None:
+    """Send one message on the pipe ``fd``, framed as ``Connection.send_bytes``
+    frames it, in one write when it is small (as that does, without its layers)."""
+    n = len(data)
+    header = SIZE.pack(n) if n <= 0x7FFFFFFF else SIZE.pack(-1) + BIG_SIZE.pack(n)
+    if n <= 16384:
+        _write_all(fd, memoryview(header + data))
+    else:
+        _write_all(fd, memoryview(header))
+        _write_all(fd, memoryview(data))
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _read_exactly(fd: int, n: int) -> bytes:
     buffer = bytearray(n)
     _read_into(fd, buffer, 0)

@@ -38,7 +38,7 @@ from collections import OrderedDict
 
 from mpnb import _task, reporting
 from mpnb._protocol import (BATCH_LOOK_SECONDS, BIG_SIZE, FLUSH_SECONDS, FUNCTION_CACHE_SIZE, MAX_STRIDE, PARTIAL_SECONDS,
-                            SIZE, SLOT, STOP, STRIDE_SECONDS, Boot, Kind, Progress, Record, Run)
+                            SIZE, SLOT, STOP, STRIDE_SECONDS, Boot, Kind, Progress, Record, Run, write_frame)
 from mpnb._task import Failure, caller, dumps, dumps_plain, hide_frames_of, load_failure, loads, pack
 
 TYPE_CHECKING = False
@@ -912,17 +912,7 @@ class _PipeConnection:
         self.poller: Any = None  # made once: a worker polls before every message
 
     def send_bytes(self, data: bytes) -> None:
-        n = len(data)
-        header = SIZE.pack(n) if n <= 0x7FFFFFFF else SIZE.pack(-1) + BIG_SIZE.pack(n)
-        view = memoryview(header + data if n <= 16384 else header)
-        if n > 16384:
-            self._write(view)
-            view = memoryview(data)
-        self._write(view)
-
-    def _write(self, view: memoryview) -> None:
-        while view:
-            view = view[os.write(self.fd, view):]
+        write_frame(self.fd, data)
 
     def _read(self, n: int) -> bytes:
         parts, left = [], n

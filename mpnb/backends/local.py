@@ -46,7 +46,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import errors
-from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Progress, Record, Run, read_frames
+from mpnb._protocol import FUNCTION_CACHE_SIZE, STOP, Kind, Progress, Record, Run, read_frames, write_frame
 from mpnb.backends.base import EngineBase
 from mpnb.backends.launcher import Launcher, WorkerHandle
 from mpnb.calls import Call, Chunk, Outcomes, arguments, dump_items, read_record
@@ -489,7 +489,8 @@ class LocalEngine(EngineBase):
         self.monitor.chunks_sent(state.handle.worker_id,
                                  [(c.seq, c.call.id, c.indices, c.sent) for c in itertools.islice(state.chunks, held, None)])
         try:
-            state.handle.conn.send_bytes(pickle.dumps((Kind.RUNS, [tuple(run) for run in runs]), pickle.HIGHEST_PROTOCOL))
+            write_frame(state.handle.conn.fileno(), pickle.dumps((Kind.RUNS, [tuple(run) for run in runs]),
+                                                                 pickle.HIGHEST_PROTOCOL))
         except OSError:
             state.open = False  # dead: its sentinel fires and the chunks are requeued
 
@@ -578,17 +579,28 @@ class LocalEngine(EngineBase):
         return self._poller
 
     def _next_wakeup(self) -> float | None:
-        if self._cancels or any(w.kill_reason for w in self.workers.values()):
+        """How long the loop may wait for a message (None: until one comes).
+        One pass over the workers: the caller's submit asks it every call."""
+        if self._cancels:
             return 0.05
-        if any(w.retired is not None for w in self.workers.values()):
+        retired = starting = busy = False
+        timeouts = []
+        for w in self.workers.values():
+            if w.kill_reason:
+                return 0.05
+            retired = retired or w.retired is not None
+            starting = starting or not w.ready
+            if w.chunks:
+                busy = True
+                if w.chunks[0].call.timeout is not None:
+                    timeouts.append(w.chunks[0].call.timeout)
+        if retired:
             return 0.1  # a retired worker that does not leave is killed (_check_timeouts)
-        timeouts = [w.chunks[0].call.timeout for w in self.workers.values()
-                    if w.chunks and w.chunks[0].call.timeout is not None]
-        if not all(w.ready for w in self.workers.values()):
+        if starting:
             timeouts.append(min(5.0, self.start_timeout))  # start-up is bounded too
-        if self.stopping and any(w.chunks for w in self.workers.values()):
+        if self.stopping and busy:
             timeouts.append(2.0)  # look for workers stopped by a signal (_check_timeouts)
-        if self.resources.watches_memory and any(w.chunks for w in self.workers.values()):
+        if self.resources.watches_memory and busy:
             timeouts.append(SAMPLE_SECONDS * 10)  # sample busy workers' memory
         if not timeouts:
             return None
