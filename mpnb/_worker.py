@@ -943,8 +943,6 @@ class _PipeConnection:
         os.close(self.fd)
 
 
-
-
 class _SiteOnFirstUse:
     """First on ``sys.meta_path`` of an exec worker (started without
     ``site``): when a task first imports a name that a finder of the
