@@ -532,6 +532,66 @@ def _is_guardian(pid: int) -> bool:
         return False
 
 
+#: how long a resource tracker of the tree (multiprocessing's, loky's) is
+#: given, once every other process of the tree is dead, to see its pipe's
+#: EOF, unlink what its clients left (named semaphores, shared memory) and exit
+TRACKER_GRACE = 2.0
+
+
+def _cmdline(pid: int) -> bytes:
+    if _LINUX:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+    import psutil
+
+    try:
+        return "\0".join(psutil.Process(pid).cmdline()).encode()
+    except psutil.Error:
+        return b""
+
+
+def _is_tracker(pid: int) -> bool:
+    """True for a resource tracker: it unlinks on EOF, so it ends last."""
+    return b"resource_tracker import main" in _cmdline(pid)
+
+
+def _gone(pid: int) -> bool:
+    if _LINUX:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return True
+        return stat[stat.rindex(b")") + 2:][:1] in (b"Z", b"X")
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def end_trackers(trackers: list[int], grace: float = TRACKER_GRACE) -> None:
+    """Let ``trackers`` exit by themselves, then SIGKILL those left.
+
+    A resource tracker ignores SIGINT and SIGTERM and, when its pipe's last
+    writer is gone, unlinks what is still registered (the named semaphores of
+    a spawn Pool, a ``SharedMemory``) and exits.  Killed with the rest of a
+    tree, it would leave them in ``/dev/shm`` for good; so it is resumed
+    (a half-done kill may have stopped it) and waited for, ``grace`` at most.
+    """
+    for pid in trackers:
+        _signal(pid, signal.SIGCONT)
+    deadline = time.monotonic() + grace
+    while any(not _gone(pid) for pid in trackers) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for pid in trackers:
+        _signal(pid, signal.SIGKILL)
+
+
 def kill_tree(root: int, include_root: bool = True) -> None:
     """SIGKILL everything ``root`` started, and ``root`` itself if ``include_root``.
 
@@ -548,42 +608,72 @@ def kill_tree(root: int, include_root: bool = True) -> None:
     guardian stopped then would stay stopped for good: Linux sends SIGCONT
     only to a process group it finds orphaned, and a worker's group is not
     when the pool's process shares its session (a plain script's pool).
+
+    A resource tracker is neither stopped nor killed with the others: it
+    ends after them and ``root`` (:func:`end_trackers`).  When ``root`` is
+    this process (a worker ending itself), the tracker sees EOF only after
+    it; the worker's guardian, left alive, then waits for it (:func:`kill_marked`).
     """
     me = os.getpid()
     if root != me and include_root:
         _signal(root, signal.SIGSTOP)
     found: list[int] = []
-    guardians: list[int] = []
+    spared: list[int] = []  # guardians and resource trackers
     for _ in range(20):  # a bound, in case something keeps forking faster than we stop it
         new = [pid for pid in descendants(root) if pid != me and pid not in found]
         if not new:
             break
         for pid in new:
-            if _is_guardian(pid):
-                guardians.append(pid)
+            if _is_guardian(pid) or _is_tracker(pid):
+                spared.append(pid)
             else:
                 _signal(pid, signal.SIGSTOP)
         found += new
     for pid in found:
-        if pid not in guardians:
+        if pid not in spared:
             _signal(pid, signal.SIGKILL)
-    if include_root:
-        if _leads_group(root):
-            try:
-                os.killpg(root, signal.SIGKILL)  # ends this process too when root is itself
-            except (ProcessLookupError, PermissionError):
-                pass
+    guardians = [pid for pid in spared if _is_guardian(pid)]
+    trackers = [pid for pid in spared if pid not in guardians]
+    if trackers and guardians and (root == me or not include_root):
+        # a tracker sees its EOF only once this process is gone: the guardian waits for it
+        if include_root:
+            _signal(me, signal.SIGKILL)
+        return
+    if not include_root:
+        return _kill_all(guardians)
+    if root != me:
         _signal(root, signal.SIGKILL)
-    for pid in guardians:
+        end_trackers(trackers)
+    if _leads_group(root):
+        try:
+            os.killpg(root, signal.SIGKILL)  # ends this process too when root is itself
+        except (ProcessLookupError, PermissionError):
+            pass
+    _signal(root, signal.SIGKILL)
+    _kill_all(guardians)
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
         _signal(pid, signal.SIGKILL)
 
 
 def kill_marked(mark: str) -> None:
     """SIGKILL this user's processes whose environment carries a worker's mark
     (``WORKER_VAR``): after the worker died, what its tasks started that left
-    its process group.  On Linux it reads ``/proc`` itself: a guardian forked
-    before its worker's set-up cannot import psutil (no site-packages yet)."""
+    its process group.  Resource trackers end last (:func:`end_trackers`).
+    On Linux it reads ``/proc`` itself: a guardian forked before its worker's
+    set-up cannot import psutil (no site-packages yet)."""
+    marked = _marked(mark)
+    trackers = [pid for pid in marked if _is_tracker(pid)]
+    _kill_all([pid for pid in marked if pid not in trackers])
+    end_trackers(trackers)
+
+
+def _marked(mark: str) -> list[int]:
+    """This user's processes (but this one) whose environment carries ``mark``."""
     uid, me = os.getuid(), os.getpid()
+    found = []
     if _LINUX:
         entry = f"{WORKER_VAR}={mark}".encode()
         for name in os.listdir("/proc"):
@@ -594,21 +684,22 @@ def kill_marked(mark: str) -> None:
                     continue
                 with open(f"/proc/{name}/environ", "rb") as f:
                     if entry in f.read().split(b"\0"):
-                        _signal(int(name), signal.SIGKILL)
+                        found.append(int(name))
             except OSError:
                 continue
-        return
+        return found
     import psutil  # only after a worker died
 
     for process in psutil.process_iter(["uids"]):
         uids = process.info["uids"]
-        if uids is None or uids.real != uid or process.pid == os.getpid():
+        if uids is None or uids.real != uid or process.pid == me:
             continue
         try:
             if process.environ().get(WORKER_VAR) == mark:
-                process.kill()
+                found.append(process.pid)
         except psutil.Error:
             pass
+    return found
 
 
 def _end_with_tree(signum=None, frame=None) -> None:

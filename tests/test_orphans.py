@@ -37,6 +37,7 @@ TESTS = str(Path(__file__).resolve().parent)
 WAIT = 60.0
 
 _kept = []  # what a task started and must not be garbage-collected with it
+_made_semaphores: list[str] = []  # what the spawn Pool's queues made, registered with its resource tracker
 
 
 # ------------------------------------------------------------ the task
@@ -56,11 +57,21 @@ def _subprocess() -> list[int]:
     return [proc.pid]
 
 
+def _semaphores() -> set[str]:
+    """The named semaphores on the machine (Linux keeps them in /dev/shm)."""
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("sem.")}
+    except OSError:
+        return set()
+
+
 def _spawn_pool() -> list[int]:
     import multiprocessing
     from multiprocessing import resource_tracker
 
+    before = _semaphores()
     pool = multiprocessing.get_context("spawn").Pool(1)
+    _made_semaphores.extend(sorted(_semaphores() - before))
     _kept.append(pool)
     pool.apply(os.getpid)
     return [p.pid for p in pool._pool] + [resource_tracker._resource_tracker._pid]
@@ -99,7 +110,7 @@ def start_everything(record: str, then: str):
     for kind, start in KINDS.items():
         started[kind] = [(pid, psutil.Process(pid).create_time()) for pid in start()]
     with open(record + ".tmp", "w") as f:
-        json.dump(started, f)
+        json.dump({"processes": started, "semaphores": _made_semaphores}, f)
     os.rename(record + ".tmp", record)
     if then == "crash":
         import ctypes
@@ -116,6 +127,8 @@ def start_everything(record: str, then: str):
 
 
 def _wait_for(path: Path, within: float = WAIT) -> dict:
+    """What the task recorded: ``{"processes": {kind: [(pid, started)]},
+    "semaphores": [name in /dev/shm]}``."""
     deadline = time.monotonic() + within
     while not path.exists():
         assert time.monotonic() < deadline, f"the task did not start its processes within {within} s"
@@ -135,16 +148,28 @@ def _survivors(started: dict) -> list[str]:
     return [kind for kind, procs in started.items() if any(_alive(pid, t) for pid, t in procs)]
 
 
-def assert_all_gone(started: dict, within: float = WAIT) -> None:
+def assert_all_gone(record: dict, within: float = WAIT, **more: list[tuple[int, float]]) -> None:
+    """Every process the task recorded (and ``more``) is gone, and so are
+    the semaphores of its spawn Pool: its resource tracker, which unlinks
+    them once its clients are gone, was let do so before it ended."""
+    started = dict(record["processes"], **more)
     deadline = time.monotonic() + within
-    while _survivors(started) and time.monotonic() < deadline:
+    while (_survivors(started) or _present(record["semaphores"])) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _survivors(started)
+    left, leaked = _survivors(started), _present(record["semaphores"])
     for procs in started.values():  # do not let one failure poison the next tests
         for pid, t in procs:
             if _alive(pid, t):
                 os.kill(pid, signal.SIGKILL)
+    for name in leaked:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
     assert not left, f"outlived their worker: {', '.join(left)}"
+    assert not leaked, f"the spawn Pool's semaphores outlived its resource tracker: {leaked}"
+
+
+def _present(semaphores: list[str]) -> list[str]:
+    return [name for name in semaphores if os.path.exists(f"/dev/shm/{name}")]
 
 
 # ------------------------------------------------------------ the table
@@ -189,7 +214,8 @@ def test_shutdown(tag, record):
     try:
         assert pool.submit(start_everything, str(record), "return").result(timeout=120)
         started = _wait_for(record)
-        assert len(_survivors(started)) == len(KINDS)  # a finished task's processes live on until then
+        assert len(_survivors(started["processes"])) == len(KINDS)  # a finished task's processes live on until then
+        assert started["semaphores"] and _present(started["semaphores"]) == started["semaphores"]
     finally:
         pool.shutdown()
     assert_all_gone(started)
@@ -242,7 +268,7 @@ def test_stopped_worker_owner_sigkilled(tag, record, tmp_path):
         deadline = time.monotonic() + WAIT
         while worker.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
+    assert_all_gone(started, worker=[(worker.pid, worker.create_time())])
 
 
 ENDING_OWNER = """
@@ -294,8 +320,7 @@ def test_owner_sigkilled_while_it_ends_the_worker(tag, record, tmp_path):
     # a guardian stopped then may never run again: its SIGSTOP can land after
     # the worker's exit, once Linux has looked for stopped members to SIGCONT
     assert guardian.pid not in stopped, "the killer stopped the worker's guardian"
-    assert_all_gone(dict(started, worker=[(worker.pid, worker_started)],
-                         guardian=[(guardian.pid, guardian_started)]))
+    assert_all_gone(started, worker=[(worker.pid, worker_started)], guardian=[(guardian.pid, guardian_started)])
 
 
 def test_owner_sigkilled_while_the_task_holds_the_gil(tag, record, tmp_path):
@@ -305,7 +330,7 @@ def test_owner_sigkilled_while_the_task_holds_the_gil(tag, record, tmp_path):
     with _owner(tag, record, tmp_path, "hold the GIL") as owner:
         started = _wait_for(record)
         worker = _worker_of(owner.pid)
-    assert_all_gone(dict(started, worker=[(worker.pid, worker.create_time())]))
+    assert_all_gone(started, worker=[(worker.pid, worker.create_time())])
 
 
 def _kernel_pool(kernel, record: Path) -> dict:
@@ -398,5 +423,5 @@ def test_kernel_shutdown_with_a_stopped_worker(tag, tmp_path):
         assert list(temp.glob("mpnb-pool-*"))
     finally:
         kernel.shutdown()
-    assert_all_gone(dict(started, worker=[(workers[0].pid, workers[0].create_time())]))
+    assert_all_gone(started, worker=[(workers[0].pid, workers[0].create_time())])
     assert not list(temp.glob("mpnb-pool-*")), os.listdir(temp)
