@@ -471,15 +471,18 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    """``{parent pid: [child pids]}`` of every process on the machine."""
-    tree: dict[int, list[int]] = {}
+def _processes() -> list[tuple[int, int, int]]:
+    """``(pid, parent pid, process group)`` of every process on the machine."""
+    found = []
     if not _LINUX:
         import psutil  # not needed on Linux, where /proc is cheaper to read
 
         for process in psutil.process_iter(["ppid"]):
-            tree.setdefault(process.info["ppid"], []).append(process.pid)
-        return tree
+            try:
+                found.append((process.pid, process.info["ppid"], os.getpgid(process.pid)))
+            except OSError:
+                continue
+        return found
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -489,9 +492,22 @@ def _children_by_parent() -> dict[int, list[int]]:
         except OSError:
             continue
         # the command name may hold spaces and parentheses: fields follow the last ")"
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        tree.setdefault(ppid, []).append(int(name))
+        fields = stat[stat.rindex(b")") + 2:].split()
+        found.append((int(name), int(fields[1]), int(fields[2])))
+    return found
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """``{parent pid: [child pids]}`` of every process on the machine."""
+    tree: dict[int, list[int]] = {}
+    for pid, ppid, _ in _processes():
+        tree.setdefault(ppid, []).append(pid)
     return tree
+
+
+def _group(pgid: int) -> list[int]:
+    """The members of process group ``pgid``."""
+    return [pid for pid, _, group in _processes() if group == pgid]
 
 
 def descendants(pid: int) -> list[int]:
@@ -575,7 +591,7 @@ def _gone(pid: int) -> bool:
 
 
 def end_trackers(trackers: list[int], grace: float = TRACKER_GRACE) -> None:
-    """Let ``trackers`` exit by themselves, then SIGKILL those left.
+    """Let ``trackers`` (pids; one may be listed twice) exit by themselves, then SIGKILL those left.
 
     A resource tracker ignores SIGINT and SIGTERM and, when its pipe's last
     writer is gone, unlinks what is still registered (the named semaphores of
@@ -643,7 +659,7 @@ def kill_tree(root: int, include_root: bool = True) -> None:
         return _kill_all(guardians)
     if root != me:
         _signal(root, signal.SIGKILL)
-        end_trackers(trackers)
+        end_trackers(trackers + _kill_group_but_trackers(root, me))
     if _leads_group(root):
         try:
             os.killpg(root, signal.SIGKILL)  # ends this process too when root is itself
@@ -651,6 +667,20 @@ def kill_tree(root: int, include_root: bool = True) -> None:
             pass
     _signal(root, signal.SIGKILL)
     _kill_all(guardians)
+
+
+def _kill_group_but_trackers(root: int, me: int) -> list[int]:
+    """SIGKILL the members of ``root``'s group no longer below it (its death
+    re-parented them) but guardians and resource trackers; the trackers."""
+    trackers = []
+    for pid in _group(root) if _leads_group(root) else ():
+        if pid == me or _is_guardian(pid):
+            continue
+        if _is_tracker(pid):
+            trackers.append(pid)
+        else:
+            _signal(pid, signal.SIGKILL)
+    return trackers
 
 
 def _kill_all(pids: list[int]) -> None:
