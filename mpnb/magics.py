@@ -208,18 +208,19 @@ def _run(nodes: list[ast.stmt], filename: str, namespace: dict[str, Any], quiet:
 
 def load(shell: Any) -> None:
     """Register the magics and create this kernel's cell-module directory."""
-    from mpnb import diagnostics
+    from mpnb import diagnostics, shutdown
 
     cells.create_kernel_dir()
     processes.mark_lineage()
     shell.register_magics(MpnbMagics)
     diagnostics.install(shell)
+    shutdown.install(shell)
     processes.start_guard(shell)  # last: a bad setting it refuses leaves the rest working
 
 
 def unload(shell: Any) -> None:
     """Forget the magics and delete the cell-module directory."""
-    from mpnb import diagnostics
+    from mpnb import diagnostics, shutdown
 
     shell.magics_manager.magics["cell"].pop("mppool", None)
     shell.magics_manager.magics["line"].pop("mpdoctor", None)
@@ -228,4 +229,5 @@ def unload(shell: Any) -> None:
     shell.magics_manager.magics["line"].pop("mppool_patch", None)
     processes.stop_guard()
     diagnostics.uninstall(shell)
+    shutdown.uninstall(shell)
     cells.remove_kernel_dir()

@@ -314,16 +314,9 @@ def _owners() -> dict[int, str]:
         for thread in list(getattr(module, "_threads_wakeups", {}).keys()):
             if thread.is_alive():
                 owners.update((pid, "loky executor") for pid in list(getattr(thread, "processes", {})))
-    helpers = {
-        "multiprocessing.resource_tracker": ("_resource_tracker", "_pid", "multiprocessing resource tracker"),
-        "loky.backend.resource_tracker": ("_resource_tracker", "_pid", "loky resource tracker"),
-        "joblib.externals.loky.backend.resource_tracker": ("_resource_tracker", "_pid", "loky resource tracker"),
-        "multiprocessing.forkserver": ("_forkserver", "_forkserver_pid", "multiprocessing forkserver"),
-    }
-    for name, (instance, attribute, owner) in helpers.items():
-        pid = getattr(getattr(sys.modules.get(name), instance, None), attribute, None)
-        if pid is not None:
-            owners[pid] = owner
+    for helper in helpers():
+        if helper.pid is not None:
+            owners[helper.pid] = helper.owner
     launcher = sys.modules.get("mpnb.backends.launcher")
     if launcher is not None:  # exec workers waiting for the next pool
         owners.update((pid, MPNB_SPARE) for pid in launcher.spare_pids())
@@ -332,6 +325,40 @@ def _owners() -> dict[int, str]:
         # what runs on this machine only: a dask engine's rows are the cluster's processes
         owners.update((pid, MPNB_OWNER) for pid in engine.worker_pids())
     return owners
+
+
+#: where multiprocessing and loky keep a helper process they start once per
+#: process: module -> (its instance, the attributes of its pid and of the
+#: write end of the pipe that keeps it alive, what ``%mpstatus`` calls it)
+_HELPERS = {
+    "multiprocessing.resource_tracker": ("_resource_tracker", "_pid", "_fd", "multiprocessing resource tracker"),
+    "loky.backend.resource_tracker": ("_resource_tracker", "_pid", "_fd", "loky resource tracker"),
+    "joblib.externals.loky.backend.resource_tracker": ("_resource_tracker", "_pid", "_fd", "loky resource tracker"),
+    "multiprocessing.forkserver": ("_forkserver", "_forkserver_pid", "_forkserver_alive_fd",
+                                   "multiprocessing forkserver"),
+}
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A resource tracker or forkserver of this process: it ignores SIGTERM
+    (a tracker) and ends when the pipe ``fd`` writes to reaches EOF."""
+
+    owner: str
+    pid: int | None  # None where this process did not start it (it inherited the pipe)
+    fd: int | None  # None where it is not running
+
+
+def helpers() -> list[Helper]:
+    """This process's resource trackers and forkserver, as their modules
+    record them (modules not imported yet have none)."""
+    found = []
+    for name, (instance, pid_attribute, fd_attribute, owner) in _HELPERS.items():
+        helper = getattr(sys.modules.get(name), instance, None)
+        pid, fd = getattr(helper, pid_attribute, None), getattr(helper, fd_attribute, None)
+        if isinstance(pid, int) or isinstance(fd, int):
+            found.append(Helper(owner, pid if isinstance(pid, int) else None, fd if isinstance(fd, int) else None))
+    return found
 
 
 def _see(process: psutil.Process) -> _Seen | None:

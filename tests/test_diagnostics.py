@@ -116,12 +116,15 @@ def test_fork_in_threaded_kernel_warns_once_and_uninstall_removes_all(kernel):
     second = kernel.run(run_fork_pool, timeout=60).ok()
     assert "ForkInThreadedKernelWarning" not in second.stderr
 
+    # the kernel's shutdown hook (mpnb.shutdown) comes off too
+    hooked = "print('do_shutdown' in vars(get_ipython().kernel))"
+    assert kernel.run(hooked).ok().stdout.split() == ["True"]
     reply = kernel.run(
         "%unload_ext mpnb\n"
         "import multiprocessing.pool as mpp, concurrent.futures.process as cfp\n"
         "print(mpp.Pool._join_exited_workers.__module__, mpp.Pool.apply_async.__module__,\n"
-        "      cfp.ProcessPoolExecutor.submit.__module__)").ok()
-    assert reply.stdout.split() == ["multiprocessing.pool"] * 2 + ["concurrent.futures.process"]
+        "      cfp.ProcessPoolExecutor.submit.__module__)\n" + hooked).ok()
+    assert reply.stdout.split() == ["multiprocessing.pool"] * 2 + ["concurrent.futures.process", "False"]
     reply = kernel.run("raise cf.process.BrokenProcessPool('gone')")
     assert reply.ename == "BrokenProcessPool" and "mpnb:" not in reply.stderr
 

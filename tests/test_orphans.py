@@ -369,6 +369,47 @@ def test_kernel_sigkilled(tag, record):
     assert_all_gone(started)
 
 
+# ------------------------------------------------------------ others' pools at kernel shutdown
+
+OTHERS_POOLS = {
+    # a notebook's pool left open: ipykernel's shutdown SIGTERMs its workers
+    "spawn Pool": "pool = mp.get_context('spawn').Pool(1)\nprint(pool.map(abs, [-1]))",
+    "forkserver Pool": "with mp.get_context('forkserver').Pool(1) as pool:\n    print(pool.map(abs, [-1]))",
+    "joblib": "import joblib\nprint(joblib.Parallel(2)(joblib.delayed(abs)(i) for i in [-1, -2]))",
+}
+
+
+@pytest.mark.parametrize("used", OTHERS_POOLS)
+def test_kernel_that_used_others_pools_shuts_down_cleanly(tag, used):
+    """A pool that starts a resource tracker (which ignores SIGTERM) must not
+    hold up the kernel's shutdown until its client SIGTERMs it: the kernel
+    exits by itself, its exit hooks run (multiprocessing's temp directory
+    goes) and its semaphores are gone."""
+    import multiprocessing
+
+    from kernel import Kernel
+
+    if used == "forkserver Pool" and "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no forkserver here")
+    if used == "joblib":
+        pytest.importorskip("joblib")
+    before = set(_semaphores())
+    kernel = Kernel(tag)
+    try:
+        reply = kernel.run("%load_ext mpnb\nimport multiprocessing as mp\n" + OTHERS_POOLS[used]
+                           + "\nprint(mp.util.get_temp_dir())").ok()
+        temp = Path(reply.stdout.split()[-1])
+        assert temp.is_dir()
+        process = kernel.km.provisioner.process
+        # generous: the client SIGTERMs the kernel after half of it; a clean exit comes at once
+        kernel.km.shutdown_wait_time = 2 * WAIT / 3
+    finally:
+        kernel.shutdown()
+    assert process.wait(timeout=WAIT) == 0, "the kernel did not exit by itself: its client ended it"
+    assert not temp.exists(), "the kernel's exit hooks did not run"
+    assert not sorted(_semaphores() - before)
+
+
 # ------------------------------------------------------------ directories
 
 POOL_DIR_OWNER = """

@@ -29,7 +29,7 @@ from mpnb import errors
 from mpnb.errors import broken, not_run
 from mpnb.monitor import Monitor
 
-__all__ = ["Engine", "EngineBase", "live_engines"]
+__all__ = ["Engine", "EngineBase", "kill_all", "live_engines"]
 
 # how often a thread waiting for engines to stop looks for Ctrl-C
 _POLL = 0.05
@@ -295,7 +295,7 @@ def _register(engine: Any) -> None:
     if not _atexit_registered:
         # registered after multiprocessing's own handler, so it runs first and
         # that handler's join() of our (killed) workers returns at once
-        atexit.register(_kill_all_at_exit)
+        atexit.register(kill_all)
         try:
             # runs before atexit handlers, while the engine threads still work
             # (concurrent.futures registers its own wait the same way)
@@ -305,7 +305,9 @@ def _register(engine: Any) -> None:
         _atexit_registered = True
 
 
-def _kill_all_at_exit() -> None:
+def kill_all() -> None:
+    """Kill every engine of this process and wait (2 s at most each) for it
+    to stop: at exit, and when a kernel shuts down (:mod:`mpnb.shutdown`)."""
     engines = list(_live)
     for engine in engines:
         engine.kill_now()
@@ -319,7 +321,7 @@ def _finish_at_exit() -> None:
     (Ctrl-C while waiting stops it); in a kernel, which exits to shut down or
     restart, stop everything at once."""
     if _in_kernel():
-        _kill_all_at_exit()
+        kill_all()
         return
     engines = list(_live)
     for engine in engines:
@@ -329,7 +331,7 @@ def _finish_at_exit() -> None:
             while not engine.stopped.wait(_POLL):
                 pass
     except KeyboardInterrupt:
-        _kill_all_at_exit()
+        kill_all()
 
 
 def _in_kernel() -> bool:
