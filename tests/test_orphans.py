@@ -215,7 +215,8 @@ def test_shutdown(tag, record):
         assert pool.submit(start_everything, str(record), "return").result(timeout=120)
         started = _wait_for(record)
         assert len(_survivors(started["processes"])) == len(KINDS)  # a finished task's processes live on until then
-        assert started["semaphores"] and _present(started["semaphores"]) == started["semaphores"]
+        if os.path.isdir("/dev/shm"):  # where named semaphores can be seen
+            assert started["semaphores"] and _present(started["semaphores"]) == started["semaphores"]
     finally:
         pool.shutdown()
     assert_all_gone(started)
