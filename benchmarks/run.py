@@ -141,10 +141,15 @@ def _stop_helpers() -> None:
     """Stop the helper processes the stdlib and loky keep for the whole run."""
     import multiprocessing.forkserver
     import multiprocessing.resource_tracker
+    import multiprocessing.util
 
     from joblib.externals.loky.backend import resource_tracker as joblib_tracker
     from loky.backend import resource_tracker as loky_tracker
 
+    # what exit would run first: the closed pools' semaphores are unlinked (and
+    # unregistered) now, while their tracker runs; stopped first, it would
+    # unlink them itself, warn of leaks, and their finalizers fail at exit
+    multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
     multiprocessing.forkserver._forkserver._stop()
     for tracker in (multiprocessing.resource_tracker, loky_tracker, joblib_tracker):
         tracker._resource_tracker._stop()

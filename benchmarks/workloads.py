@@ -15,7 +15,10 @@ in the wake of the last one's large frees):
   what a notebook's next ``with Pool() as pool:`` cell costs (no one runs
   cells faster; a forkserver is still running then, and mpnb adopts the
   spares the closed pool left);
-- **warm call**: a second call (2 trivial tasks) on that pool;
+- **warm call**: the median of :data:`WARM_CALLS` calls in a row (2 trivial
+  tasks each) on that pool, from its second call on (one call is a single
+  sample of some 0.5 ms, and its spread from round to round was wider than the
+  gaps between the pools);
 - **chunksize 1**: 2,000 trivial tasks, one per message (tasks/s);
 - **auto-chunked**: 20,000 trivial tasks, the library's own chunking (tasks/s);
 - **CPU-bound**: 16 tasks of 0.25 s of CPU each; speed-up = 4 s / wall time;
@@ -37,8 +40,10 @@ in the wake of the last one's large frees):
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -75,6 +80,8 @@ QUICK = Sizes(rounds=1, tasks=200, auto=2000, cpu_tasks=4, cpu_seconds=0.05, arr
               ms_tasks=500, mb_tasks=20, mb_seconds=0.01, out_mb=10, frame_rows=200_000, settle=0.1)
 MS_TASK = 0.001  # seconds of CPU per task of the 1 ms workload
 NEXT_POOL_PAUSE = 0.5  # seconds between a pool's close and the next pool (a notebook's next cell)
+WARM_CALLS = 5  # calls of 2 trivial tasks, in a row, behind each figure of the warm call
+
 
 
 def columns(sizes: Sizes) -> dict[str, str]:
@@ -155,6 +162,19 @@ def _check(contender: Contender, got, want, what: str) -> None:
         raise WrongResults(f"{contender.name} returned wrong results for {what}")
 
 
+def warm_call(map_two: Callable[[], list], name: str) -> float:
+    """The median seconds of :data:`WARM_CALLS` calls of ``map_two()``, each of
+    which must return ``[1, 2]``."""
+    times = []
+    for _ in range(WARM_CALLS):
+        start = time.perf_counter()
+        got = map_two()
+        times.append(time.perf_counter() - start)
+        if list(got) != [1, 2]:
+            raise WrongResults(f"{name} returned wrong results for the warm call")
+    return statistics.median(times)
+
+
 def _settle(seconds: float) -> None:
     """Rest ``seconds``: sleep, then half a second of busy wait here, so that
     the next cold start does not pay the CPU's wake from a long idle
@@ -198,8 +218,7 @@ def _small_tasks(contender: Contender, sizes: Sizes, figures: dict[str, Figure])
     seconds, got = _timed(_first_result, contender)
     _check(contender, got, [0], "cold start")
     figures["cold"].values.append(seconds * 1e3)
-    seconds, got = _timed(contender.map, identity, [1, 2], None)
-    _check(contender, got, [1, 2], "the warm call")
+    seconds = warm_call(lambda: contender.map(identity, [1, 2], None), contender.name)
     figures["warm"].values.append(seconds * 1e3)
     seconds, got = _timed(contender.map, identity, list(range(sizes.tasks)), 1)
     _check(contender, got, range(sizes.tasks), "chunksize 1")

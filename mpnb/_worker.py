@@ -486,15 +486,22 @@ def _processes() -> list[tuple[int, int, int]]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name may hold spaces and parentheses: fields follow the last ")"
-        fields = stat[stat.rindex(b")") + 2:].split()
-        found.append((int(name), int(fields[1]), int(fields[2])))
+        fields = _stat_fields(int(name))
+        if fields:
+            found.append((int(name), int(fields[1]), int(fields[2])))
     return found
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent
+    pid, process group, ...); none for a process that is gone (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    # the command name may hold spaces and parentheses: fields follow the last ")"
+    return stat[stat.rindex(b")") + 2:].split()
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -576,12 +583,8 @@ def _is_tracker(pid: int) -> bool:
 
 def _gone(pid: int) -> bool:
     if _LINUX:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return True
-        return stat[stat.rindex(b")") + 2:][:1] in (b"Z", b"X")
+        fields = _stat_fields(pid)
+        return not fields or fields[0] in (b"Z", b"X")
     import psutil
 
     try:

@@ -411,6 +411,39 @@ def test_kernel_that_used_others_pools_shuts_down_cleanly(tag, used):
     assert not sorted(_semaphores() - before)
 
 
+RELEASED = """
+import multiprocessing as mp, psutil, sys
+from mpnb.shutdown import release_children
+if __name__ == "__main__":
+    pool = mp.get_context("spawn").Pool(1)
+    assert pool.map(abs, [-1]) == [1]
+    children = psutil.Process().children(recursive=True)  # its worker and the resource tracker
+    assert len(children) >= 2, children
+    release_children()  # called directly: the kernel's hook would swallow an error
+    # the Pool's worker ends if its exit finalizer ran, the tracker once let go of
+    gone, alive = psutil.wait_procs(children, timeout=float(sys.argv[1]))
+    assert not alive, f"still running after release_children(): {alive}"
+    print("released", flush=True)
+"""
+
+
+def test_release_children_ends_others_pools_and_lets_go_of_trackers(tag, tmp_path):
+    """What the shutdown hook does, called directly (the hook swallows errors):
+    it relies on multiprocessing's private ``util._run_finalizers`` and on where
+    the resource tracker keeps its pipe.  If either moves, this fails: the
+    spawn Pool stays running, or its tracker does not end by itself."""
+    script = tmp_path / "released.py"
+    script.write_text(RELEASED)
+    before = set(_semaphores())
+    env = dict(os.environ, **{TAG_VAR: tag})
+    done = subprocess.run([sys.executable, str(script), str(WAIT)], env=env, capture_output=True, text=True,
+                          timeout=3 * WAIT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["released"]
+    assert not done.stderr, "an exit hook complained"
+    assert not sorted(_semaphores() - before)
+
+
 # ------------------------------------------------------------ directories
 
 POOL_DIR_OWNER = """
