@@ -15,6 +15,7 @@ Linux), psutil's PSS alone.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 from dataclasses import dataclass, field
@@ -88,6 +89,18 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, tree_pss())
         self.extra = self._peak - self._base
+
+
+def stolen_seconds() -> float:
+    """CPU time the host gave to others so far, summed over this machine's
+    CPUs (``steal`` in ``/proc/stat``: under a hypervisor, time a CPU of this
+    machine wanted to run and could not); 0 where the count does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 @dataclass

@@ -48,7 +48,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.contenders import WORKERS, Contender
-from benchmarks.measure import Figure, PeakMemory
+from benchmarks.measure import Figure, PeakMemory, stolen_seconds
 from benchmarks.tasks import array_sum, burn, burn_returning, group_stats, identity, import_module, make_array
 
 
@@ -104,7 +104,8 @@ def columns(sizes: Sizes) -> dict[str, str]:
 
 
 UNITS = {"cold": "ms", "next": "ms", "warm": "ms", "cs1": "tasks/s", "auto": "tasks/s", "cpu": "×", "array": "s",
-         "array_mem": "MB", "ms1": "tasks/s", "mb": "s", "out": "s", "out_mem": "MB", "pandas": "s"}
+         "array_mem": "MB", "ms1": "tasks/s", "mb": "s", "out": "s", "out_mem": "MB", "pandas": "s",
+         "cpu_steal": "ms"}  # not a column: the host's steal during the CPU-bound map (see run.render)
 #: units where a larger figure is better; in the others (times, memory) a smaller one is
 HIGHER_IS_BETTER = {"tasks/s", "×"}
 
@@ -226,8 +227,10 @@ def _small_tasks(contender: Contender, sizes: Sizes, figures: dict[str, Figure])
     seconds, got = _timed(contender.map, identity, list(range(sizes.auto)), None)
     _check(contender, got, range(sizes.auto), "auto-chunked")
     figures["auto"].values.append(sizes.auto / seconds)
+    stolen = stolen_seconds()
     seconds, _ = _timed(contender.map, burn, [sizes.cpu_seconds] * sizes.cpu_tasks, 1)
     figures["cpu"].values.append(sizes.cpu_tasks * sizes.cpu_seconds / seconds)
+    figures.setdefault("cpu_steal", Figure(UNITS["cpu_steal"])).values.append((stolen_seconds() - stolen) * 1e3)
     seconds, got = _timed(contender.map, burn, [MS_TASK] * sizes.ms_tasks, None)
     _check(contender, got, [MS_TASK] * sizes.ms_tasks, "the 1 ms tasks")
     figures["ms1"].values.append(sizes.ms_tasks / seconds)

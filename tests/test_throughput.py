@@ -605,7 +605,8 @@ def test_the_parent_reads_what_waits_on_a_workers_pipe_in_one_go():
             got += read_frames(read_end)
         writer.join()
         assert [bytes(m) for m in got] == messages
-        multiprocessing.connection.Connection(os.dup(write_end)).send_bytes(b"from a Connection")
+        with multiprocessing.connection.Connection(os.dup(write_end)) as connection:
+            connection.send_bytes(b"from a Connection")
         assert read_frames(read_end) == [b"from a Connection"]
         os.write(write_end, SIZE.pack(3)[:2])
         rest = threading.Timer(0.2, os.write, (write_end, SIZE.pack(3)[2:] + b"abc"))
