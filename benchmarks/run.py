@@ -371,9 +371,11 @@ def render(sizes, figures, cells, live, left, started, args, baselines: list[Bas
     stolen = [f"{name} {row['cpu_steal'].text()}" for name, row in figures.items()
               if "cpu_steal" in row and row["cpu_steal"].values]
     if stolen:
+        tick = 1e3 / os.sysconf("SC_CLK_TCK")
         lines += ["CPU time the host took from this machine (steal, both CPUs together) during each "
-                  f"contender's CPU-bound map, in ticks of {1e3 / os.sysconf('SC_CLK_TCK'):g} ms, median (min–max): " + "; ".join(stolen) + ". Each 20 ms of "
-                  "it lengthens the map by 10 to 20 ms: 0.01 to 0.02 of its speed-up.", ""]
+                  f"contender's CPU-bound map, in ticks of {tick:g} ms, median (min–max): "
+                  + "; ".join(stolen) + ". Each 20 ms of it lengthens the map by 10 to 20 ms: "
+                  "0.01 to 0.02 of its speed-up.", ""]
     if cells:
         if not live:
             lines += ["The live widget is not in this mpnb (Pool has no `live=`): measured without it only.", ""]

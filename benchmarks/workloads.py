@@ -83,7 +83,6 @@ NEXT_POOL_PAUSE = 0.5  # seconds between a pool's close and the next pool (a not
 WARM_CALLS = 5  # calls of 2 trivial tasks, in a row, behind each figure of the warm call
 
 
-
 def columns(sizes: Sizes) -> dict[str, str]:
     """Column key -> heading."""
     return {
