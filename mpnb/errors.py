@@ -189,6 +189,13 @@ def broken(why: str) -> Callable[[str], BaseException]:
     return lambda where: BrokenProcessPool(f"{where}: {why}")
 
 
+def forked_copy_error(owner: int, here: int) -> RuntimeError:
+    """Work given to the copy of a pool in a forked process: the copy has no
+    manager thread, and would wait forever."""
+    return RuntimeError(f"this mpnb.Pool belongs to process {owner}, and process {here} is a forked copy of it, "
+                        f"where the pool's workers cannot be reached: create a new mpnb.Pool in this process")
+
+
 def start_timeout_error(initializer: str | None, seconds: float) -> BaseException:
     if initializer is not None:
         why = f"the initializer {initializer} did not return; make it return sooner, or"

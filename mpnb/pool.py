@@ -29,7 +29,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from mpnb import backends, serialize, view
+from mpnb import backends, exits, serialize, view
 from mpnb._protocol import Mode
 from mpnb.calls import WAIT_TIMEOUT, Call, Chunk, arguments, as_list, describe, dump_items, in_batches
 from mpnb.mpcompat import (
@@ -52,6 +52,7 @@ from mpnb.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerMemoryError,
+    forked_copy_error,
     function_error,
     pickling_error,
 )
@@ -161,7 +162,7 @@ class Pool(MultiprocessingAPI, Executor):
         #: when it raised or was interrupted: a value, the exception of a
         #: failed task, or a ``CancelledError`` for a task that did not finish
         self.last_results: list[Any] | None = None
-        self._closed = False
+        self._closed, self._owner = False, os.getpid()  # a forked copy refuses work: see _check_open
         self._running: dict[int, Call] = {}  # calls under way, for cancel()
         self._interrupts: set[int] = set()  # blocking calls that cancel() stopped
         self._last_call: int | None = None
@@ -179,7 +180,7 @@ class Pool(MultiprocessingAPI, Executor):
         #: the dask scheduler's address (``backend="dask"``), else None
         self.address: str | None = engine.address
         # a pool dropped without shutdown() must not leave workers behind
-        self._finalizer = weakref.finalize(self, engine.shutdown, True)
+        self._finalizer = exits.finalize(self, engine.shutdown, True)
 
     def __repr__(self) -> str:
         engine = self._engine
@@ -206,6 +207,8 @@ class Pool(MultiprocessingAPI, Executor):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedPoolError("this mpnb.Pool was closed or shut down; create a new mpnb.Pool to run more tasks")
+        if os.getpid() != self._owner:
+            raise forked_copy_error(self._owner, os.getpid())
         engine = self._engine
         if engine.error is not None:
             raise BrokenProcessPool(f"this mpnb.Pool stopped working ({engine.error!r}); create a new mpnb.Pool")

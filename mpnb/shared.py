@@ -55,8 +55,9 @@ import pickle
 import shutil
 import sys
 import tempfile
-import weakref
 from typing import Any, Literal
+
+from mpnb import exits
 
 __all__ = ["SHARE_BYTES", "NoRoomToShare", "backing_file", "shared_array"]
 
@@ -106,7 +107,7 @@ class SharedArrays:
         # the arrays are kept alive so that an id is never reused in this call
         self._arrays: list[Any] = []
         self._files: list[str] = []
-        self._finalizer = weakref.finalize(self, _unlink_all_paths, self._files)
+        self._finalizer = exits.finalize(self, _unlink_all_paths, self._files)
         _sweep_dead_once()
 
     def reduce(self, array: Any) -> tuple | None:
@@ -282,7 +283,7 @@ def shared_array(shape: Any, dtype: Any = float) -> Any:
     finally:
         os.close(fd)
     buffer.path = path
-    weakref.finalize(buffer, _unlink_path, path)  # when the last view goes, or at exit
+    exits.finalize(buffer, _unlink_path, path)  # when the last view goes, or at exit (here only)
     array = numpy.ndarray(shape, dtype, buffer=buffer)
     buffer.address = array.__array_interface__["data"][0]
     return array

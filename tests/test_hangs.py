@@ -13,6 +13,8 @@ import os
 import pickle
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -500,3 +502,68 @@ def test_a_fork_while_workers_start_does_not_hold_their_pipes(tag):
         for pid in children:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+FORKED = """
+import multiprocessing as mp, os, signal, sys, time
+import numpy, mpnb
+
+def nothing():
+    pass
+
+def ended(pid, wait):
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "hung"
+
+if __name__ == "__main__":
+    context, wait = sys.argv[1], float(sys.argv[2])
+    pool = mpnb.Pool(2, context=context, live=False)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    workers = sorted(pool.pids)
+    array = mpnb.shared_array((4,))
+    child = mp.get_context("fork").Process(target=nothing)
+    child.start()
+    child.join(wait)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    print("Process", child.exitcode, flush=True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            pool.map(abs, [-3])
+        except RuntimeError as exc:
+            print("refused:", exc, flush=True)
+        sys.exit(0)  # the interpreter's own exit: threading's hooks, atexit, finalizers
+    print("fork", ended(pid, wait), flush=True)
+    print("map", pool.map(abs, [-3, -4]), sorted(pool.pids) == workers)
+    print("array", os.path.exists(array.base.path))
+    pool.shutdown()
+"""
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_process_forked_from_a_pools_owner_ends_and_leaves_the_pool_alone(tag, tmp_path, context):
+    """A fork Pool's worker, a DataLoader worker, a library's os.fork(): the
+    copy inherits every exit hook of the pool's process. Run there, they
+    waited for engine threads the fork did not copy (the forked process never
+    ended), and killed the owner's workers or removed its shared arrays. The
+    copy of the pool refuses work, naming the fix, instead of waiting forever."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    env = dict(os.environ, **{TAG_VAR: tag})
+    done = subprocess.run([sys.executable, str(script), context, str(DEADLINE / 4)], env=env, capture_output=True,
+                          text=True, timeout=2 * DEADLINE)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Process 0", done.stdout
+    assert lines[1].startswith("refused: this mpnb.Pool belongs to process "), done.stdout
+    assert "create a new mpnb.Pool in this process" in lines[1], done.stdout
+    assert lines[2:] == ["fork 0", "map [3, 4] True", "array True"], done.stdout

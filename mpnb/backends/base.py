@@ -14,7 +14,6 @@ engines that ``%mpstatus`` and interpreter exit read.
 
 from __future__ import annotations
 
-import atexit
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from mpnb.calls import Call, Chunk, task_errors
-from mpnb import errors
+from mpnb import errors, exits
 from mpnb.errors import broken, not_run
 from mpnb.monitor import Monitor
 
@@ -295,13 +294,8 @@ def _register(engine: Any) -> None:
     if not _atexit_registered:
         # registered after multiprocessing's own handler, so it runs first and
         # that handler's join() of our (killed) workers returns at once
-        atexit.register(kill_all)
-        try:
-            # runs before atexit handlers, while the engine threads still work
-            # (concurrent.futures registers its own wait the same way)
-            threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # interpreter already exiting
-            pass
+        exits.at_exit(kill_all)
+        exits.before_threads_join(_finish_at_exit)
         _atexit_registered = True
 
 

@@ -36,7 +36,6 @@ with ``subprocess``'s ``pass_fds``).
 
 from __future__ import annotations
 
-import atexit
 import io
 import mmap
 import multiprocessing
@@ -48,13 +47,12 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections import ChainMap
 from multiprocessing import Pipe
 from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
 
-from mpnb import _worker
+from mpnb import _worker, exits
 from mpnb._protocol import SLOT, Boot
 from mpnb.resources import Resources, pin
 from mpnb.shared import remove_results, sweep_dead, sweep_dead_shared
@@ -453,7 +451,7 @@ class Launcher:
         # the owner's pid in the name: the next pool removes it if the owner was killed
         self._dir = tempfile.mkdtemp(prefix=f"{POOL_DIR_PREFIX}{os.getpid()}-")  # mode 0700
         # also at interpreter exit, should the engine's thread not get there
-        self._remove_dir = weakref.finalize(self, _remove_pool_files, self._dir)
+        self._remove_dir = exits.finalize(self, _remove_pool_files, self._dir)
         self._exec_envs: dict[int, dict[str, str]] = {}  # by rank: what spares must match
 
     def start_worker(self, worker_id: int, rank: int = 0) -> WorkerHandle:
@@ -691,12 +689,8 @@ class _Spares:
         """Registered once the thread runs, so after the engines' own exit hooks
         (an engine starts before a pool closes), and so run before them: the
         pools the interpreter's exit shuts down then ask for no spares."""
-        atexit.register(self.end_all, closing=True)
-        try:
-            # runs before atexit handlers, as the engines' (mpnb.backends.base)
-            threading._register_atexit(self.end_all, closing=True)  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # interpreter already exiting
-            pass
+        exits.at_exit(self.end_all, closing=True)
+        exits.before_threads_join(self.end_all, closing=True)  # as the engines' (mpnb.backends.base)
 
     def end_all(self, closing: bool = False) -> None:
         """End every spare (and, ``closing``, make no more and remove their

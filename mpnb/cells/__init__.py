@@ -39,13 +39,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from mpnb import exits
+
 ENV_VAR = "MPNB_CELL_DIR"
 PREFIX = "cell_"
 _SOURCE, _CAPTURED = ".py", ".pkl"
 
 _kernel_dir: Path | None = None
 _cleanup_registered = False
-_owner: int | None = None  # pid of the process that created _kernel_dir
 
 
 def base_dir() -> Path:
@@ -92,8 +93,6 @@ def create_kernel_dir() -> Path:
     base = base_dir()
     _sweep_dead(base)
     _kernel_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
-    global _owner
-    _owner = os.getpid()
     os.environ[ENV_VAR] = str(_kernel_dir)
     global _cleanup_registered
     if not _cleanup_registered:  # a reload must not chain another handler
@@ -110,6 +109,7 @@ def _at_exit(fn: Any) -> None:
     then ended with SIGTERM, which skips ``atexit``: so ``fn`` runs from a
     SIGTERM handler too, which then hands the signal on.
     """
+    fn = exits.here_only(fn)  # not in a forked copy of this process
     atexit.register(fn)
     if threading.current_thread() is not threading.main_thread():
         return
@@ -129,13 +129,10 @@ def _at_exit(fn: Any) -> None:
 def remove_kernel_dir() -> None:
     """Delete this kernel's directory; modules already imported stay usable.
 
-    Only the process that created the directory deletes it: a forked copy of
-    the kernel (a fork-context pool worker) inherits the exit and SIGTERM
-    hooks, and must not take the kernel's modules with it when it ends.
+    Its exit and SIGTERM hooks do nothing in a forked copy of the kernel (a
+    fork-context pool worker): see :mod:`mpnb.exits`.
     """
     global _kernel_dir
-    if _owner != os.getpid():
-        return
     path, _kernel_dir = _kernel_dir, None
     if os.environ.get(ENV_VAR) == str(path):
         del os.environ[ENV_VAR]
