@@ -50,6 +50,8 @@ WAIT_TIMEOUT: float | None = None if _signals_end_waits() else 0.05
 #: shared memory, and their groupby 0.31 s against 0.36 sent together; the
 #: 8 chunks of 20,000 trivial tasks pickle in about 1 ms
 SEND_AFTER = 0.002
+#: the least work, by its function's pace, of an automatic chunk near the end of a map (see chunk_sizes)
+TAIL_SECONDS = 0.02
 
 
 class Call:
@@ -245,6 +247,51 @@ class Chunk:
         """A new chunk of the tasks at ``positions``, to run again."""
         positions = list(positions)
         return Chunk(self.call, [self.indices[p] for p in positions], [self.items[p] for p in positions], None)
+
+
+def chunk_sizes(n: int, workers: int, pace: float | None) -> int | Iterator[int]:
+    """The automatic chunk sizes of a map of ``n`` tasks, given ``pace``, the
+    seconds a task of its function took lately (``None`` when not known yet).
+
+    ``multiprocessing.Pool``'s size is ``n`` ÷ (4 × ``workers``): 4 chunks a
+    worker.  Once the pace is known, the chunks from the middle of the map on
+    get smaller instead, each a share of what is left (``left`` ÷ (2 ×
+    ``workers``)) but at least ``TAIL_SECONDS`` of work: a worker that fell
+    behind (a busy machine, a slower task) then leaves a short tail, not one
+    of its chunks, for the others to wait on.  Trivial tasks keep the fixed
+    size: their least chunk is over it."""
+    most = max(1, -(-n // (4 * workers)))
+    least = most if pace is None else max(1, int(TAIL_SECONDS / max(pace, 1e-9)))
+    if least >= most:
+        return most
+    return _shrinking(n, workers, most, least)
+
+
+def _shrinking(n: int, workers: int, most: int, least: int) -> Iterator[int]:
+    left = n
+    while left > 0:
+        size = min(most, max(least, -(-left // (2 * workers))), left)
+        yield size
+        left -= size
+
+
+def batches(items: Iterable[Any], sizes: int | Iterator[int]) -> Iterator[list]:
+    """``items`` in lists of ``sizes`` items each (a chunksize: all of it)."""
+    if isinstance(sizes, int):
+        if type(items) is list:  # a map's: slices, at C speed
+            return (items[i:i + sizes] for i in range(0, len(items), sizes))
+        iterator = iter(items)
+        return iter(lambda: list(itertools.islice(iterator, sizes)), [])
+    return _batches_of(items, sizes)
+
+
+def _batches_of(items: Iterable[Any], sizes: Iterator[int]) -> Iterator[list]:
+    iterator = iter(items)
+    for size in sizes:
+        batch = list(itertools.islice(iterator, size))
+        if not batch:
+            return
+        yield batch
 
 
 def as_list(items: Iterable[Any]) -> list[Any]:

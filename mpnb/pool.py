@@ -21,7 +21,6 @@ engine's business (:mod:`mpnb.backends`)::
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import pickle
 import weakref
@@ -31,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from mpnb import backends, exits, serialize, view
 from mpnb._protocol import Mode
-from mpnb.calls import WAIT_TIMEOUT, Call, Chunk, arguments, as_list, describe, dump_items, in_batches
+from mpnb.calls import (WAIT_TIMEOUT, Call, Chunk, arguments, as_list, batches, chunk_sizes, describe, dump_items,
+                        in_batches)
 from mpnb.mpcompat import (
     AsyncResult,
     ClosedPoolError,
@@ -239,16 +239,11 @@ class Pool(MultiprocessingAPI, Executor):
             call.cache = task_cache.for_call(store, fn, functools.partial(arguments, mode), self.cache_errors)
         return call
 
-    def _chunks(self, call: Call, items: Iterable[Any], chunksize: int) -> Iterator[tuple[int, Chunk]]:
-        """``(tasks so far, chunk)`` pairs; a chunk may be empty when its
-        only task failed to pickle (that task's outcome is then delivered)."""
-        if type(items) is list:  # a map's: slices, at C speed
-            batches: Iterator[list] = (items[i:i + chunksize] for i in range(0, len(items), chunksize))
-        else:
-            iterator = iter(items)
-            batches = iter(lambda: list(itertools.islice(iterator, chunksize)), [])
+    def _chunks(self, call: Call, items: Iterable[Any], sizes: int | Iterator[int]) -> Iterator[tuple[int, Chunk]]:
+        """``(tasks so far, chunk)`` pairs, of a chunksize or of ``sizes``; a chunk may
+        be empty when its only task failed to pickle (that task's outcome is then delivered)."""
         index = 0
-        for batch in batches:
+        for batch in batches(items, sizes):
             indices: Sequence[int] = range(index, index + len(batch))  # a range: no list of ints to build
             index += len(batch)
             if call.cache is not None:  # stored results are delivered, the rest run
@@ -295,13 +290,12 @@ class Pool(MultiprocessingAPI, Executor):
     def _cancel(self, call: Call) -> None:
         self._engine.cancel(call).wait(_CANCEL_WAIT)
 
-    def _auto_chunksize(self, call: Call, n: int) -> int:
+    def _auto_chunksize(self, call: Call, n: int) -> int | Iterator[int]:
         if n > 1 and self._engine.tiny(call, n):
             # one chunk: its worker runs and reports it once (a second chunk
             # cost a new pool's map of 2 trivial tasks some 0.09 ms of 0.72)
             return n
-        chunksize, extra = divmod(n, self.workers * 4)
-        return max(1, chunksize + bool(extra))
+        return chunk_sizes(n, self.workers, self._engine.pace(call))
 
     # ---------------------------------------------------------- Executor
 

@@ -621,3 +621,39 @@ def test_the_parent_reads_what_waits_on_a_workers_pipe_in_one_go():
         os.close(read_end)
         if write_end != -1:
             os.close(write_end)
+
+
+def pause(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_maps_automatic_chunks_shrink_toward_its_end_once_the_pace_is_known(pool):
+    # multiprocessing's chunksize (400 tasks / (4 x 2 workers) = 50) left a
+    # worker that fell behind a whole chunk for the other to wait on
+    engine = pool._engine
+    assert pool.map(pause, [0.002] * 8, chunksize=1) == [0.002] * 8  # the pace: some 2 ms a task
+    pool.map_async(pause, [60.0] * 400)  # held and queued until the fixture ends the pool
+    deadline, chunks = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        with engine._state_lock:
+            chunks = [*engine.queue, *(c for state in engine.workers.values() for c in state.chunks)]
+        if sum(len(chunk.indices) for chunk in chunks) == 400:
+            break
+        time.sleep(0.01)
+    sizes = [len(chunk.indices) for chunk in sorted(chunks, key=lambda chunk: chunk.indices[0])]
+    assert sum(sizes) == 400, sizes
+    assert sizes[0] == 50 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 25, sizes
+
+
+@pytest.mark.parametrize("n, pace, sizes", [
+    (10_000, None, 1250),  # the pace not known yet: multiprocessing's size
+    (20_000, 2e-7, 2500),  # trivial tasks: their least chunk is over it
+    (16, 0.25, [2, 2, 2, 2, 2, 2, 1, 1, 1, 1]),
+    (400, 0.001, [50, 50, 50, 50, 50, 38, 28, 21, 20, 20, 20, 3]),
+])
+def test_automatic_chunk_sizes(n, pace, sizes):
+    from mpnb.calls import chunk_sizes
+
+    got = chunk_sizes(n, 2, pace)
+    assert (got if isinstance(got, int) else list(got)) == sizes

@@ -86,6 +86,10 @@ class Engine(Protocol):
         that they are best sent as one chunk (the pool's automatic chunking
         asks)."""
 
+    def pace(self, call: Call) -> float | None:
+        """The seconds a task of ``call``'s function took lately, if known:
+        the pool's automatic chunks near a map's end are sized by it."""
+
 
 # ---------------------------------------------------------------- commands
 
@@ -155,6 +159,9 @@ class EngineBase(threading.Thread):
 
     def tiny(self, call: Call, n: int) -> bool:
         return False
+
+    def pace(self, call: Call) -> float | None:
+        return None
 
     def _post(self, message: Any) -> None:
         self.inbox.put(message)
