@@ -424,6 +424,41 @@ def pool_cancel_stops_running_and_pending(run: Run) -> None:
     assert not marker.exists(), "a cancelled future's task ran"
 
 
+@row
+def a_forked_copy_refuses_work(run: Run) -> None:
+    """A process forked from the pool's owner (a fork Pool's worker, a
+    DataLoader worker) holds a copy of the pool whose engine did not come
+    with it: the copy refuses work at once, naming the fix, where it would
+    otherwise have queued it for no one."""
+    import warnings
+
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # the copy: reports what submit did, and leaves without any exit hook
+        try:
+            run.pool.submit(square, 3)
+            message = "accepted"
+        except BaseException as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        os.write(write, message.encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + DEADLINE
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    assert message.startswith("RuntimeError: this mpnb.Pool belongs to process "), message
+    assert message.endswith("create a new mpnb.Pool in this process"), message
+    assert run.pool.submit(square, 3).result(timeout=DEADLINE) == 9  # the owner's pool serves on
+
+
 @pytest.mark.parametrize("case", TABLE, ids=[case.__name__ for case in TABLE])
 def test_parity(run, case):
     case(run)
